@@ -1,0 +1,63 @@
+"""Run one kernel on one layer's inputs: the NumPy output, a float64 reference and the bound."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from convdiff.kernels import Kernel, LayerSpec
+from convdiff.numerics import Bounded, Rounded
+from convdiff.orders import ACCUMULATOR_DTYPES, Order
+
+
+@dataclass(frozen=True)
+class KernelRun:
+    """A kernel's two evaluations on the same inputs.
+
+    Attributes:
+        output: the NumPy side, rounded to the layer's dtype step by step in the chosen order.
+        reference: the same pipeline evaluated in float64.
+        bound: per element, the largest ``|keras - numpy|`` that rounding alone can explain
+            (both sides rounding every step Keras rounds, in any order), plus what the
+            difference between the two sides' inputs can propagate.
+    """
+
+    output: np.ndarray
+    reference: np.ndarray
+    bound: np.ndarray
+
+
+def run_kernel(
+    kernel: Kernel,
+    spec: LayerSpec,
+    inputs: Sequence[np.ndarray],
+    order: Order | None = None,
+    *,
+    reference_inputs: Sequence[np.ndarray] | None = None,
+) -> KernelRun:
+    """Evaluate ``kernel`` with rounded arithmetic and with bounded float64 arithmetic.
+
+    Args:
+        kernel: the registered kernel.
+        spec: the layer's config and weights.
+        inputs: the NumPy side's inputs (Keras's own in isolated mode).
+        order: the NumPy side's summation order.
+        reference_inputs: Keras's inputs when they differ from ``inputs`` (propagated mode);
+            the bounded pass starts from them, with ``|inputs - reference_inputs|`` as the
+            inputs' uncertainty.
+    """
+    order = order or Order()
+    rounded = Rounded(spec.dtype, order)
+    numpy_out = kernel(spec, [np.asarray(x) for x in inputs], rounded)
+    accumulators = (spec.dtype, ACCUMULATOR_DTYPES.get(order.accumulate or "", spec.dtype))
+    bounded = Bounded(spec.dtype, accumulators)
+    refs = inputs if reference_inputs is None else reference_inputs
+    tracked = [
+        bounded.track(r, np.abs(np.asarray(x, np.float64) - np.asarray(r, np.float64)))
+        for x, r in zip(inputs, refs, strict=True)
+    ]
+    with np.errstate(all="ignore"):
+        ref = kernel(spec, tracked, bounded)
+    return KernelRun(np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err))

@@ -1,0 +1,283 @@
+"""Convolution kernels: Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D, Conv*DTranspose.
+
+Every kernel is the pipeline Keras's ``BaseConv.call`` takes, each step rounded on its own:
+
+    to channels_last -> pad -> patches -> reduce (the chosen order) -> + bias -> activation
+
+The reduction runs over the labelled tap axes ``"hwc"`` (kernel rows, kernel columns, input
+channels; ``"dhwc"`` in 3-D, ``"wc"`` in 1-D), outermost first: the default sequential order
+therefore adds taps row by row, column by column, channel by channel, each a fused multiply-add
+from zero, which is the order that reproduces TensorFlow's CPU convolution on the one-layer
+example bit for bit. The accumulator never starts at the bias: Keras adds the bias as its own
+rounded operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from convdiff.kernels import LayerSpec, Unsupported, register
+from convdiff.kernels.activations import activate
+
+_TAPS = {1: "wc", 2: "hwc", 3: "dhwc"}
+
+
+def _tuple(value: Any, rank: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, list | tuple) else (int(value),) * rank
+
+
+def _geometry(spec: LayerSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    cfg = spec.config
+    strides = _tuple(cfg.get("strides", 1), rank)
+    dilation = _tuple(cfg.get("dilation_rate", 1), rank)
+    padding = str(cfg.get("padding", "valid")).lower()
+    return strides, dilation, padding
+
+
+def _channels_first(spec: LayerSpec) -> bool:
+    return spec.config.get("data_format", "channels_last") == "channels_first"
+
+
+def _to_last(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, 1, -1)
+
+
+def _to_first(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, -1, 1)
+
+
+def _same_pads(size: int, k_eff: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'SAME' padding: output ceil(size/stride), the odd pixel after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k_eff - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pads(
+    spatial: tuple[int, ...], kernel: tuple[int, ...], strides, dilation, padding: str
+) -> list[tuple[int, int]]:
+    pads = []
+    for size, k, s, d in zip(spatial, kernel, strides, dilation, strict=True):
+        k_eff = d * (k - 1) + 1
+        if padding == "same":
+            pads.append(_same_pads(size, k_eff, s))
+        elif padding == "causal":
+            pads.append((k_eff - 1, 0))
+        elif padding == "valid":
+            pads.append((0, 0))
+        else:
+            raise Unsupported(f"padding={padding!r}")
+    return pads
+
+
+def _patches(
+    x: np.ndarray, kernel: tuple[int, ...], strides, dilation, pads
+) -> np.ndarray:
+    """Windows of channels_last ``x`` (N, *spatial, C) as (*kernel, C, N, *out_spatial).
+
+    Tap ``(i, j)`` of output ``(p, q)`` reads input ``(p*s + i*d, q*s + j*d)`` of the padded
+    input: a correlation, as Keras computes (no kernel flip).
+    """
+    rank = len(kernel)
+    x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+    if any(e > n for e, n in zip(extents, x.shape[1:-1], strict=True)):
+        raise Unsupported("the kernel is larger than the padded input")
+    win = sliding_window_view(x, extents, axis=tuple(range(1, rank + 1)))
+    # win: (N, *positions, C, *extents); keep every stride-th position and dilation-th tap.
+    index = (
+        (slice(None),)
+        + tuple(slice(None, None, s) for s in strides)
+        + (slice(None),)
+        + tuple(slice(None, None, d) for d in dilation)
+    )
+    win = win[index]
+    order = [rank + 2 + i for i in range(rank)] + [rank + 1, 0] + [1 + i for i in range(rank)]
+    return win.transpose(order)
+
+
+def _conv(spec: LayerSpec, x, nx, rank: int, kernel, groups: int = 1):
+    """Grouped correlation of channels_last ``x`` with ``kernel`` (*k, C/groups, F); no bias."""
+    strides, dilation, padding = _geometry(spec, rank)
+    ksize = tuple(kernel.shape[:rank])
+    spatial = tuple(nx.value(x).shape[1:-1])
+    pads = _pads(spatial, ksize, strides, dilation, padding)
+    cin_g, filters = kernel.shape[rank], kernel.shape[rank + 1]
+    cout_g = filters // groups
+
+    def grouped_patches(v: np.ndarray) -> np.ndarray:
+        p = _patches(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
+        p = p.reshape((*ksize, groups, cin_g, *p.shape[rank + 1 :]))
+        p = np.moveaxis(p, rank, -1)  # (*k, cin_g, N, *out, G)
+        return p[..., None]  # (*k, cin_g, N, *out, G, 1)
+
+    patches = nx.move(grouped_patches, x)
+    w = nx.const(kernel.reshape((*ksize, cin_g, *([1] * (rank + 1)), groups, cout_g)))
+    y = nx.dot(patches, w, axes=_TAPS[rank])  # (N, *out, G, cout_g)
+    return nx.move(lambda v: v.reshape((*v.shape[:-2], filters)), y)
+
+
+def _bias_activation(spec: LayerSpec, y, nx):
+    """Keras adds the bias as its own rounded op, then applies the activation."""
+    bias = spec.weight("bias")
+    if spec.config.get("use_bias", True) and bias is not None:
+        y = nx.add(y, nx.const(bias))
+    return activate(spec.config.get("activation", "linear"), y, nx)
+
+
+def _layout(spec: LayerSpec, x, nx, body):
+    """Run ``body`` on channels_last data, whatever the layer's data_format."""
+    if not _channels_first(spec):
+        return body(x)
+    y = body(nx.move(_to_last, x))
+    return nx.move(_to_first, y)
+
+
+def _make_conv(rank: int):
+    def conv(spec: LayerSpec, inputs, nx):
+        kernel = spec.weight("kernel")
+        groups = int(spec.config.get("groups", 1))
+
+        def body(x):
+            return _bias_activation(spec, _conv(spec, x, nx, rank, kernel, groups), nx)
+
+        return _layout(spec, inputs[0], nx, body)
+
+    conv.__name__ = f"conv{rank}d"
+    conv.__doc__ = f"Conv{rank}D: reduction over ({_TAPS[rank]}) per output, then bias, activation."
+    return conv
+
+
+conv1d = register("Conv1D")(_make_conv(1))
+conv2d = register("Conv2D")(_make_conv(2))
+conv3d = register("Conv3D")(_make_conv(3))
+
+
+def _depthwise(spec: LayerSpec, x, nx, rank: int, kernel):
+    """Each input channel correlated with its own ``depth_multiplier`` filters; output channel
+    ``c * depth_multiplier + m``. Reduction over the spatial taps only (``"hw"``)."""
+    strides, dilation, padding = _geometry(spec, rank)
+    ksize = tuple(kernel.shape[:rank])
+    spatial = tuple(nx.value(x).shape[1:-1])
+    pads = _pads(spatial, ksize, strides, dilation, padding)
+    channels, multiplier = kernel.shape[rank], kernel.shape[rank + 1]
+
+    def taps_first(v: np.ndarray) -> np.ndarray:
+        p = _patches(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
+        return np.moveaxis(p, rank, -1)[..., None]  # (*k, N, *out, C, 1)
+
+    patches = nx.move(taps_first, x)
+    w = nx.const(kernel.reshape((*ksize, *([1] * (rank + 1)), channels, multiplier)))
+    y = nx.dot(patches, w, axes=_TAPS[rank][:-1])
+    return nx.move(lambda v: v.reshape((*v.shape[:-2], channels * multiplier)), y)
+
+
+def _make_depthwise(rank: int):
+    def depthwise(spec: LayerSpec, inputs, nx):
+        kernel = spec.weight("kernel")
+        if kernel is None:
+            kernel = spec.weight("depthwise_kernel")
+
+        def body(x):
+            return _bias_activation(spec, _depthwise(spec, x, nx, rank, kernel), nx)
+
+        return _layout(spec, inputs[0], nx, body)
+
+    depthwise.__name__ = f"depthwise_conv{rank}d"
+    return depthwise
+
+
+depthwise_conv1d = register("DepthwiseConv1D")(_make_depthwise(1))
+depthwise_conv2d = register("DepthwiseConv2D")(_make_depthwise(2))
+
+
+def _make_separable(rank: int):
+    def separable(spec: LayerSpec, inputs, nx):
+        """Depthwise correlation (rounded), then a 1x1 pointwise convolution, bias, activation."""
+        depth_k = spec.weight("depthwise_kernel")
+        point_k = spec.weight("pointwise_kernel")
+        point_spec = LayerSpec(spec.name, spec.class_name, {"strides": 1, "padding": "valid"})
+
+        def body(x):
+            y = _depthwise(spec, x, nx, rank, depth_k)
+            y = _conv(point_spec, y, nx, rank, point_k)
+            return _bias_activation(spec, y, nx)
+
+        return _layout(spec, inputs[0], nx, body)
+
+    separable.__name__ = f"separable_conv{rank}d"
+    return separable
+
+
+separable_conv1d = register("SeparableConv1D")(_make_separable(1))
+separable_conv2d = register("SeparableConv2D")(_make_separable(2))
+
+
+def _transpose_geometry(spec: LayerSpec, rank: int, spatial, ksize):
+    """Dilated-input padding and crop for a transposed convolution (TensorFlow's
+    ``conv_transpose``: the gradient of a correlation whose input is the output here)."""
+    strides, dilation, padding = _geometry(spec, rank)
+    out_pad = spec.config.get("output_padding")
+    out_pad = _tuple(out_pad, rank) if out_pad is not None else None
+    lengths, pads = [], []
+    for i, (n, k, s, d) in enumerate(zip(spatial, ksize, strides, dilation, strict=True)):
+        k_eff = d * (k - 1) + 1
+        if out_pad is None:  # Keras's deconv_output_length
+            length = n * s + max(k_eff - s, 0) if padding == "valid" else n * s
+        else:
+            p = 0 if padding == "valid" else k_eff // 2
+            length = (n - 1) * s + k_eff - 2 * p + out_pad[i]
+        before = 0 if padding == "valid" else max((n - 1) * s + k_eff - length, 0) // 2
+        full = (n - 1) * s + k_eff
+        # Full correlation of the stride-dilated input, cropped to [before, before + length).
+        lo = k_eff - 1 - before
+        hi = before + length - full + (k_eff - 1)
+        lengths.append(length)
+        pads.append((lo, hi))
+    return strides, dilation, pads, lengths
+
+
+def _dilate(x: np.ndarray, strides, pads) -> np.ndarray:
+    """Insert ``s-1`` zeros between input pixels and pad (negative pads crop)."""
+    rank = len(strides)
+    shape = [x.shape[0]]
+    shape += [(n - 1) * s + 1 for n, s in zip(x.shape[1:-1], strides, strict=True)]
+    out = np.zeros((*shape, x.shape[-1]), x.dtype)
+    out[(slice(None), *(slice(None, None, s) for s in strides), slice(None))] = x
+    crop = tuple(slice(max(-lo, 0), n - max(-hi, 0)) for (lo, hi), n in zip(pads, shape[1:], strict=True))
+    out = out[(slice(None), *crop, slice(None))]
+    pos = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+    return np.pad(out, [(0, 0), *pos, (0, 0)]) if rank else out
+
+
+def _make_transpose(rank: int):
+    def conv_transpose(spec: LayerSpec, inputs, nx):
+        """Conv{rank}DTranspose: correlation of the stride-dilated input with the spatially
+        flipped kernel (channels swapped), then bias and activation."""
+        kernel = spec.weight("kernel")  # (*k, filters, C)
+        ksize = tuple(kernel.shape[:rank])
+        flipped = np.flip(kernel, axis=tuple(range(rank))).swapaxes(-1, -2)
+        inner = LayerSpec(
+            spec.name,
+            spec.class_name,
+            {"strides": 1, "padding": "valid", "dilation_rate": spec.config.get("dilation_rate", 1)},
+        )
+
+        def body(x):
+            spatial = tuple(nx.value(x).shape[1:-1])
+            strides, _, pads, _ = _transpose_geometry(spec, rank, spatial, ksize)
+            x = nx.move(lambda v: _dilate(v, strides, pads), x)
+            return _bias_activation(spec, _conv(inner, x, nx, rank, flipped), nx)
+
+        return _layout(spec, inputs[0], nx, body)
+
+    conv_transpose.__name__ = f"conv{rank}d_transpose"
+    return conv_transpose
+
+
+conv1d_transpose = register("Conv1DTranspose")(_make_transpose(1))
+conv2d_transpose = register("Conv2DTranspose")(_make_transpose(2))
+conv3d_transpose = register("Conv3DTranspose")(_make_transpose(3))

@@ -1,0 +1,3 @@
+"""merging kernels."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""pooling kernels."""
+
+from __future__ import annotations

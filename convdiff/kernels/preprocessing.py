@@ -1,0 +1,3 @@
+"""preprocessing kernels."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""reshaping kernels."""
+
+from __future__ import annotations

@@ -1,0 +1,384 @@
+"""Error metrics between a reference array and a candidate array.
+
+The unit of comparison is the ULP (unit in the last place): the number of representable values
+of the arrays' dtype that lie between two numbers. ULP distances are counted exactly on the bit
+patterns (numpy's ``nulp_diff`` overflows for opposite signs near the float32 limits, see
+NUMERICS.md), and NaN/inf disagreements are reported as counts of their own instead of being folded
+into the ULPs.
+
+All functions are vectorised, never overflow and never emit floating-point warnings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from numpy.typing import DTypeLike
+
+__all__ = [
+    "Comparison",
+    "Worst",
+    "compare",
+    "is_identical",
+    "ulp_distance",
+    "ulp_of",
+    "unit_roundoff",
+    "within_bound",
+]
+
+# Float dtypes with IEEE-754 style bit layout (sign bit, biased exponent, trailing significand,
+# all-ones exponent for inf/NaN) whose bit patterns ulp_distance can order.
+_SUPPORTED: dict[np.dtype, type] = {
+    np.dtype(np.float16): np.uint16,
+    np.dtype(ml_dtypes.bfloat16): np.uint16,
+    np.dtype(np.float32): np.uint32,
+    np.dtype(np.float64): np.uint64,
+}
+
+
+def _float_dtype(dtype: DTypeLike) -> np.dtype:
+    """Returns ``dtype`` as a supported float dtype, or raises ValueError."""
+    dt = np.dtype(dtype)
+    if dt not in _SUPPORTED:
+        names = ", ".join(str(d) for d in _SUPPORTED)
+        raise ValueError(f"unsupported dtype {dt}; valid choices are: {names}")
+    return dt
+
+
+def unit_roundoff(dtype: DTypeLike) -> float:
+    """Unit roundoff u of a float dtype under round-to-nearest.
+
+    u is half the spacing at 1.0, i.e. 2**-(p) for a p-bit significand: 2**-24 for float32,
+    2**-11 for float16, 2**-8 for bfloat16 and 2**-53 for float64.
+
+    Args:
+        dtype: One of float16, ml_dtypes.bfloat16, float32, float64.
+
+    Returns:
+        The unit roundoff as a Python float.
+
+    Raises:
+        ValueError: If ``dtype`` is not a supported float dtype.
+    """
+    # nmant counts the stored significand bits; the implicit leading bit makes p = nmant + 1.
+    return 2.0 ** -(ml_dtypes.finfo(_float_dtype(dtype)).nmant + 1)
+
+
+def ulp_of(x: np.ndarray, dtype: DTypeLike) -> np.ndarray:
+    """Spacing of ``dtype`` at ``|x|``, as float64.
+
+    Equals ``np.spacing(abs(x.astype(dtype)))`` converted to float64, including its edge cases: the
+    spacing at 0 is the smallest subnormal, at the largest finite value it is inf (there is no
+    larger finite neighbour), and at inf or NaN it is NaN. Works for bfloat16 through
+    ``ml_dtypes.finfo`` and emits no warnings.
+
+    Args:
+        x: Values of any real dtype; they are first rounded to ``dtype``.
+        dtype: One of float16, ml_dtypes.bfloat16, float32, float64.
+
+    Returns:
+        A float64 array of the same shape as ``x`` with non-negative spacings (or inf/NaN).
+
+    Raises:
+        ValueError: If ``dtype`` is not a supported float dtype.
+    """
+    dt = _float_dtype(dtype)
+    info = ml_dtypes.finfo(dt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # Rounding to dtype first: a value just below a power of two may round up to it, and the
+        # spacing doubles there. Every value of these dtypes is exact in float64.
+        mag = np.abs(np.asarray(x).astype(dt).astype(np.float64))
+    # frexp gives mag = m * 2**e with m in [0.5, 1), so the leading bit has weight 2**(e - 1).
+    # Below the normal range the spacing stays at 2**(minexp - nmant), the subnormal step; frexp(0)
+    # reports e = 0, so 0 is sent to that step explicitly.
+    _, exp = np.frexp(mag)
+    leading = np.where(mag > 0, np.maximum(exp.astype(np.int64) - 1, info.minexp), info.minexp)
+    spacing = np.ldexp(1.0, leading - info.nmant)
+    spacing = np.where(mag == float(info.max), np.inf, spacing)
+    return np.where(np.isfinite(mag), spacing, np.nan)
+
+
+def _sign_magnitude(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Splits a float array's bit patterns into (negative: bool, magnitude: uint64)."""
+    bits = x.view(_SUPPORTED[x.dtype]).astype(np.uint64)
+    width = 8 * x.dtype.itemsize
+    negative = (bits >> np.uint64(width - 1)) != 0
+    # Clearing the sign bit leaves exponent|significand, which for IEEE floats is an integer that
+    # increases by one per representable value: 0 -> smallest subnormal -> ... -> max -> inf.
+    magnitude = bits & np.uint64((1 << (width - 1)) - 1)
+    return negative, magnitude
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise ULP distance: how many representable values separate ``a`` and ``b``.
+
+    Each bit pattern is mapped to a monotonic signed integer (sign-magnitude to two's complement:
+    ord = -magnitude for negative numbers, +magnitude otherwise), and the result is
+    ``|ord_a - ord_b|``. That difference is computed in uint64 without forming ``ord`` itself:
+    for equal signs it is ``|mag_a - mag_b|`` (larger minus smaller), for opposite signs it is
+    ``mag_a + mag_b``. Magnitudes are below 2**(w-1) for w-bit floats, so the sum is below 2**w and
+    never overflows, even for float64. +0 and -0 both have magnitude 0, so their distance is 0;
+    inf is one step above the largest finite value, so that distance is 1.
+
+    Args:
+        a: Float array of dtype float16, ml_dtypes.bfloat16, float32 or float64.
+        b: Array of the same dtype, broadcastable against ``a``.
+
+    Returns:
+        uint64 array of the broadcast shape. Where either side is NaN the distance is 0 (NaN
+        positions are reported separately by :func:`compare`).
+
+    Raises:
+        ValueError: If the dtypes differ or are not supported float dtypes.
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.dtype != b.dtype:
+        raise ValueError(f"ulp_distance needs equal dtypes; received {a.dtype} and {b.dtype}")
+    _float_dtype(a.dtype)
+    a, b = np.broadcast_arrays(a, b)
+    neg_a, mag_a = _sign_magnitude(a)
+    neg_b, mag_b = _sign_magnitude(b)
+    # np.where evaluates both branches; each is written so that it cannot wrap around in uint64.
+    same_sign = np.maximum(mag_a, mag_b) - np.minimum(mag_a, mag_b)
+    dist = np.where(neg_a == neg_b, same_sign, mag_a + mag_b)
+    return np.where(np.isnan(a) | np.isnan(b), np.uint64(0), dist).astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class Worst:
+    """The finite position with the largest ULP distance.
+
+    Attributes:
+        index: Position in the compared arrays (C order index tuple).
+        reference: Reference value there, as float.
+        candidate: Candidate value there, as float.
+        ulp: ULP distance there.
+        abs_err: ``|candidate - reference|`` there, computed in float64.
+        bound: The error bound there, or None if no bound was given.
+    """
+
+    index: tuple[int, ...]
+    reference: float
+    candidate: float
+    ulp: int
+    abs_err: float
+    bound: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict (index as a list)."""
+        return {
+            "index": list(self.index),
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "ulp": self.ulp,
+            "abs_err": self.abs_err,
+            "bound": self.bound,
+        }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Summary of the differences between a reference and a candidate array.
+
+    ULP statistics, ``max_abs``, ``max_rel`` and ``bound_ratio`` are taken over the positions where
+    both sides are finite (0 when there are none); disagreements involving NaN or inf are counted in
+    ``nan_mismatch`` and ``inf_mismatch`` instead.
+
+    Attributes:
+        size: Number of elements compared.
+        max_ulp: Largest ULP distance.
+        mean_ulp: Mean ULP distance.
+        median_ulp: Median ULP distance (linear interpolation).
+        p99_ulp: 99th percentile of the ULP distance (linear interpolation).
+        max_abs: Largest ``|candidate - reference|``, computed in float64.
+        max_rel: Largest ``|candidate - reference| / |reference|``; where the reference is 0 the
+            ratio is 0 if the candidate is 0 too, else inf.
+        mismatch_count: Finite positions with a nonzero ULP distance plus NaN and inf mismatches.
+        mismatch_fraction: ``mismatch_count / size`` (0.0 for an empty array).
+        nan_mismatch: Positions where exactly one side is NaN.
+        inf_mismatch: Positions where neither side is NaN, at least one is +-inf, and they differ.
+        bound_ratio: Largest ``|candidate - reference| / bound`` (0/0 counts as 0, x/0 as inf), or
+            None if no bound was given.
+        worst: The finite position with the largest ULP distance (first in C order on ties), or
+            None if all finite positions are equal.
+    """
+
+    size: int
+    max_ulp: int
+    mean_ulp: float
+    median_ulp: float
+    p99_ulp: float
+    max_abs: float
+    max_rel: float
+    mismatch_count: int
+    mismatch_fraction: float
+    nan_mismatch: int
+    inf_mismatch: int
+    bound_ratio: float | None
+    worst: Worst | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict of plain Python ints and floats (inf may appear as float)."""
+        return {
+            "size": self.size,
+            "max_ulp": self.max_ulp,
+            "mean_ulp": self.mean_ulp,
+            "median_ulp": self.median_ulp,
+            "p99_ulp": self.p99_ulp,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "mismatch_count": self.mismatch_count,
+            "mismatch_fraction": self.mismatch_fraction,
+            "nan_mismatch": self.nan_mismatch,
+            "inf_mismatch": self.inf_mismatch,
+            "bound_ratio": self.bound_ratio,
+            "worst": None if self.worst is None else self.worst.to_dict(),
+        }
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` for ``num, den >= 0`` with 0/0 -> 0 and x/0 -> inf, without warnings."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = num / den
+    # The only NaNs left come from 0/0 (an exact match) or inf/inf (a float64 overflow of the
+    # difference against an infinite bound, which cannot be shown to hold).
+    return np.where(num == 0, 0.0, np.where(np.isnan(ratio), np.inf, ratio))
+
+
+def _max_or_zero(values: np.ndarray) -> float:
+    """Largest value as float, 0.0 for an empty array."""
+    return float(values.max()) if values.size else 0.0
+
+
+def _prepare_bound(bound: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Broadcasts ``bound`` to ``shape`` as float64, rejecting negative or NaN bounds."""
+    if bound is None:
+        return None
+    bound64 = np.broadcast_to(np.asarray(bound, dtype=np.float64), shape)
+    if np.any(np.isnan(bound64) | (bound64 < 0)):
+        raise ValueError("bound must be non-negative and not NaN")
+    return bound64
+
+
+def compare(
+    reference: np.ndarray, candidate: np.ndarray, bound: np.ndarray | None = None
+) -> Comparison:
+    """Compares a candidate array with a reference array of the same shape and dtype.
+
+    Args:
+        reference: Float array (float16, ml_dtypes.bfloat16, float32 or float64).
+        candidate: Array of the same shape and dtype as ``reference``.
+        bound: Optional per-element bound on ``|candidate - reference|``, float64 and
+            broadcastable to the arrays' shape.
+
+    Returns:
+        The :class:`Comparison` of the two arrays.
+
+    Raises:
+        ValueError: If shapes or dtypes differ, the dtype is unsupported, or ``bound`` does not
+            broadcast or holds negative or NaN values. These are programming errors.
+    """
+    reference = np.asarray(reference)
+    candidate = np.asarray(candidate)
+    if reference.shape != candidate.shape or reference.dtype != candidate.dtype:
+        raise ValueError(
+            "compare needs equal shapes and dtypes; received reference "
+            f"{reference.shape} {reference.dtype} and candidate {candidate.shape} {candidate.dtype}"
+        )
+    bound64 = _prepare_bound(bound, reference.shape)
+    ulp = ulp_distance(reference, candidate)
+    # Every value of the supported dtypes is exact in float64.
+    ref64 = reference.astype(np.float64)
+    cand64 = candidate.astype(np.float64)
+
+    nan_ref, nan_cand = np.isnan(ref64), np.isnan(cand64)
+    finite = np.isfinite(ref64) & np.isfinite(cand64)
+    nan_mismatch = int(np.count_nonzero(nan_ref != nan_cand))
+    # Non-finite positions without NaN hold at least one inf; equal infinities are a match.
+    inf_mismatch = int(np.count_nonzero(~finite & ~nan_ref & ~nan_cand & (ref64 != cand64)))
+
+    ulp = np.where(finite, ulp, np.uint64(0))
+    ulp_finite = ulp[finite]
+    ulp_float = ulp_finite.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # One rounding in float64 (relative error 2**-53), far below the ULP of <= 32-bit inputs.
+        # It overflows to inf only for float64 inputs of opposite sign near the limits; inf - inf
+        # gives NaN at non-finite positions, which are masked out below.
+        abs_err = np.abs(cand64 - ref64)
+    abs_finite = abs_err[finite]
+
+    size = int(reference.size)
+    mismatch_count = int(np.count_nonzero(ulp_finite)) + nan_mismatch + inf_mismatch
+    max_ulp = int(ulp_finite.max()) if ulp_finite.size else 0
+    return Comparison(
+        size=size,
+        max_ulp=max_ulp,
+        mean_ulp=float(ulp_float.mean()) if ulp_float.size else 0.0,
+        median_ulp=float(np.percentile(ulp_float, 50)) if ulp_float.size else 0.0,
+        p99_ulp=float(np.percentile(ulp_float, 99)) if ulp_float.size else 0.0,
+        max_abs=_max_or_zero(abs_finite),
+        max_rel=_max_or_zero(_safe_ratio(abs_finite, np.abs(ref64[finite]))),
+        mismatch_count=mismatch_count,
+        mismatch_fraction=mismatch_count / size if size else 0.0,
+        nan_mismatch=nan_mismatch,
+        inf_mismatch=inf_mismatch,
+        bound_ratio=None
+        if bound64 is None
+        else _max_or_zero(_safe_ratio(abs_finite, bound64[finite])),
+        worst=_worst(ulp, ref64, cand64, abs_err, bound64) if max_ulp > 0 else None,
+    )
+
+
+def _worst(
+    ulp: np.ndarray,
+    ref64: np.ndarray,
+    cand64: np.ndarray,
+    abs_err: np.ndarray,
+    bound64: np.ndarray | None,
+) -> Worst:
+    """Builds the Worst record at the first (C order) maximum of ``ulp`` (zero where not finite)."""
+    # argmax returns the first occurrence of the maximum in C order.
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(ulp)), ulp.shape))
+    return Worst(
+        index=index,
+        reference=float(ref64[index]),
+        candidate=float(cand64[index]),
+        ulp=int(ulp[index]),
+        abs_err=float(abs_err[index]),
+        bound=None if bound64 is None else float(bound64[index]),
+    )
+
+
+def is_identical(c: Comparison) -> bool:
+    """True if every position matches bit for bit up to +0/-0 and NaN payloads.
+
+    Positions where both sides are NaN, or both are the same infinity, count as equal.
+
+    Args:
+        c: A comparison from :func:`compare`.
+
+    Returns:
+        Whether ``max_ulp`` is 0 and there are no NaN or inf mismatches.
+    """
+    return c.max_ulp == 0 and c.nan_mismatch == 0 and c.inf_mismatch == 0
+
+
+def within_bound(c: Comparison) -> bool:
+    """True if a bound was given and every finite difference stays within it.
+
+    Args:
+        c: A comparison from :func:`compare`.
+
+    Returns:
+        Whether there are no NaN or inf mismatches and ``bound_ratio`` is at most 1.
+    """
+    return (
+        c.nan_mismatch == 0
+        and c.inf_mismatch == 0
+        and c.bound_ratio is not None
+        and c.bound_ratio <= 1.0
+    )

@@ -1,0 +1,391 @@
+"""The arithmetic kernels are written against.
+
+A kernel is written once, as a pipeline of exact data movement (padding, patches, reshapes) and
+arithmetic steps, each of which Keras rounds to the layer's dtype. It runs twice:
+
+- with :class:`Rounded`, the NumPy side: every step computed and rounded to the layer's dtype,
+  reductions added in the chosen :class:`~convdiff.orders.Order`;
+- with :class:`Bounded`, on :class:`Tracked` values: each step evaluated in float64 together with a
+  rigorous bound on how far two implementations that take the same rounding steps, in any
+  summation order, can end up apart. One "side" is Keras, the other the NumPy side; their unit
+  roundoffs can differ (e.g. a float16 accumulator on the NumPy side).
+
+For a rounded operation ``z = op(x, y)`` the bound grows by what the inputs' own uncertainty
+propagates (``|y| e_x + |x| e_y`` for a product) plus each side's rounding error ``u |z|`` (and an
+absolute ``eta`` for results in the subnormal range). A reduction of ``n`` terms contributes
+``gamma_n = n u / (1 - n u)`` times ``sum |terms|`` per side (Higham, ch. 3), valid for every
+order and with or without FMA. Library functions (exp, tanh, erf, ...) are allowed
+:data:`FUNCTION_ULPS` units in the last place per side beyond the propagated error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from convdiff.orders import ACCUMULATOR_DTYPES, Order, reduce_terms
+
+# Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
+# evaluation rounded once) in units in the last place of its result, per implementation.
+FUNCTION_ULPS = 4.0
+
+
+def unit_roundoff(dtype: Any) -> float:
+    """Unit roundoff ``u`` of a float dtype (2**-24 for float32)."""
+    return 2.0 ** -(_finfo(dtype).nmant + 1)
+
+
+def _finfo(dtype: Any):
+    dtype = np.dtype(dtype)
+    return ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
+
+
+def underflow_unit(dtype: Any) -> float:
+    """Largest absolute rounding error in the subnormal range: half the smallest subnormal."""
+    return float(_finfo(dtype).smallest_subnormal) / 2
+
+
+@dataclass
+class Tracked:
+    """A float64 value and a per-element bound on how far two implementations can be apart."""
+
+    value: np.ndarray
+    err: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.value.ndim
+
+
+Array = Any  # np.ndarray for Rounded, Tracked for Bounded
+
+
+def _unwrap(xs: Any, field: str) -> Any:
+    if isinstance(xs, list | tuple):
+        return type(xs)(_unwrap(x, field) for x in xs)
+    return getattr(xs, field) if isinstance(xs, Tracked) else xs
+
+
+class Rounded:
+    """The NumPy side: each step rounded to ``dtype``; reductions in ``order``."""
+
+    def __init__(self, dtype: Any, order: Order | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.order = order or Order()
+
+    # Exact data movement ------------------------------------------------------------------
+    def move(self, fn: Callable[..., np.ndarray], *xs: Any) -> np.ndarray:
+        """Apply a function that only moves, copies or selects elements (exact)."""
+        return fn(*xs)
+
+    def const(self, x: Any) -> np.ndarray:
+        """A weight or constant, in the layer's dtype (as Keras casts it)."""
+        return np.asarray(x).astype(self.dtype)
+
+    def value(self, x: np.ndarray) -> np.ndarray:
+        """The plain array (used for data-dependent decisions such as argmax)."""
+        return x
+
+    # Reductions ---------------------------------------------------------------------------
+    def dot(self, a: np.ndarray, b: np.ndarray | None = None, axes: str = "k") -> np.ndarray:
+        """``sum`` over the leading ``len(axes)`` axes of ``a * b`` (or of ``a``), in the order.
+
+        ``axes`` labels the reduction axes, outermost first (e.g. ``"hwc"``: kernel rows,
+        kernel columns, input channels); ``--tap-order`` may renest them.
+        """
+        a, b = self._nest(a, b, axes)
+        return reduce_terms(a, b, self.order, self.dtype)
+
+    def sum(self, x: np.ndarray, axis: int | Sequence[int], keepdims: bool = False) -> np.ndarray:
+        """Sum of ``x`` over ``axis`` (terms in index order), in the order."""
+        moved, shape = _to_front(x, axis, keepdims)
+        return reduce_terms(moved, None, self.order, self.dtype).reshape(shape)
+
+    def _nest(self, a, b, axes):
+        n = len(axes)
+        perm = _tap_permutation(axes, self.order.tap_order)
+        if perm is not None:
+            a = np.transpose(a, perm + list(range(n, a.ndim)))
+            if b is not None:
+                b = np.transpose(b, perm + list(range(n, b.ndim)))
+        k = math.prod(a.shape[:n])
+        a = a.reshape((k, *a.shape[n:]))
+        if b is not None:
+            b = b.reshape((math.prod(b.shape[:n]), *b.shape[n:]))
+        return a, b
+
+    # Elementwise, one rounding each --------------------------------------------------------
+    def add(self, x, y):
+        return self._round(np.add(x, y, dtype=np.float64))
+
+    def sub(self, x, y):
+        return self._round(np.subtract(x, y, dtype=np.float64))
+
+    def mul(self, x, y):
+        return self._round(np.multiply(x, y, dtype=np.float64))
+
+    def div(self, x, y):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._round(np.divide(x, y, dtype=np.float64))
+
+    def _round(self, x64: np.ndarray) -> np.ndarray:
+        # For + - * / on float32 (or narrower) operands, computing in float64 (53 >= 2*24+2
+        # bits) and rounding once more to float32 gives the correctly rounded result.
+        return np.asarray(x64).astype(self.dtype)
+
+    # Exact elementwise ---------------------------------------------------------------------
+    def neg(self, x):
+        return np.negative(x)
+
+    def abs(self, x):
+        return np.abs(x)
+
+    def maximum(self, x, y):
+        return np.maximum(x, y).astype(self.dtype)
+
+    def minimum(self, x, y):
+        return np.minimum(x, y).astype(self.dtype)
+
+    def max(self, x, axis, keepdims=False):
+        return np.max(x, axis=axis, keepdims=keepdims)
+
+    def min(self, x, axis, keepdims=False):
+        return np.min(x, axis=axis, keepdims=keepdims)
+
+    def where(self, x, threshold: float, below, above, strict: bool = True):
+        """``above`` where ``x > threshold`` (``>=`` if not strict), else ``below``."""
+        cond = (x > threshold) if strict else (x >= threshold)
+        return np.where(cond, above, below).astype(self.dtype)
+
+    # Library functions, evaluated in float64 and rounded once ----------------------------
+    def apply(self, name: str, x):
+        with np.errstate(all="ignore"):
+            return self._round(FUNCTIONS[name](np.asarray(x, dtype=np.float64)))
+
+
+class Bounded:
+    """float64 evaluation plus a bound on ``|side_1 - side_2|`` for each element.
+
+    Args:
+        dtype: the layer's compute dtype (both sides round every step to it).
+        accumulators: the accumulator dtype of each side's reductions.
+    """
+
+    def __init__(self, dtype: Any, accumulators: Sequence[Any] | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        accumulators = accumulators or (self.dtype, self.dtype)
+        self.u_sum = 2 * unit_roundoff(self.dtype)
+        self.eta_sum = 2 * underflow_unit(self.dtype)
+        self.acc_units = [unit_roundoff(d) for d in accumulators]
+        self.acc_eta = sum(underflow_unit(d) for d in accumulators)
+
+    @staticmethod
+    def track(x: Any, err: Any = 0.0) -> Tracked:
+        """Wrap an input: its value and how far the other side's input may be from it."""
+        value = np.asarray(x, dtype=np.float64)
+        return Tracked(value, np.broadcast_to(np.asarray(err, dtype=np.float64), value.shape))
+
+    def move(self, fn: Callable[..., np.ndarray], *xs: Any) -> Tracked:
+        return Tracked(fn(*_unwrap(xs, "value")), fn(*_unwrap(xs, "err")))
+
+    def const(self, x: Any) -> Tracked:
+        return self.track(np.asarray(x).astype(self.dtype))
+
+    def value(self, x: Tracked) -> np.ndarray:
+        return x.value
+
+    def _lift(self, x: Any) -> Tracked:
+        return x if isinstance(x, Tracked) else self.track(x)
+
+    def _rounded(self, value: np.ndarray, prop: np.ndarray) -> Tracked:
+        """A result rounded once per side: add ``u (|z| + e)`` for each side."""
+        with np.errstate(all="ignore"):
+            err = prop + self.u_sum * (np.abs(value) + prop) + self.eta_sum
+        return Tracked(value, err)
+
+    # Reductions ---------------------------------------------------------------------------
+    def dot(self, a, b=None, axes: str = "k") -> Tracked:
+        a = self._lift(a)
+        n = len(axes)
+        k = math.prod(a.shape[:n])
+        av, ae = (v.reshape((k, *v.shape[n:])) for v in (a.value, a.err))
+        with np.errstate(all="ignore"):
+            if b is None:
+                value = av.sum(axis=0)
+                mag = (np.abs(av) + ae).sum(axis=0)
+                prop = ae.sum(axis=0)
+            else:
+                b = self._lift(b)
+                bv, be = (v.reshape((k, *v.shape[n:])) for v in (b.value, b.err))
+                value = np.einsum("k...,k...->...", av, bv)
+                prop = np.einsum("k...,k...->...", np.abs(av), be) + np.einsum(
+                    "k...,k...->...", ae, np.abs(bv) + be
+                )
+                mag = np.einsum("k...,k...->...", np.abs(av) + ae, np.abs(bv) + be)
+            # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
+            # evaluation's own error, plus k underflows.
+            gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
+            err = prop + gamma * mag + k * self.acc_eta
+            # A narrower accumulator than the layer dtype is rounded to the layer dtype once.
+        return Tracked(np.asarray(value), np.asarray(err))
+
+    def sum(self, x, axis, keepdims=False) -> Tracked:
+        x = self._lift(x)
+        moved = self.move(lambda v: _to_front(v, axis, keepdims)[0], x)
+        _, shape = _to_front(x.value, axis, keepdims)
+        out = self.dot(moved, None, "k")
+        return Tracked(out.value.reshape(shape), out.err.reshape(shape))
+
+    # Elementwise, one rounding each --------------------------------------------------------
+    def add(self, x, y):
+        x, y = self._lift(x), self._lift(y)
+        return self._rounded(x.value + y.value, x.err + y.err)
+
+    def sub(self, x, y):
+        x, y = self._lift(x), self._lift(y)
+        return self._rounded(x.value - y.value, x.err + y.err)
+
+    def mul(self, x, y):
+        x, y = self._lift(x), self._lift(y)
+        with np.errstate(all="ignore"):
+            prop = np.abs(x.value) * y.err + np.abs(y.value) * x.err + x.err * y.err
+            return self._rounded(x.value * y.value, prop)
+
+    def div(self, x, y):
+        x, y = self._lift(x), self._lift(y)
+        with np.errstate(all="ignore"):
+            value = x.value / y.value
+            margin = np.abs(y.value) - y.err  # smallest |denominator| the other side can have
+            prop = np.where(
+                margin > 0,
+                (np.abs(x.value) * y.err + np.abs(y.value) * x.err) / (np.abs(y.value) * margin),
+                np.where((x.err == 0) & (y.err == 0), 0.0, np.inf),
+            )
+            return self._rounded(value, prop)
+
+    # Exact elementwise (1-Lipschitz) -------------------------------------------------------
+    def neg(self, x):
+        x = self._lift(x)
+        return Tracked(-x.value, x.err)
+
+    def abs(self, x):
+        x = self._lift(x)
+        return Tracked(np.abs(x.value), x.err)
+
+    def maximum(self, x, y):
+        x, y = self._lift(x), self._lift(y)
+        return Tracked(np.maximum(x.value, y.value), np.maximum(x.err, y.err))
+
+    def minimum(self, x, y):
+        x, y = self._lift(x), self._lift(y)
+        return Tracked(np.minimum(x.value, y.value), np.maximum(x.err, y.err))
+
+    def max(self, x, axis, keepdims=False):
+        x = self._lift(x)
+        return Tracked(
+            np.max(x.value, axis=axis, keepdims=keepdims), np.max(x.err, axis=axis, keepdims=keepdims)
+        )
+
+    def min(self, x, axis, keepdims=False):
+        x = self._lift(x)
+        return Tracked(
+            np.min(x.value, axis=axis, keepdims=keepdims), np.max(x.err, axis=axis, keepdims=keepdims)
+        )
+
+    def where(self, x, threshold: float, below, above, strict: bool = True):
+        """Piecewise selection. Where ``x`` is within its bound of the threshold the two sides
+        may take different branches, so the bound covers both."""
+        x, below, above = self._lift(x), self._lift(below), self._lift(above)
+        cond = (x.value > threshold) if strict else (x.value >= threshold)
+        value = np.where(cond, above.value, below.value)
+        err = np.where(cond, above.err, below.err)
+        with np.errstate(all="ignore"):
+            ambiguous = np.abs(x.value - threshold) <= x.err
+            both = np.abs(above.value - below.value) + np.maximum(above.err, below.err)
+            err = np.where(ambiguous, np.maximum(err, both), err)
+        return Tracked(np.asarray(value), np.asarray(err))
+
+    # Library functions ---------------------------------------------------------------------
+    def apply(self, name: str, x):
+        """A monotonic library function: its float64 value, the spread of its values over the
+        input's uncertainty interval, and FUNCTION_ULPS of the result per side."""
+        x = self._lift(x)
+        fn = FUNCTIONS[name]
+        with np.errstate(all="ignore"):
+            value = fn(x.value)
+            spread = np.maximum(np.abs(fn(x.value + x.err) - value), np.abs(fn(x.value - x.err) - value))
+            spread = np.where(x.err == 0, 0.0, spread)
+            spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
+            ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
+            return Tracked(value, spread + ulps)
+
+
+def _gamma(n: int, u: float) -> float:
+    nu = n * u
+    return nu / (1 - nu) if nu < 1 else math.inf
+
+
+def _to_front(x: np.ndarray, axis, keepdims: bool):
+    """Move the reduction axes of ``x`` to the front (in their order); return the result shape."""
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    axes = [a % x.ndim for a in axes]
+    rest = [i for i in range(x.ndim) if i not in axes]
+    moved = np.transpose(x, axes + rest)
+    shape = [1 if i in axes else x.shape[i] for i in range(x.ndim)] if keepdims else [
+        x.shape[i] for i in rest
+    ]
+    return moved.reshape((-1, *moved.shape[len(axes):])), tuple(shape)
+
+
+def _tap_permutation(axes: str, tap_order: str | None) -> list[int] | None:
+    if not tap_order or sorted(tap_order) != sorted(axes) or tap_order == axes:
+        return None
+    return [axes.index(c) for c in tap_order]
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(x) if np.size(x) else np.asarray(x, float)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # 1/(1+exp(-x)) without overflow warnings for large |x|
+    return np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+# Monotonic (on their domains) float64 library functions: the NumPy side rounds them once.
+FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "exp": np.exp,
+    "expm1": np.expm1,
+    "log": np.log,
+    "log1p": np.log1p,
+    "tanh": np.tanh,
+    "sigmoid": _sigmoid,
+    "softplus": _softplus,
+    "erf": _erf,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x),
+}
+
+__all__ = [
+    "ACCUMULATOR_DTYPES",
+    "FUNCTIONS",
+    "FUNCTION_ULPS",
+    "Bounded",
+    "Rounded",
+    "Tracked",
+    "underflow_unit",
+    "unit_roundoff",
+]

@@ -1,0 +1,437 @@
+"""Tests for convdiff.metrics: ULP distance edge cases, compare() statistics, helpers."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from convdiff.metrics import (
+    Comparison,
+    compare,
+    is_identical,
+    ulp_distance,
+    ulp_of,
+    unit_roundoff,
+    within_bound,
+)
+
+# Any RuntimeWarning (overflow, divide by zero, invalid) from the metrics is a failure.
+pytestmark = pytest.mark.filterwarnings("error")
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
+UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20240611)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """The bit patterns of a float array as unsigned integers of the same width."""
+    return x.view(UINT[x.dtype.itemsize])
+
+
+def _step(x: np.ndarray, n: int = 1) -> np.ndarray:
+    """Moves every element n representable values away from zero by stepping its bit pattern."""
+    return (_bits(x) + np.asarray(n).astype(UINT[x.dtype.itemsize])).view(x.dtype)
+
+
+def _ordinal(bits: int, width: int) -> int:
+    """Independent reference: sign-magnitude bit pattern -> signed position on the number line."""
+    magnitude = bits & ((1 << (width - 1)) - 1)
+    return -magnitude if bits >> (width - 1) else magnitude
+
+
+def _ulp_reference(a: np.ndarray, b: np.ndarray) -> list[int]:
+    """ULP distances computed with Python ints from the arrays' bit patterns."""
+    width = 8 * a.dtype.itemsize
+    return [
+        abs(_ordinal(int(x), width) - _ordinal(int(y), width))
+        for x, y in zip(_bits(a).ravel(), _bits(b).ravel(), strict=True)
+    ]
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _f32_ulp_reference(x: float, y: float) -> int:
+    return abs(_ordinal(_f32_bits(x), 32) - _ordinal(_f32_bits(y), 32))
+
+
+def _sample(rng: np.random.Generator, dtype: type, n: int = 500) -> np.ndarray:
+    """Finite values of ``dtype`` over many binades, both signs, with zeros and subnormals."""
+    info = ml_dtypes.finfo(dtype)
+    exponents = rng.uniform(np.log2(float(info.smallest_subnormal)), np.log2(float(info.max)), n)
+    values = rng.choice([-1.0, 1.0], n) * np.exp2(exponents - 1)
+    special = [0.0, -0.0, float(info.smallest_subnormal), float(info.max), -float(info.max)]
+    return np.concatenate([values, special]).astype(dtype)
+
+
+# --- ulp_distance -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_equal_values_have_zero_distance(rng: np.random.Generator, dtype: type) -> None:
+    x = _sample(rng, dtype)
+    x = np.concatenate([x, np.array([np.inf, -np.inf], dtype=dtype)])
+    dist = ulp_distance(x, x.copy())
+    assert dist.dtype == np.uint64
+    assert not dist.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_signed_zeros_are_equal(dtype: type) -> None:
+    pos, neg = np.array([0.0], dtype=dtype), np.array([-0.0], dtype=dtype)
+    assert _bits(pos)[0] != _bits(neg)[0]
+    assert ulp_distance(pos, neg).tolist() == [0]
+    assert ulp_distance(neg, pos).tolist() == [0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_adjacent_values_are_one_ulp_apart(rng: np.random.Generator, dtype: type) -> None:
+    x = _sample(rng, dtype)
+    if dtype is ml_dtypes.bfloat16:
+        # Stepping the bit pattern moves one value away from zero (-0 -> -min subnormal,
+        # max -> inf), which is one representable value in every case.
+        neighbours = [_step(x)]
+    else:
+        # nextafter(max, inf) is inf, which numpy flags as an overflow.
+        with np.errstate(over="ignore"):
+            neighbours = [
+                np.nextafter(x, np.array(np.inf, dtype=dtype)),
+                np.nextafter(x, np.array(-np.inf, dtype=dtype)),
+            ]
+    for y in neighbours:
+        assert (ulp_distance(x, y) == 1).all()
+        assert (ulp_distance(y, x) == 1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_steps_of_n_bit_patterns(rng: np.random.Generator, dtype: type) -> None:
+    x = np.abs(_sample(rng, dtype))
+    x = x[x < float(ml_dtypes.finfo(dtype).max) / 4]
+    assert (ulp_distance(x, _step(x, 7)) == 7).all()
+    assert (ulp_distance(-x, -_step(x, 7)) == 7).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_inf_vs_max_finite_is_one(dtype: type) -> None:
+    big = float(ml_dtypes.finfo(dtype).max)
+    a = np.array([np.inf, -np.inf], dtype=dtype)
+    b = np.array([big, -big], dtype=dtype)
+    assert ulp_distance(a, b).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_neg_inf_vs_inf_counts_both_half_lines(dtype: type) -> None:
+    a = np.array([-np.inf], dtype=dtype)
+    b = np.array([np.inf], dtype=dtype)
+    expected = 2 * int(_bits(b)[0])  # inf's magnitude bits on each side of zero
+    assert ulp_distance(a, b).tolist() == [expected] == _ulp_reference(a, b)
+
+
+def test_float32_opposite_signs_near_limits_do_not_overflow() -> None:
+    # numpy's nulp_diff gives ~2.07e7 here because it subtracts in 32 bits.
+    expected = _f32_ulp_reference(-3e38, 3e38)
+    assert expected == 4274217932
+    a = np.array([-3e38], dtype=np.float32)
+    b = np.array([3e38], dtype=np.float32)
+    assert ulp_distance(a, b).tolist() == [expected]
+    assert ulp_distance(b, a).tolist() == [expected]
+
+
+def test_float64_opposite_limits_use_full_unsigned_range() -> None:
+    big = np.finfo(np.float64).max
+    a = np.array([-big, -np.inf], dtype=np.float64)
+    b = np.array([big, np.inf], dtype=np.float64)
+    expected = _ulp_reference(a, b)
+    assert expected[1] > 2**63  # beyond int64: needs the unsigned path
+    assert ulp_distance(a, b).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_smallest_subnormals_across_zero(dtype: type) -> None:
+    tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+    a = np.array([-tiny, -tiny, tiny], dtype=dtype)
+    b = np.array([tiny, 0.0, -0.0], dtype=dtype)
+    assert ulp_distance(a, b).tolist() == [2, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nan_positions_have_zero_distance(dtype: type) -> None:
+    a = np.array([np.nan, np.nan, 1.0, np.nan], dtype=dtype)
+    b = np.array([np.nan, 1.0, np.nan, np.inf], dtype=dtype)
+    assert ulp_distance(a, b).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matches_bit_pattern_reference(rng: np.random.Generator, dtype: type) -> None:
+    a = _sample(rng, dtype)
+    b = rng.permutation(a)
+    assert ulp_distance(a, b).tolist() == _ulp_reference(a, b)
+
+
+def test_broadcasts_and_keeps_shape() -> None:
+    a = np.ones((2, 3), dtype=np.float32)
+    b = np.float32(2.0)
+    assert ulp_distance(a, np.asarray(b)).shape == (2, 3)
+    assert ulp_distance(np.float32(1.0), np.float32(2.0)) == 2**23
+
+
+def test_rejects_mixed_or_unsupported_dtypes() -> None:
+    with pytest.raises(ValueError, match="equal dtypes"):
+        ulp_distance(np.zeros(2, np.float32), np.zeros(2, np.float64))
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        ulp_distance(np.zeros(2, np.int32), np.zeros(2, np.int32))
+
+
+_f32 = st.floats(width=32, allow_nan=False)
+
+
+@given(_f32, _f32)
+def test_property_float32_matches_struct_reference_and_is_symmetric(x: float, y: float) -> None:
+    a = np.array([x], dtype=np.float32)
+    b = np.array([y], dtype=np.float32)
+    expected = _f32_ulp_reference(x, y)
+    assert int(ulp_distance(a, b)[0]) == expected
+    assert int(ulp_distance(b, a)[0]) == expected
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_property_float32_nextafter_is_one_ulp(x: float) -> None:
+    a = np.array([x], dtype=np.float32)
+    for direction in (np.inf, -np.inf):
+        b = np.nextafter(a, np.float32(direction))
+        assert int(ulp_distance(a, b)[0]) == 1
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_identical_arrays(rng: np.random.Generator, dtype: type) -> None:
+    x = _sample(rng, dtype).reshape(-1, 5)
+    c = compare(x, x.copy())
+    assert is_identical(c)
+    assert c.size == x.size
+    assert (c.max_ulp, c.mismatch_count, c.max_abs, c.max_rel) == (0, 0, 0.0, 0.0)
+    assert c.worst is None
+
+
+def test_compare_rejects_shape_or_dtype_mismatch() -> None:
+    with pytest.raises(ValueError, match="equal shapes and dtypes"):
+        compare(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="equal shapes and dtypes"):
+        compare(np.zeros(3, np.float32), np.zeros(3, np.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nan_handling(dtype: type) -> None:
+    ref = np.array([np.nan, 1.0, np.nan, 2.0, np.nan], dtype=dtype)
+    cand = np.array([np.nan, 1.0, 1e4, np.nan, np.inf], dtype=dtype)
+    c = compare(ref, cand)
+    assert c.nan_mismatch == 3
+    assert c.inf_mismatch == 0  # NaN vs inf is a NaN mismatch only
+    assert c.max_ulp == 0  # one-sided NaN never turns into ULPs
+    assert c.worst is None
+    assert c.mismatch_count == 3
+    assert not is_identical(c)
+    both_nan = compare(ref[:2], cand[:2])
+    assert is_identical(both_nan)
+    assert both_nan.nan_mismatch == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_inf_mismatch_is_counted_apart(dtype: type) -> None:
+    big = float(ml_dtypes.finfo(dtype).max)
+    ref = np.array([np.inf, -np.inf, np.inf, -np.inf, 1.0], dtype=dtype)
+    cand = np.array([np.inf, np.inf, big, -np.inf, 1.0], dtype=dtype)
+    c = compare(ref, cand)
+    assert c.inf_mismatch == 2
+    assert c.nan_mismatch == 0
+    assert c.max_ulp == 0  # inf vs max is 1 ULP, but reported as an inf mismatch
+    assert c.max_abs == 0.0
+    assert c.mismatch_count == 2
+    assert not is_identical(c)
+    assert is_identical(compare(ref[[0, 3, 4]], cand[[0, 3, 4]]))
+
+
+def test_max_rel_with_zero_reference() -> None:
+    ref = np.array([0.0, 0.0, 2.0], dtype=np.float32)
+    assert compare(ref, np.array([0.0, -0.0, 3.0], dtype=np.float32)).max_rel == 0.5
+    assert compare(ref, np.array([1e-3, 0.0, 2.0], dtype=np.float32)).max_rel == np.inf
+
+
+def test_bound_ratio() -> None:
+    ref = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float64)
+    cand = np.array([1.0, 2.5, 3.0, 4.0], dtype=np.float64)
+    assert compare(ref, cand).bound_ratio is None
+    assert not within_bound(compare(ref, cand))
+    # Scalar bound broadcasts; 0.5 / 1.0.
+    c = compare(ref, cand, bound=np.float64(1.0))
+    assert c.bound_ratio == 0.5
+    assert within_bound(c)
+    # 0/0 -> 0 where the values agree and the bound is zero.
+    c = compare(ref, cand, bound=np.array([0.0, 0.25, 0.0, 0.0]))
+    assert c.bound_ratio == 2.0
+    assert not within_bound(c)
+    # x/0 -> inf.
+    c = compare(ref, cand, bound=np.zeros(4))
+    assert c.bound_ratio == np.inf
+    assert c.worst is not None and c.worst.bound == 0.0
+    # Exactly on the bound is within it.
+    assert within_bound(compare(ref, cand, bound=np.array([0.0, 0.5, 0.0, 0.0])))
+
+
+def test_bound_does_not_excuse_nan_or_inf() -> None:
+    ref = np.array([1.0, np.nan], dtype=np.float32)
+    cand = np.array([1.0, 1.0], dtype=np.float32)
+    c = compare(ref, cand, bound=np.float64(np.inf))
+    assert c.bound_ratio == 0.0
+    assert not within_bound(c)
+
+
+def test_bound_rejects_negative_or_nan() -> None:
+    x = np.ones(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="non-negative"):
+        compare(x, x, bound=np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        compare(x, x, bound=np.float64(np.nan))
+
+
+def test_worst_index_values_and_ties() -> None:
+    ref = np.ones((3, 4), dtype=np.float32)
+    cand = ref.copy()
+    cand[0, 3] = _step(ref[0, 3:4], 5)[0]
+    cand[1, 2] = _step(ref[1, 2:3], 9)[0]
+    cand[2, 0] = _step(ref[2, 0:1], 9)[0]  # tie with (1, 2): the first in C order wins
+    bound = np.full((3, 4), 1e-6)
+    c = compare(ref, cand, bound=bound)
+    assert c.worst is not None
+    assert c.worst.index == (1, 2)
+    assert c.worst.ulp == 9 == c.max_ulp
+    assert c.worst.reference == 1.0
+    assert c.worst.candidate == float(cand[1, 2])
+    assert c.worst.abs_err == 9 * 2.0**-23
+    assert c.worst.bound == 1e-6
+    assert c.max_abs == 9 * 2.0**-23
+    assert c.mismatch_count == 3
+    assert compare(ref, cand).worst.bound is None  # type: ignore[union-attr]
+
+
+def test_worst_skips_nonfinite_positions() -> None:
+    ref = np.array([np.inf, 1.0, np.nan], dtype=np.float32)
+    cand = np.array([-np.inf, 1.5, 0.0], dtype=np.float32)
+    c = compare(ref, cand)
+    assert c.worst is not None
+    assert c.worst.index == (1,)
+    assert c.max_ulp == 2**22
+
+
+def test_mismatch_fraction_and_percentiles() -> None:
+    ref = np.ones(100, dtype=np.float32)
+    ulps = np.arange(100)
+    cand = _step(ref, ulps)
+    c = compare(ref, cand)
+    assert c.mismatch_count == 99
+    assert c.mismatch_fraction == 0.99
+    assert c.max_ulp == 99
+    assert c.mean_ulp == pytest.approx(49.5)
+    assert c.median_ulp == pytest.approx(np.percentile(ulps.astype(np.float64), 50))
+    assert c.p99_ulp == pytest.approx(np.percentile(ulps.astype(np.float64), 99))
+    assert c.p99_ulp == pytest.approx(98.01)
+
+
+def test_mismatch_count_combines_kinds() -> None:
+    ref = np.array([1.0, 1.0, np.nan, np.inf, 2.0, 3.0, 4.0, 5.0], dtype=np.float16)
+    cand = np.array([1.0, 1.5, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float16)
+    c = compare(ref, cand)
+    assert (c.mismatch_count, c.nan_mismatch, c.inf_mismatch) == (3, 1, 1)
+    assert c.mismatch_fraction == 3 / 8
+
+
+def test_empty_arrays() -> None:
+    x = np.zeros((0, 3), dtype=np.float32)
+    c = compare(x, x, bound=np.float64(1.0))
+    assert c.size == 0
+    assert c.mismatch_fraction == 0.0
+    assert (c.max_ulp, c.mean_ulp, c.median_ulp, c.p99_ulp) == (0, 0.0, 0.0, 0.0)
+    assert c.worst is None
+    assert is_identical(c)
+
+
+def test_float64_extremes_do_not_warn() -> None:
+    big = np.finfo(np.float64).max
+    ref = np.array([-big, 0.0], dtype=np.float64)
+    cand = np.array([big, 0.0], dtype=np.float64)
+    c = compare(ref, cand, bound=np.array([np.inf, 0.0]))
+    assert c.max_ulp == _ulp_reference(ref, cand)[0]
+    assert c.max_abs == np.inf  # the float64 difference itself overflows
+    assert c.max_rel == np.inf
+    assert c.bound_ratio == np.inf  # inf / inf cannot be shown to be within the bound
+
+
+def test_to_dict_is_json_ready() -> None:
+    ref = np.array([[1.0, 0.0], [np.nan, 2.0]], dtype=ml_dtypes.bfloat16)
+    cand = np.array([[1.0, 1.0], [np.nan, 2.0]], dtype=ml_dtypes.bfloat16)
+    c = compare(ref, cand, bound=np.float64(0.5))
+    d = c.to_dict()
+    assert set(d) == set(Comparison.__dataclass_fields__)
+    assert d["worst"]["index"] == [0, 1]
+    assert d["max_rel"] == float("inf")
+    assert d["bound_ratio"] == 2.0
+    for key, value in d.items():
+        if key != "worst":
+            assert type(value) in (int, float), key
+    assert all(type(v) is int for v in d["worst"]["index"])
+    json.loads(json.dumps(d))
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (np.float16, 2.0**-11),
+        (ml_dtypes.bfloat16, 2.0**-8),
+        (np.float32, 2.0**-24),
+        (np.float64, 2.0**-53),
+    ],
+    ids=DTYPE_IDS,
+)
+def test_unit_roundoff(dtype: type, expected: float) -> None:
+    assert unit_roundoff(dtype) == expected
+    assert unit_roundoff(np.dtype(dtype)) == expected
+
+
+def test_unit_roundoff_rejects_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        unit_roundoff(np.int8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ulp_of_matches_np_spacing(rng: np.random.Generator, dtype: type) -> None:
+    x = np.concatenate([_sample(rng, dtype).astype(np.float64), [np.inf, -np.inf, np.nan]])
+    cast = x.astype(dtype)
+    # ml_dtypes registers np.spacing for bfloat16 too, so this is an independent reference.
+    with np.errstate(all="ignore"):
+        expected = np.spacing(np.abs(cast)).astype(np.float64)
+    got = ulp_of(x, dtype)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_ulp_of_rounds_to_dtype_first() -> None:
+    # 2 - 2**-30 rounds to 2.0 in float32, where the spacing is 2**-22, not 2**-23.
+    assert ulp_of(np.array([2.0 - 2.0**-30]), np.float32).tolist() == [2.0**-22]
+    assert ulp_of(np.array([0.0, -1.0]), ml_dtypes.bfloat16).tolist() == [2.0**-133, 2.0**-7]
