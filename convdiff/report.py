@@ -1,0 +1,209 @@
+"""Results -> a report object, rich renderables and JSON. Never prints by itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from convdiff.errors import OutputError
+from convdiff.runner import LayerResult
+
+STATUS_STYLE = {
+    "identical": "green",
+    "rounding": "cyan",
+    "divergent": "bold red",
+    "skipped": "yellow",
+    "error": "bold magenta",
+}
+
+
+@dataclass
+class Report:
+    """Everything a run found: the data behind the table, the JSON and the exit status."""
+
+    model: str
+    inputs: str
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    layers: list[LayerResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_divergent(self) -> LayerResult | None:
+        return next((r for r in self.layers if r.status == "divergent"), None)
+
+    @property
+    def over_budget(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.over_budget]
+
+    @property
+    def passed(self) -> bool:
+        return not any(r.status in ("divergent", "error") or r.over_budget for r in self.layers)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def counts(self) -> Counter[str]:
+        return Counter(r.status for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_divergent
+        return {
+            "convdiff_version": _version(),
+            "model": self.model,
+            "inputs": self.inputs,
+            "passed": self.passed,
+            "first_divergent": first.name if first else None,
+            "over_budget": [r.name for r in self.over_budget],
+            "counts": dict(self.counts()),
+            "settings": self.settings,
+            "environment": self.environment,
+            "notes": self.notes,
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+
+def _version() -> str:
+    from convdiff import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def _fmt_int(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _fmt_float(value: float | None, spec: str = ".3g") -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def render_table(report: Report) -> Table:
+    """One row per layer call: index, name, class, shape, status and the error figures."""
+    table = Table(
+        title=f"convdiff: {report.model}  (order {report.settings.get('order_label')}, "
+        f"mode {report.settings.get('mode')})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for header, justify in (
+        ("#", "right"), ("layer", "left"), ("class", "left"), ("shape", "left"),
+        ("status", "left"), ("max ULP", "right"), ("p99 ULP", "right"),
+        ("max abs", "right"), ("differ", "right"), ("/bound", "right"),
+    ):
+        table.add_column(header, justify=justify, overflow="fold", no_wrap=header != "layer")
+    for r in report.layers:
+        c = r.comparison
+        status = Text(r.status + (" !" if r.over_budget else ""), style=STATUS_STYLE[r.status])
+        table.add_row(
+            str(r.index),
+            r.name,
+            r.class_name,
+            "x".join(str(n) for n in r.output_shape),
+            status,
+            _fmt_int(c.max_ulp if c else None),
+            _fmt_float(c.p99_ulp if c else None, ".3g"),
+            _fmt_float(c.max_abs if c else None, ".2e"),
+            "-" if c is None else f"{100 * c.mismatch_fraction:.1f}%",
+            _fmt_float(c.bound_ratio if c else None, ".2g"),
+        )
+    return table
+
+
+def render_summary(report: Report) -> Text:
+    """The verdict: first divergent layer (or none), budget failures, skipped layers."""
+    counts = report.counts()
+    tally = ", ".join(f"{counts[s]} {s}" for s in STATUS_STYLE if counts[s])
+    lines = Text()
+    first = report.first_divergent
+    if first is not None:
+        c = first.comparison
+        detail = (
+            f"max {c.max_ulp:,} ULP, {_fmt_float(c.bound_ratio, '.3g')}x the rounding bound"
+            if c is not None
+            else first.reason or ""
+        )
+        lines.append("First divergent layer: ", style="bold")
+        lines.append(f"{first.name} ({first.class_name})", style="bold red")
+        lines.append(f" - {detail}\n")
+    else:
+        lines.append("No layer diverged", style="bold green")
+        lines.append(": every compared difference is within its rounding bound.\n")
+    for r in report.over_budget:
+        lines.append(f"Over budget: {r.name} max {r.comparison.max_ulp:,} ULP > "
+                     f"{report.settings.get('max_ulp')}\n", style="red")
+    for r in report.layers:
+        if r.status == "skipped":
+            lines.append(f"Skipped: {r.name}: {r.reason}\n", style="yellow")
+    lines.append(f"{len(report.layers)} layers: {tally}. ")
+    lines.append("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
+    return lines
+
+
+def render(report: Report) -> Group:
+    """Table and summary, ready for ``Console.print``."""
+    return Group(render_table(report), render_summary(report))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work starts if ``path`` cannot be written (``-`` is stdout)."""
+    if path == "-":
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"output path {path!r} is a directory; expected a file name")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"cannot write {path!r}: permission denied")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename: never a half file."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+def to_json(report: Report) -> str:
+    """The report as JSON (non-finite figures as strings "inf"/"nan", so it stays valid JSON)."""
+    return json.dumps(_json_safe(report.to_dict()), indent=2) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
