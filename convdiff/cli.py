@@ -14,7 +14,29 @@ from rich.console import Console
 from convdiff.errors import ConvdiffError, OptionError
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """A click command whose every user error is one ``Error:`` line and exit status 2."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted")
+        except click.UsageError as exc:
+            _fail(exc.format_message())
+        except ConvdiffError as exc:
+            _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("input", required=False, type=click.Path(dir_okay=True))
 @click.option("--random-input", is_flag=True, help="Draw a standard-normal input of the model's shape.")
@@ -97,17 +119,5 @@ def _width() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one ``Error:`` line and exit 2 for anything the user can fix."""
-    try:
-        cli.main(args=argv, prog_name="convdiff", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("Error: aborted", err=True)
-        sys.exit(2)
-    except click.UsageError as exc:
-        click.echo(f"Error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except ConvdiffError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+    """Console entry point."""
+    cli.main(args=argv, prog_name="convdiff")

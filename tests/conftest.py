@@ -13,3 +13,10 @@ import pytest
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261127)
+
+
+@pytest.fixture(scope="session")
+def examples():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "examples"

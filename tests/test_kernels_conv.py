@@ -24,6 +24,8 @@ L = keras.layers
 
 # (layer class, constructor kwargs, input shape without batch). Channels are small so the whole
 # file runs in seconds, yet every case has several taps per output and odd spatial sizes.
+# channels_first shapes avoid an output whose last axis has the length of the channel axis:
+# there Keras adds the bias along the wrong axis (see test_keras_channels_first_bias_quirk).
 CONV_CASES = [
     # Conv1D
     (L.Conv1D, dict(filters=4, kernel_size=3), (11, 3)),
@@ -57,7 +59,7 @@ CONV_CASES = [
     (
         L.Conv2D,
         dict(filters=4, kernel_size=3, strides=2, padding="same", data_format="channels_first"),
-        (3, 9, 8),
+        (3, 9, 10),
     ),
     (L.Conv2D, dict(filters=4, kernel_size=3, use_bias=False), (9, 8, 3)),
     (L.Conv2D, dict(filters=4, kernel_size=3, use_bias=False, activation="relu"), (9, 8, 3)),
@@ -67,7 +69,7 @@ CONV_CASES = [
     (L.Conv3D, dict(filters=3, kernel_size=(2, 3, 2), padding="same"), (5, 6, 5, 2)),
     (L.Conv3D, dict(filters=3, kernel_size=2, dilation_rate=2, padding="same"), (5, 6, 5, 2)),
     (L.Conv3D, dict(filters=4, kernel_size=2, groups=2), (4, 5, 4, 4)),
-    (L.Conv3D, dict(filters=3, kernel_size=2, data_format="channels_first"), (2, 4, 5, 4)),
+    (L.Conv3D, dict(filters=3, kernel_size=2, data_format="channels_first"), (2, 4, 5, 6)),
     (L.Conv3D, dict(filters=3, kernel_size=2, use_bias=False, activation="relu"), (4, 5, 4, 2)),
 ]
 
@@ -301,3 +303,22 @@ def test_check_reports_figures(rng):
     check = check_layer(layer, x)
     assert check.keras_output.shape == (2, 7, 6, 4)
     assert np.all(check.run.bound > 0)
+
+
+def test_keras_channels_first_bias_quirk(rng):
+    """Keras 3's TensorFlow ``ops.add`` turns ``outputs + reshape(bias, (1, F, 1, 1))`` into
+    ``tf.nn.bias_add(..., "NHWC")`` whenever the output's last axis also has length F, so a
+    channels_first layer whose output width equals its filter count adds the bias along the
+    width axis. convdiff's kernel implements the documented semantics and must flag this layer
+    as a real divergence (not rounding); once Keras is fixed it must match again."""
+    kwargs = dict(filters=4, kernel_size=3, strides=2, padding="same", data_format="channels_first")
+    layer, x = _build(L.Conv2D, kwargs, (3, 9, 8), rng)  # output (2, 4, 5, 4): width == filters
+    check = check_layer(layer, x)
+    conv = keras.ops.convert_to_numpy(
+        keras.ops.conv(x, layer.kernel, 2, "same", data_format="channels_first")
+    )
+    bias = keras.ops.convert_to_numpy(layer.bias)
+    if np.array_equal(check.keras_output, conv + bias):  # the bias went along the last axis
+        assert not within_bound(check.comparison), check.comparison
+    else:
+        assert within_bound(check.comparison), check.comparison

@@ -73,9 +73,7 @@ def _pads(
     return pads
 
 
-def _patches(
-    x: np.ndarray, kernel: tuple[int, ...], strides, dilation, pads
-) -> np.ndarray:
+def _patches(x: np.ndarray, kernel: tuple[int, ...], strides, dilation, pads) -> np.ndarray:
     """Windows of channels_last ``x`` (N, *spatial, C) as (*kernel, C, N, *out_spatial).
 
     Tap ``(i, j)`` of output ``(p, q)`` reads input ``(p*s + i*d, q*s + j*d)`` of the padded
@@ -89,18 +87,22 @@ def _patches(
     win = sliding_window_view(x, extents, axis=tuple(range(1, rank + 1)))
     # win: (N, *positions, C, *extents); keep every stride-th position and dilation-th tap.
     index = (
-        (slice(None),)
-        + tuple(slice(None, None, s) for s in strides)
-        + (slice(None),)
-        + tuple(slice(None, None, d) for d in dilation)
+        slice(None),
+        *(slice(None, None, s) for s in strides),
+        slice(None),
+        *(slice(None, None, d) for d in dilation),
     )
     win = win[index]
     order = [rank + 2 + i for i in range(rank)] + [rank + 1, 0] + [1 + i for i in range(rank)]
     return win.transpose(order)
 
 
-def _conv(spec: LayerSpec, x, nx, rank: int, kernel, groups: int = 1):
-    """Grouped correlation of channels_last ``x`` with ``kernel`` (*k, C/groups, F); no bias."""
+def _conv(spec: LayerSpec, x, nx, rank: int, kernel, groups: int = 1, flip_taps: bool = False):
+    """Grouped correlation of channels_last ``x`` with ``kernel`` (*k, C/groups, F); no bias.
+
+    With ``flip_taps`` it is a convolution instead: tap ``i`` of the kernel meets input
+    ``p*s + (k-1-i)*d``, and the taps are still added in the kernel's own index order.
+    """
     strides, dilation, padding = _geometry(spec, rank)
     ksize = tuple(kernel.shape[:rank])
     spatial = tuple(nx.value(x).shape[1:-1])
@@ -110,6 +112,8 @@ def _conv(spec: LayerSpec, x, nx, rank: int, kernel, groups: int = 1):
 
     def grouped_patches(v: np.ndarray) -> np.ndarray:
         p = _patches(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
+        if flip_taps:
+            p = np.flip(p, axis=tuple(range(rank)))
         p = p.reshape((*ksize, groups, cin_g, *p.shape[rank + 1 :]))
         p = np.moveaxis(p, rank, -1)  # (*k, cin_g, N, *out, G)
         return p[..., None]  # (*k, cin_g, N, *out, G, 1)
@@ -177,6 +181,8 @@ def _depthwise(spec: LayerSpec, x, nx, rank: int, kernel):
 
 def _make_depthwise(rank: int):
     def depthwise(spec: LayerSpec, inputs, nx):
+        """Each channel correlated with its own filters (taps in kernel index order, one fused
+        multiply-add each from zero), then bias and activation."""
         kernel = spec.weight("kernel")
         if kernel is None:
             kernel = spec.weight("depthwise_kernel")
@@ -196,7 +202,8 @@ depthwise_conv2d = register("DepthwiseConv2D")(_make_depthwise(2))
 
 def _make_separable(rank: int):
     def separable(spec: LayerSpec, inputs, nx):
-        """Depthwise correlation (rounded), then a 1x1 pointwise convolution, bias, activation."""
+        """Depthwise correlation (rounded, as TF's separable_conv2d rounds it), then a 1x1
+        pointwise convolution over the channels in index order, bias, activation."""
         depth_k = spec.weight("depthwise_kernel")
         point_k = spec.weight("pointwise_kernel")
         point_spec = LayerSpec(spec.name, spec.class_name, {"strides": 1, "padding": "valid"})
@@ -242,35 +249,41 @@ def _transpose_geometry(spec: LayerSpec, rank: int, spatial, ksize):
 
 def _dilate(x: np.ndarray, strides, pads) -> np.ndarray:
     """Insert ``s-1`` zeros between input pixels and pad (negative pads crop)."""
-    rank = len(strides)
     shape = [x.shape[0]]
     shape += [(n - 1) * s + 1 for n, s in zip(x.shape[1:-1], strides, strict=True)]
     out = np.zeros((*shape, x.shape[-1]), x.dtype)
     out[(slice(None), *(slice(None, None, s) for s in strides), slice(None))] = x
-    crop = tuple(slice(max(-lo, 0), n - max(-hi, 0)) for (lo, hi), n in zip(pads, shape[1:], strict=True))
+    crop = tuple(
+        slice(max(-lo, 0), n - max(-hi, 0)) for (lo, hi), n in zip(pads, shape[1:], strict=True)
+    )
     out = out[(slice(None), *crop, slice(None))]
     pos = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
-    return np.pad(out, [(0, 0), *pos, (0, 0)]) if rank else out
+    return np.pad(out, [(0, 0), *pos, (0, 0)])
 
 
 def _make_transpose(rank: int):
     def conv_transpose(spec: LayerSpec, inputs, nx):
-        """Conv{rank}DTranspose: correlation of the stride-dilated input with the spatially
-        flipped kernel (channels swapped), then bias and activation."""
-        kernel = spec.weight("kernel")  # (*k, filters, C)
+        """Convolution (not correlation) of the stride-dilated input with the kernel, its
+        channel axes swapped; then bias and activation.
+
+        Reduction order: kernel taps in the stored kernel's index order (rows, columns), input
+        channels innermost, each a fused multiply-add from zero. That is TensorFlow's CPU
+        order (Conv2DBackpropInput, oneDNN on) for strided 'valid' layers without
+        output_padding, measured bit for bit; for stride 1, 'same' or output_padding TF picks
+        other algorithms (some add per-tap channel sums), so expect rounding differences there.
+        """
+        kernel = spec.weight("kernel").swapaxes(-1, -2)  # stored (*k, filters, C)
         ksize = tuple(kernel.shape[:rank])
-        flipped = np.flip(kernel, axis=tuple(range(rank))).swapaxes(-1, -2)
-        inner = LayerSpec(
-            spec.name,
-            spec.class_name,
-            {"strides": 1, "padding": "valid", "dilation_rate": spec.config.get("dilation_rate", 1)},
-        )
+        dilation = spec.config.get("dilation_rate", 1)
+        geometry = {"strides": 1, "padding": "valid", "dilation_rate": dilation}
+        inner = LayerSpec(spec.name, spec.class_name, geometry)
 
         def body(x):
             spatial = tuple(nx.value(x).shape[1:-1])
             strides, _, pads, _ = _transpose_geometry(spec, rank, spatial, ksize)
             x = nx.move(lambda v: _dilate(v, strides, pads), x)
-            return _bias_activation(spec, _conv(inner, x, nx, rank, flipped), nx)
+            y = _conv(inner, x, nx, rank, kernel, flip_taps=True)
+            return _bias_activation(spec, y, nx)
 
         return _layout(spec, inputs[0], nx, body)
 

@@ -83,6 +83,13 @@ def _axes(value: Any, ndim: int) -> list[int]:
     return sorted(a % ndim for a in axes)
 
 
+def _single_axis(value: Any, ndim: int) -> int:
+    axes = _axes(value, ndim)
+    if len(axes) != 1:
+        raise Unsupported(f"axis={value!r} (this layer normalizes along one axis)")
+    return axes[0]
+
+
 def _param(nx, spec: LayerSpec, name: str, shape: Sequence[int]):
     """Weight ``name`` reshaped to broadcast against the input, or None when absent."""
     w = spec.weight(name)
@@ -126,7 +133,7 @@ def batch_normalization(spec: LayerSpec, inputs: list, nx) -> Any:
     """BatchNormalization at inference: elementwise on the moving statistics (no reduction)."""
     x = inputs[0]
     ndim = nx.value(x).ndim
-    (axis,) = _axes(spec.config.get("axis", -1), ndim)
+    axis = _single_axis(spec.config.get("axis", -1), ndim)
     shape = [1] * ndim
     shape[axis] = nx.value(x).shape[axis]
     wide = widen(nx)
@@ -171,7 +178,7 @@ def group_normalization(spec: LayerSpec, inputs: list, nx) -> Any:
     x = inputs[0]
     cfg = spec.config
     shape = tuple(nx.value(x).shape)
-    (axis,) = _axes(cfg.get("axis", -1), len(shape))
+    axis = _single_axis(cfg.get("axis", -1), len(shape))
     if axis == 0:
         raise Unsupported("axis=0 (the batch axis)")
     channels = shape[axis]

@@ -1,0 +1,268 @@
+"""The command line: exit statuses, exact one-line errors, JSON, on real saved models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from convdiff.cli import cli
+
+
+def run(*args: str):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def assert_error(result, *fragments: str) -> None:
+    """Exit 2, exactly one line on stderr starting 'Error: ', no traceback, nothing on stdout."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# --------------------------------------------------------------------------- success and failure
+
+
+def test_example_exit_0_and_table(examples):
+    result = run(examples / "one_layer.h5", examples / "one_layer_input.npy")
+    assert result.exit_code == 0, result.output
+    assert "conv2d" in result.stdout and "Conv2D" in result.stdout and "1x64x64x32" in result.stdout
+    assert "No layer diverged" in result.stdout and "PASS" in result.stdout
+
+
+def test_json_stdout_has_required_fields(examples):
+    result = run(examples / "deep8.keras", examples / "deep8_input.npy", "--json", "-")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    for key in ("passed", "first_divergent", "settings", "environment", "layers"):
+        assert key in report
+    assert report["passed"] is True and report["first_divergent"] is None
+    assert report["settings"]["order"] == "sequential" and report["settings"]["fma"] is True
+    assert {"tensorflow", "keras", "numpy", "onednn"} <= set(report["environment"])
+    layer = report["layers"][0]
+    for key in ("index", "name", "class", "output_shape", "dtype", "status", "reason", "max_ulp",
+                "mean_ulp", "p99_ulp", "max_abs", "max_rel", "mismatch_fraction", "bound_ratio",
+                "over_budget", "worst"):
+        assert key in layer
+    assert [entry["name"] for entry in report["layers"]] == [f"conv{i}" for i in range(8)]
+
+
+def test_json_file_and_table(examples, tmp_path):
+    out = tmp_path / "report.json"
+    result = run(examples / "one_layer.keras", examples / "one_layer_input.npy", "--json", out)
+    assert result.exit_code == 0 and "conv2d" in result.stdout
+    assert json.loads(out.read_text())["layers"][0]["class"] == "Conv2D"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left
+
+
+def test_over_budget_exits_1(examples):
+    # Without FMA the products are rounded before the add: ~26% of outputs differ by a few ULP.
+    args = [examples / "one_layer.h5", examples / "one_layer_input.npy", "--no-fma", "--json", "-"]
+    report = json.loads(run(*args).stdout)
+    assert report["layers"][0]["status"] == "rounding" and report["layers"][0]["max_ulp"] > 0
+    result = run(*args, "--max-ulp", "0")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["passed"] is False and data["over_budget"] == ["conv2d"]
+    assert data["layers"][0]["over_budget"] is True and data["first_divergent"] is None
+    roomy = run(*args, "--max-ulp", str(report["layers"][0]["max_ulp"]))
+    assert roomy.exit_code == 0
+
+
+def test_propagated_mode_and_orders(examples):
+    for order in ("pairwise", "kahan", "blocked:8", "blas", "float64", "exact", "reverse"):
+        result = run(examples / "deep8.keras", examples / "deep8_input.npy", "--mode", "propagated",
+                     "--order", order, "--json", "-")
+        report = json.loads(result.stdout)
+        assert result.exit_code == 0, (order, report["counts"])
+        assert report["settings"]["mode"] == "propagated"
+
+
+def test_random_input(examples):
+    result = run(examples / "deep8.keras", "--random-input", "--seed", "4", "--json", "-")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["inputs"] == "random"
+
+
+def test_notes_for_cast_and_batch_axis(examples, tmp_path):
+    x = np.load(examples / "one_layer_input.npy")[0].astype(np.float64)  # no batch axis, float64
+    np.save(tmp_path / "x.npy", x)
+    result = run(examples / "one_layer.h5", tmp_path / "x.npy")
+    assert result.exit_code == 0
+    assert "added a batch axis" in result.stderr and "cast from float64 to float32" in result.stderr
+
+
+def test_help_does_not_import_tensorflow():
+    code = "import sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# --------------------------------------------------------------------------- errors: exit 2
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    import keras
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.h5").write_bytes(b"")
+    (d / "text.h5").write_text("not a model")
+    (d / "notzip.keras").write_bytes(b"PK\x03\x04garbage")
+    with zipfile.ZipFile(d / "nocfg.keras", "w") as z:
+        z.writestr("other.txt", "x")
+    good = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    good.save(d / "good.h5")
+    good.save_weights(d / "weights.weights.h5")
+    (d / "weights_only.h5").write_bytes((d / "weights.weights.h5").read_bytes())
+    data = (d / "good.h5").read_bytes()
+    (d / "truncated.h5").write_bytes(data[: len(data) // 3])
+    lam = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2)])
+    lam.save(d / "lambda.keras")
+    lam.save(d / "lambda.h5")
+    np.save(d / "x.npy", np.zeros((1, 4), np.float32))
+    raw = (d / "x.npy").read_bytes()
+    (d / "truncated.npy").write_bytes(raw[:-7])
+    np.save(d / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(d / "strings.npy", np.array([["a", "b", "c", "d"]]))
+    np.save(d / "wrong_shape.npy", np.zeros((1, 5), np.float32))
+    np.save(d / "wrong_rank.npy", np.zeros((1, 2, 4), np.float32))
+    np.savez(d / "extra.npz", x=np.zeros((1, 4), np.float32), y=np.zeros((1, 4), np.float32))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("model", "inp", "fragments"),
+    [
+        ("missing.h5", "x.npy", ["does not exist"]),
+        (".", "x.npy", ["is a directory"]),
+        ("empty.h5", "x.npy", ["is empty"]),
+        ("text.h5", "x.npy", ["neither a .keras archive", "nor an HDF5"]),
+        ("notzip.keras", "x.npy", ["not a readable .keras archive"]),
+        ("nocfg.keras", "x.npy", ["without config.json"]),
+        ("weights_only.h5", "x.npy", ["weights only"]),
+        ("truncated.h5", "x.npy", ["corrupt or truncated"]),
+        ("lambda.keras", "x.npy", ["Lambda layer", "--unsafe"]),
+        ("lambda.h5", "x.npy", ["Lambda layer", "--unsafe"]),
+        ("good.h5", "missing.npy", ["input file", "does not exist"]),
+        ("good.h5", "truncated.npy", ["not a readable .npy"]),
+        ("good.h5", "objects.npy", ["Python objects", "refused"]),
+        ("good.h5", "strings.npy", ["dtype <U1", "expected a numeric array"]),
+        ("good.h5", "wrong_shape.npy", ["has shape (1, 5)", "the model expects (None, 4)"]),
+        ("good.h5", "wrong_rank.npy", ["has shape (1, 2, 4)", "the model expects (None, 4)"]),
+        ("good.h5", "extra.npz", ["unexpected ['x', 'y']"]),
+    ],
+)
+def test_bad_input_is_one_error_line(bad_files, model, inp, fragments):
+    model_path = bad_files / model if model != "." else bad_files
+    assert_error(run(model_path, bad_files / inp), *fragments)
+
+
+def test_lambda_runs_with_unsafe(bad_files):
+    result = run(bad_files / "lambda.keras", bad_files / "x.npy", "--unsafe", "--json", "-")
+    report = json.loads(result.stdout)
+    assert report["layers"][0]["status"] == "skipped"
+    assert "no NumPy kernel for Lambda" in report["layers"][0]["reason"]
+    assert result.exit_code == 0
+
+
+def test_usage_errors(bad_files, tmp_path):
+    good, x = bad_files / "good.h5", bad_files / "x.npy"
+    assert_error(run(good), "INPUT file or --random-input")
+    assert_error(run(good, x, "--random-input"), "not both")
+    assert_error(run(good, x, "--order", "zigzag"), "unknown order 'zigzag'", "valid choices")
+    assert_error(run(good, x, "--order", "blocked:0"), "positive block size")
+    assert_error(run(good, x, "--accumulate", "int8"), "unknown accumulator dtype")
+    assert_error(run(good, x, "--mode", "sideways"), "Invalid value for '--mode'")
+    assert_error(run(good, x, "--json", tmp_path / "no" / "dir.json"), "does not exist")
+    assert_error(run(good, x, "--json", tmp_path), "is a directory")
+
+
+def test_missing_custom_object_names_class(tmp_path):
+    layer_file = tmp_path / "my_layers.py"
+    layer_file.write_text(textwrap.dedent(
+        """
+        import keras
+
+        @keras.saving.register_keras_serializable(package="demo")
+        class Doubler(keras.layers.Layer):
+            def call(self, x):
+                return x * 2
+        """
+    ))
+    script = textwrap.dedent(
+        f"""
+        import os, sys, runpy
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import keras, numpy as np
+        ns = runpy.run_path({str(layer_file)!r})
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), ns["Doubler"]()])
+        m.save({str(tmp_path / "custom.keras")!r})
+        np.save({str(tmp_path / "x.npy")!r}, np.ones((1, 4), np.float32))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert_error(run(tmp_path / "custom.keras", tmp_path / "x.npy"),
+                 "custom class 'demo>Doubler'", "--custom-objects")
+    result = run(tmp_path / "custom.keras", tmp_path / "x.npy", "--custom-objects", layer_file,
+                 "--json", "-")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    assert [entry["status"] for entry in layers][1] == "skipped"
+    assert "no NumPy kernel for Doubler" in layers[1]["reason"]
+    assert layers[0]["status"] in ("identical", "rounding")
+
+
+def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
+    """A kernel with the wrong maths (x*3 for a layer computing x*2) is divergent: exit 1."""
+    from convdiff import kernels
+
+    layer_file = tmp_path / "scale_layers.py"
+    layer_file.write_text(textwrap.dedent(
+        """
+        import keras
+
+        @keras.saving.register_keras_serializable(package="demo")
+        class Twice(keras.layers.Layer):
+            def call(self, x):
+                return x * 2
+        """
+    ))
+    script = textwrap.dedent(
+        f"""
+        import os, runpy
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import keras, numpy as np
+        ns = runpy.run_path({str(layer_file)!r})
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"), ns["Twice"](name="twice"),
+                              keras.layers.Dense(2, name="after")])
+        m.save({str(tmp_path / "m.keras")!r})
+        np.save({str(tmp_path / "x.npy")!r}, np.ones((1, 4), np.float32))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    key = "convdiff_custom_scale_layers.Twice"
+    args = [tmp_path / "m.keras", tmp_path / "x.npy", "--custom-objects", layer_file]
+    kernels.registry()
+    monkeypatch.setitem(kernels.REGISTRY, key, lambda spec, inputs, nx: nx.mul(inputs[0], 3.0))
+    result = run(*args)
+    assert result.exit_code == 1
+    assert "First divergent layer: twice (Twice)" in result.stdout and "FAIL" in result.stdout
+    data = json.loads(run(*args, "--json", "-").stdout)
+    assert data["first_divergent"] == "twice" and data["passed"] is False
+    assert [entry["status"] for entry in data["layers"]][2] in ("identical", "rounding")
+    monkeypatch.setitem(kernels.REGISTRY, key, lambda spec, inputs, nx: nx.mul(inputs[0], 2.0))
+    assert run(*args).exit_code == 0
