@@ -9,7 +9,7 @@ import numpy as np
 
 from convdiff.kernels import Kernel, LayerSpec
 from convdiff.numerics import Bounded, Rounded
-from convdiff.orders import ACCUMULATOR_DTYPES, Order
+from convdiff.orders import Order, accumulator_dtype
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,14 @@ def run_kernel(
             inputs' uncertainty.
     """
     order = order or Order()
+    # Keras casts floating inputs to the layer's compute dtype before ``call`` (mixed precision).
+    inputs = [_autocast(x, spec.dtype) for x in inputs]
+    refs = inputs if reference_inputs is None else [_autocast(x, spec.dtype) for x in reference_inputs]
     rounded = Rounded(spec.dtype, order)
-    numpy_out = kernel(spec, [np.asarray(x) for x in inputs], rounded)
-    accumulators = (spec.dtype, ACCUMULATOR_DTYPES.get(order.accumulate or "", spec.dtype))
-    bounded = Bounded(spec.dtype, accumulators)
-    refs = inputs if reference_inputs is None else reference_inputs
+    numpy_out = kernel(spec, inputs, rounded)
+    # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer
+    # dtype's gamma_n covers both.
+    bounded = Bounded(spec.dtype, (spec.dtype, accumulator_dtype(order, spec.dtype)))
     tracked = [
         bounded.track(r, np.abs(np.asarray(x, np.float64) - np.asarray(r, np.float64)))
         for x, r in zip(inputs, refs, strict=True)
@@ -61,3 +64,8 @@ def run_kernel(
     with np.errstate(all="ignore"):
         ref = kernel(spec, tracked, bounded)
     return KernelRun(np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err))
+
+
+def _autocast(x: np.ndarray, dtype: str) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(dtype) if x.dtype.kind == "f" and x.dtype != np.dtype(dtype) else x

@@ -231,19 +231,34 @@ def load_custom_objects(path: str | None) -> dict[str, Any]:
 def load_model(path: str | os.PathLike, unsafe: bool = False, custom_objects: dict | None = None):
     """Load a .keras or .h5 (Keras 3 or Keras 2) model in Keras safe mode.
 
+    An .h5 file written by Keras 2 (tf-keras) is loaded from an in-memory copy whose
+    configuration :mod:`convdiff.compat` brought to Keras 3; the file itself is never written.
+
     Raises:
-        ModelLoadError: missing, empty, corrupt, weights-only, unsafe or incomplete files.
+        ModelLoadError: missing, empty, corrupt, weights-only, unsafe or incomplete files, and
+            Keras 2 files that Keras 3 cannot load faithfully.
     """
     path = Path(path)
     custom_objects = custom_objects or {}
     config = read_model_config(path)
     check_model_config(config, path, unsafe, custom_objects)
     import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from convdiff import compat
 
     try:
-        return keras.saving.load_model(
-            path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
-        )
+        if compat.keras2_version(path) is None:
+            return keras.saving.load_model(
+                path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
+            )
+        with compat.upgraded_h5(path) as h5_file:
+            # the loader keras.saving.load_model uses for .h5 paths; it also takes an open file
+            return legacy_h5_format.load_model_from_hdf5(
+                h5_file, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
+            )
+    except ModelLoadError:
+        raise
     except Exception as exc:  # Keras raises many types for a file it cannot rebuild
         raise ModelLoadError(f"Keras could not load {str(path)!r}: {_one_line(exc)}") from None
 

@@ -46,8 +46,14 @@ def _finfo(dtype: Any):
 
 
 def underflow_unit(dtype: Any) -> float:
-    """Largest absolute rounding error in the subnormal range: half the smallest subnormal."""
-    return float(_finfo(dtype).smallest_subnormal) / 2
+    """Largest absolute error of one rounded operation near zero.
+
+    IEEE gradual underflow would need only half the smallest subnormal, but TensorFlow's CPU
+    kernels run with flush-to-zero and denormals-are-zero (measured: ``tf.exp(-88.)`` is 0,
+    ``1e-40 * 1.0`` is 0), so a result or operand below the smallest normal number can become
+    0: the absolute error of one step is then up to the smallest normal number.
+    """
+    return float(_finfo(dtype).smallest_normal)
 
 
 @dataclass
@@ -187,6 +193,10 @@ class Bounded:
         self.eta_sum = 2 * underflow_unit(self.dtype)
         self.acc_units = [unit_roundoff(d) for d in accumulators]
         self.acc_eta = sum(underflow_unit(d) for d in accumulators)
+        # A side accumulating in another dtype rounds its sum to the layer's dtype once more.
+        self.final_units = sum(
+            unit_roundoff(self.dtype) for d in accumulators if np.dtype(d) != self.dtype
+        )
 
     @staticmethod
     def track(x: Any, err: Any = 0.0) -> Tracked:
@@ -235,7 +245,7 @@ class Bounded:
             # evaluation's own error, plus k underflows.
             gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
             err = prop + gamma * mag + k * self.acc_eta
-            # A narrower accumulator than the layer dtype is rounded to the layer dtype once.
+            err = err + self.final_units * (np.abs(value) + err) + self.eta_sum
         return Tracked(np.asarray(value), np.asarray(err))
 
     def sum(self, x, axis, keepdims=False) -> Tracked:
@@ -375,6 +385,12 @@ FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "sigmoid": _sigmoid,
     "softplus": _softplus,
     "erf": _erf,
+    "erfc": np.vectorize(math.erfc, otypes=[np.float64]),  # decreasing
+    # tf.pow(x, 3) and tf.pow(x, 2) are Eigen's generic pow, not a product: up to 1 ULP off the
+    # correctly rounded power (measured). The square is even and convex: the spread of its
+    # values at the two ends of an interval still bounds it on the whole interval.
+    "cube": lambda x: x * x * x,
+    "square": np.square,
     "sqrt": np.sqrt,
     "rsqrt": lambda x: 1.0 / np.sqrt(x),
 }

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -107,36 +108,40 @@ def parse_order(
 def _round_fma(acc: np.ndarray, a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``round(acc + a*b)`` to ``dtype`` with a single rounding, as a hardware FMA does.
 
-    The product of two float32 (or narrower) numbers is exact in float64 (48 <= 53 bits), so the
-    only trouble is the float64 addition followed by the cast to ``dtype``: rounding twice can
-    land on a ``dtype`` midpoint the exact sum is not on. That happens only when the float64 sum
-    is exactly such a midpoint; there we recover the addition's error (TwoSum) and nudge the sum
-    one float64 step towards it, which is round-to-odd on those elements and makes the final cast
-    correctly rounded.
+    The product of two float32 (or narrower) numbers is exact in float64 (48 <= 53 bits), so for
+    a float64 accumulator one float64 addition is the fused result. For narrower accumulators
+    the float64 sum is rounded a second time by the cast to ``dtype``, which can go wrong only
+    when the float64 sum lies exactly on a ``dtype`` midpoint (or in ``dtype``'s subnormal
+    range, where fewer bits are kept). There we recover the addition's error (TwoSum) and round
+    the float64 sum to odd: an inexact sum with an even last bit moves one float64 step towards
+    the exact value. Rounding to odd in a format at least two bits wider than ``dtype`` makes
+    the final cast correctly rounded.
     """
-    acc64 = acc.astype(np.float64)
     prod = np.multiply(a, b, dtype=np.float64)
-    total = acc64 + prod
+    total = acc.astype(np.float64) + prod
+    if dtype == np.float64:
+        return total
     suspect = _at_midpoint(total, dtype)
     if suspect.any():
-        acc_b, prod_b, tot = np.broadcast_arrays(acc64, prod, total)
+        acc64, prod, total = (np.array(v, dtype=np.float64) for v in np.broadcast_arrays(
+            acc.astype(np.float64), prod, total))
         idx = np.nonzero(suspect)
-        s, x, y = tot[idx], acc_b[idx], prod_b[idx]
+        s, x, y = total[idx], acc64[idx], prod[idx]
         yy = s - x
         err = (x - (s - yy)) + (y - yy)  # TwoSum: x + y == s + err exactly
-        total = np.array(total, copy=True)
-        total[idx] = np.where(err == 0, s, np.nextafter(s, np.copysign(np.inf, err)))
+        even = (s.view(np.uint64) & np.uint64(1)) == 0
+        total[idx] = np.where((err != 0) & even, np.nextafter(s, np.copysign(np.inf, err)), s)
     return total.astype(dtype)
 
 
 def _at_midpoint(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Elements of float64 ``x`` that a cast to ``dtype`` might double-round.
 
-    A float64 with 52 stored bits lies on a midpoint of a ``m``-bit format when its low
-    ``52 - m`` bits are ``1000...0``. Values below the format's smallest normal number have
-    fewer bits; we flag them all (they are rare and the exact fix is cheap).
+    A float64 with 52 stored bits lies on a midpoint of a format with ``m`` stored bits when its
+    low ``52 - m`` bits are ``1000...0``. Values below the format's smallest normal number keep
+    fewer bits; they are all flagged (they are rare, and round-to-odd is right for them too).
     """
-    finfo = ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
+    finfo = _finfo(dtype)
     shift = 52 - int(finfo.nmant)
     bits = np.ascontiguousarray(x).view(np.uint64)
     low = bits & np.uint64((1 << shift) - 1)
@@ -144,14 +149,18 @@ def _at_midpoint(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return mid | (np.abs(x) < float(finfo.smallest_normal))
 
 
+def _finfo(dtype: np.dtype):
+    return ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
+
+
 def _step(acc: np.ndarray, a: np.ndarray, b: np.ndarray | None, fma: bool, dtype: np.dtype):
-    """One accumulation step ``acc + a*b`` in ``dtype``."""
+    """One accumulation step ``acc + a*b`` in ``dtype``: fused, or the exact product rounded
+    to ``dtype`` and then the sum rounded to ``dtype``."""
     if b is None:
         return (acc + a.astype(dtype)).astype(dtype)
     if fma:
         return _round_fma(acc, a, b, dtype)
-    prod = (a.astype(dtype) * b.astype(dtype)).astype(dtype)
-    return (acc + prod).astype(dtype)
+    return (acc + _term(a, b, dtype)).astype(dtype)
 
 
 def _term(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
@@ -282,26 +291,51 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
         lo = (res - slack).astype(dtype)
         hi = (res + slack).astype(dtype)
         out = res.astype(dtype)
-    unsure = (lo != hi) & np.isfinite(res)
-    for idx in zip(*np.nonzero(unsure), strict=True):
-        out[idx] = _round_rational(sum(Fraction(float(v)) for v in terms[(slice(None), *idx)]), dtype)
-    return out
+    out = np.atleast_1d(out)
+    unsure = np.atleast_1d((lo != hi) & np.isfinite(res))
+    flat_terms = terms.reshape(n, -1)
+    for i in np.flatnonzero(unsure):
+        out.flat[i] = _round_rational(sum(Fraction(float(v)) for v in flat_terms[:, i]), dtype)
+    return out.reshape(res.shape)
 
 
-def _round_rational(value: Fraction, dtype: np.dtype):
+def _round_rational(value: Fraction, dtype: np.dtype) -> np.ndarray:
     """Round an exact rational to ``dtype``, ties to even."""
     approx = np.array(float(value)).astype(dtype)
-    best = None
-    for cand in (np.nextafter(approx, -np.inf), approx, np.nextafter(approx, np.inf)):
+    best_key, best = None, approx
+    for cand in (_adjacent(approx, dtype, -1), approx, _adjacent(approx, dtype, 1)):
         if not math.isfinite(float(cand)):
             continue
-        dist = abs(Fraction(float(cand)) - value)
-        even = (np.array(cand, dtype=dtype).view(np.uint16 if dtype.itemsize == 2 else (
-            np.uint32 if dtype.itemsize == 4 else np.uint64)) & 1) == 0
-        key = (dist, not even)
-        if best is None or key < best[0]:
-            best = (key, cand)
-    return best[1] if best else approx
+        odd = int(np.array(cand, dtype=dtype).view(_UINT[dtype.itemsize])) & 1
+        key = (abs(Fraction(float(cand)) - value), odd)
+        if best_key is None or key < best_key:
+            best_key, best = key, cand
+    return best
+
+
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _adjacent(x: np.ndarray, dtype: np.dtype, step: int) -> np.ndarray:
+    """The neighbour of ``x`` in ``dtype`` (``step`` = +1 up, -1 down), via its bit pattern, so
+    that it works for bfloat16 too (np.nextafter would promote it to float32)."""
+    width = dtype.itemsize * 8
+    bits = int(np.array(x, dtype=dtype).view(_UINT[dtype.itemsize]))
+    sign = 1 << (width - 1)
+    ordinal = -(bits & (sign - 1)) if bits & sign else bits  # monotonic in the value
+    ordinal += step
+    bits = (sign | -ordinal) if ordinal < 0 else ordinal
+    return np.array(bits, dtype=_UINT[dtype.itemsize]).view(dtype)
+
+
+def accumulator_dtype(order: Order, dtype: Any) -> np.dtype:
+    """The order's accumulator, or by default the layer's dtype — float32 for float16 and
+    bfloat16 layers, which TensorFlow's matmul and convolution kernels accumulate in float32
+    and round once (measured: bit-exact for float16, mixed_float16 and mixed_bfloat16 Dense)."""
+    if order.accumulate:
+        return ACCUMULATOR_DTYPES[order.accumulate]
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
 Reducer = Callable[[np.ndarray, np.ndarray | None, np.dtype, tuple[int, ...]], np.ndarray]
@@ -312,7 +346,7 @@ def reduce_terms(
 ) -> np.ndarray:
     """``sum_k a[k] * b[k]`` over axis 0 in ``order``, accumulated in ``dtype`` (or the order's
     accumulator dtype, the result then rounded to ``dtype``)."""
-    acc_dtype = ACCUMULATOR_DTYPES[order.accumulate] if order.accumulate else np.dtype(dtype)
+    acc_dtype = accumulator_dtype(order, dtype)
     shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
     fma = order.fma and b is not None
     if a.shape[0] == 0:
@@ -329,8 +363,8 @@ def reduce_terms(
         out = _blocked(a, b, fma, acc_dtype, shape, order.block)
     elif order.name == "blas":
         out = _blas(a, b, acc_dtype, shape)
-    elif order.name == "float64":
-        out = _float64(a, b, acc_dtype, shape)
-    else:
-        out = exact_sum(a, b, acc_dtype)
+    elif order.name == "float64":  # its accumulator is float64 by definition: one rounding
+        out = _float64(a, b, np.dtype(dtype), shape)
+    else:  # correctly rounded to the output dtype, whatever the accumulator
+        out = exact_sum(a, b, np.dtype(dtype))
     return np.asarray(out).reshape(shape).astype(dtype)

@@ -6,6 +6,7 @@ channels_first, bias, activation), every summation order, and checks that a wron
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from support import assert_matches_keras, check_layer
 
 from convdiff.evaluate import run_kernel
 from convdiff.graph import layer_spec
-from convdiff.kernels import find_kernel
+from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import compare, within_bound
+from convdiff.numerics import Rounded
 from convdiff.orders import ORDER_NAMES, Order
 
 L = keras.layers
@@ -63,6 +65,8 @@ CONV_CASES = [
     ),
     (L.Conv2D, dict(filters=4, kernel_size=3, use_bias=False), (9, 8, 3)),
     (L.Conv2D, dict(filters=4, kernel_size=3, use_bias=False, activation="relu"), (9, 8, 3)),
+    (L.Conv2D, dict(filters=4, kernel_size=3, padding="same", dtype="mixed_float16"), (9, 8, 3)),
+    (L.Conv2D, dict(filters=4, kernel_size=3, strides=2, dtype="float16"), (9, 8, 3)),
     # Conv3D
     (L.Conv3D, dict(filters=3, kernel_size=3), (5, 6, 5, 2)),
     (L.Conv3D, dict(filters=3, kernel_size=3, strides=2, padding="same"), (5, 6, 5, 2)),
@@ -98,12 +102,20 @@ DEPTHWISE_CASES = [
 
 SEPARABLE_CASES = [
     (L.SeparableConv1D, dict(filters=4, kernel_size=3), (11, 3)),
-    (L.SeparableConv1D, dict(filters=4, kernel_size=3, depth_multiplier=2, padding="same"), (11, 3)),
+    (
+        L.SeparableConv1D,
+        dict(filters=4, kernel_size=3, depth_multiplier=2, padding="same"),
+        (11, 3),
+    ),
     (L.SeparableConv1D, dict(filters=4, kernel_size=3, strides=2, padding="same"), (11, 3)),
     (L.SeparableConv1D, dict(filters=4, kernel_size=3, dilation_rate=2), (11, 3)),
     (L.SeparableConv1D, dict(filters=4, kernel_size=3, data_format="channels_first"), (3, 11)),
     (L.SeparableConv2D, dict(filters=4, kernel_size=3), (9, 8, 3)),
-    (L.SeparableConv2D, dict(filters=4, kernel_size=3, depth_multiplier=2, padding="same"), (9, 8, 3)),
+    (
+        L.SeparableConv2D,
+        dict(filters=4, kernel_size=3, depth_multiplier=2, padding="same"),
+        (9, 8, 3),
+    ),
     (L.SeparableConv2D, dict(filters=4, kernel_size=3, strides=2, padding="same"), (9, 8, 3)),
     (L.SeparableConv2D, dict(filters=4, kernel_size=(4, 3), strides=2), (9, 8, 3)),
     (L.SeparableConv2D, dict(filters=4, kernel_size=3, dilation_rate=2, padding="same"), (9, 8, 3)),
@@ -113,7 +125,11 @@ SEPARABLE_CASES = [
         (9, 8, 3),
     ),
     (L.SeparableConv2D, dict(filters=4, kernel_size=3, data_format="channels_first"), (3, 9, 8)),
-    (L.SeparableConv2D, dict(filters=4, kernel_size=3, use_bias=False, activation="relu"), (9, 8, 3)),
+    (
+        L.SeparableConv2D,
+        dict(filters=4, kernel_size=3, use_bias=False, activation="relu"),
+        (9, 8, 3),
+    ),
 ]
 
 TRANSPOSE_CASES = [
@@ -134,7 +150,11 @@ TRANSPOSE_CASES = [
     (L.Conv2DTranspose, dict(filters=4, kernel_size=3), (5, 6, 3)),
     (L.Conv2DTranspose, dict(filters=4, kernel_size=3, strides=2), (5, 6, 3)),
     (L.Conv2DTranspose, dict(filters=4, kernel_size=3, strides=2, padding="same"), (5, 6, 3)),
-    (L.Conv2DTranspose, dict(filters=4, kernel_size=(4, 3), strides=(2, 3), padding="same"), (5, 6, 3)),
+    (
+        L.Conv2DTranspose,
+        dict(filters=4, kernel_size=(4, 3), strides=(2, 3), padding="same"),
+        (5, 6, 3),
+    ),
     (L.Conv2DTranspose, dict(filters=4, kernel_size=(4, 3), strides=(3, 2)), (5, 6, 3)),
     (L.Conv2DTranspose, dict(filters=4, kernel_size=2, strides=3, padding="same"), (5, 6, 3)),
     (
@@ -189,13 +209,14 @@ def _build(cls, kwargs, shape, rng: np.random.Generator):
     Skips the case when Keras itself cannot run the configuration on this machine.
     """
     layer = cls(**kwargs)
-    x = rng.standard_normal((2, *shape)).astype("float32")
+    x = rng.standard_normal((2, *shape)).astype(layer.compute_dtype)
     try:
         layer.build((2, *shape))
-        layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.weights])
+        layer.set_weights([rng.standard_normal(w.shape).astype(w.dtype) for w in layer.weights])
         layer(x)
     except Exception as exc:  # TensorFlow rejects some configs on CPU
-        pytest.skip(f"Keras cannot run this config here: {type(exc).__name__}: {exc}"[:300])
+        reason = " ".join(str(exc).split())
+        pytest.skip(f"Keras cannot run this config here: {type(exc).__name__}: {reason}"[:400])
     return layer, x
 
 
@@ -210,16 +231,13 @@ def test_matches_keras(case, rng):
 
 def _onednn_with_avx512() -> bool:
     """The environment NUMERICS.md measured bit-exactness in: x86-64, AVX-512, oneDNN on."""
-    import os
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    onednn_off = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false")
-    return "avx512f" in flags.split() and not onednn_off
+    return "avx512f" in flags and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false")
 
 
 def test_seed_model_bit_exact():
@@ -227,20 +245,46 @@ def test_seed_model_bit_exact():
     rng = np.random.default_rng(0)
     layer = L.Conv2D(32, 3, padding="same", activation="relu")
     layer.build((1, 64, 64, 1))
+    # Glorot-uniform-sized weights from the seeded generator (Keras's own init is unseeded).
+    limit = np.sqrt(6 / (9 + 9 * 32))
+    kernel = rng.uniform(-limit, limit, (3, 3, 1, 32)).astype("float32")
+    layer.set_weights([kernel, np.zeros(32, "float32")])
     x = rng.standard_normal((1, 64, 64, 1)).astype("float32")
     check = assert_matches_keras(layer, x)
     if _onednn_with_avx512():
         assert check.comparison.max_ulp == 0, check.comparison
 
 
+# Configurations whose default order (sequential FMA over the tap axes) was measured to
+# reproduce TF's CPU output bit for bit (x86-64 AVX-512, oneDNN on): every forward
+# convolution in the table, and the strided 'valid' transposed convolutions.
+EXACT_CASES = [
+    *(case for case in CONV_CASES if "float16" not in str(case[1].get("dtype"))),
+    *DEPTHWISE_CASES,
+    *SEPARABLE_CASES,
+    (L.Conv1DTranspose, dict(filters=4, kernel_size=3, strides=2), (7, 3)),
+    (L.Conv2DTranspose, dict(filters=4, kernel_size=3, strides=2), (5, 6, 3)),
+    (L.Conv2DTranspose, dict(filters=4, kernel_size=(4, 3), strides=(3, 2)), (5, 6, 3)),
+    (L.Conv3DTranspose, dict(filters=3, kernel_size=(2, 3, 2), strides=(1, 2, 3)), (3, 4, 3, 2)),
+]
+
+
+@pytest.mark.skipif(not _onednn_with_avx512(), reason="bit-exactness measured on AVX-512 + oneDNN")
+@pytest.mark.parametrize("case", EXACT_CASES, ids=_case_id)
+def test_bit_exact_on_reference_cpu(case, rng):
+    layer, x = _build(*case, rng)
+    check = assert_matches_keras(layer, x)
+    assert check.comparison.max_ulp == 0, check.comparison
+
+
 def _orders() -> list[Order]:
-    orders = []
-    for name in ORDER_NAMES:
-        block = 4 if name == "blocked" else 0
-        for fma in (True, False) if name in ("sequential", "reverse", "pairwise", "kahan",
-                                              "blocked") else (True,):
-            orders.append(Order(name=name, fma=fma, block=block))
-    return orders
+    """Every order of ORDER_NAMES (blocked:4), with and without FMA where that applies."""
+    fma_orders = ("sequential", "reverse", "pairwise", "kahan", "blocked")
+    return [
+        Order(name=name, fma=fma, block=4 if name == "blocked" else 0)
+        for name in ORDER_NAMES
+        for fma in ((True, False) if name in fma_orders else (True,))
+    ]
 
 
 ORDER_CASES = [
@@ -280,9 +324,8 @@ WRONG_CASES = [
 def test_flipped_kernel_is_caught(case, rng):
     """A kernel flipped in space (convolution instead of correlation) is a semantic difference."""
     layer, x = _build(*case, rng)
-    rank = len(case[2]) - 1
-    name = "kernel"
-    comparison = _wrong_run(layer, x, **{name: lambda w: np.flip(w, axis=tuple(range(rank)))})
+    spatial_axes = tuple(range(len(case[2]) - 1))
+    comparison = _wrong_run(layer, x, kernel=lambda w: np.flip(w, axis=spatial_axes))
     assert not within_bound(comparison), comparison
 
 
@@ -322,3 +365,12 @@ def test_keras_channels_first_bias_quirk(rng):
         assert not within_bound(check.comparison), check.comparison
     else:
         assert within_bound(check.comparison), check.comparison
+
+
+def test_lora_is_unsupported(rng):
+    """A LoRA-enabled convolution uses kernel + A @ B, not the stored kernel."""
+    layer, x = _build(L.Conv2D, dict(filters=4, kernel_size=3), (9, 8, 3), rng)
+    layer.enable_lora(2)
+    kernel = find_kernel(type(layer), vars(keras.layers))
+    with pytest.raises(Unsupported, match="lora"):
+        kernel(layer_spec(layer), [x], Rounded("float32"))

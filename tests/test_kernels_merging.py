@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 from support import assert_matches_keras
@@ -46,6 +47,19 @@ def test_elementwise_merges_are_bit_exact(make, shapes, rng):
     assert check.comparison.max_ulp == 0
 
 
+@pytest.mark.parametrize(
+    ("dtype", "np_dtype"),
+    [("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16), ("mixed_float16", np.float16)],
+)
+@pytest.mark.parametrize("make", [L.Add, L.Multiply, L.Average, L.Maximum])
+def test_reduced_precision_is_bit_exact(make, dtype, np_dtype, rng):
+    """Half-precision ops are computed in float32 by TF and rounded once: still correctly
+    rounded, so still bit-exact."""
+    xs = [x.astype(np_dtype) for x in _inputs(rng, [(8, 16)] * 3)]
+    check = assert_matches_keras(make(dtype=dtype), xs)
+    assert check.comparison.max_ulp == 0
+
+
 CONCATENATE = [
     ("last", -1, [(2, 3, 4), (2, 3, 2), (2, 3, 1)]),
     ("axis1", 1, [(2, 3, 4), (2, 1, 4)]),
@@ -80,6 +94,13 @@ DOT = [
 )
 def test_dot(axes, normalize, shapes, rng):
     assert_matches_keras(L.Dot(axes=axes, normalize=normalize), _inputs(rng, shapes))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dot_reduced_precision(dtype, rng):
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    xs = [x.astype(np_dtype) for x in _inputs(rng, [(4, 3, 6), (4, 5, 6)])]
+    assert_matches_keras(L.Dot(axes=2, normalize=True, dtype=dtype), xs)
 
 
 def test_average_divides_rather_than_multiplying_by_the_reciprocal(rng):

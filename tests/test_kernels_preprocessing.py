@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 from support import assert_matches_keras
@@ -20,7 +21,11 @@ RESCALING = [
     ("imagenet_255", dict(scale=1 / 255.0), (2, 4, 4, 3)),
     ("centre", dict(scale=1 / 127.5, offset=-1.0), (2, 4, 4, 3)),
     ("scale_only_int", dict(scale=3), (2, 5)),
-    ("per_channel", dict(scale=np.array([0.1, 0.2, 0.3]), offset=np.array([1.0, -2.0, 0.5])), (2, 4, 3)),
+    (
+        "per_channel",
+        dict(scale=np.array([0.1, 0.2, 0.3]), offset=np.array([1.0, -2.0, 0.5])),
+        (2, 4, 3),
+    ),
     ("odd_offset", dict(scale=0.7, offset=1e-3), (3, 7)),
 ]
 
@@ -44,7 +49,11 @@ NORMALIZATION_CONFIG = [
     ("scalar", dict(axis=None, mean=2.0, variance=3.0), (3, 5)),
     ("last_axis", dict(axis=-1, mean=[0.5, -1.0, 2.0], variance=[1.0, 4.0, 0.3]), (4, 2, 3)),
     ("axis1", dict(axis=1, mean=[0.1, 0.2], variance=[2.0, 0.5]), (3, 2, 4)),
-    ("two_axes", dict(axis=(1, 2), mean=[[1.0, 2.0], [3, 4]], variance=[[1.0, 2], [3, 4]]), (3, 2, 2)),
+    (
+        "two_axes",
+        dict(axis=(1, 2), mean=[[1.0, 2.0], [3, 4]], variance=[[1.0, 2], [3, 4]]),
+        (3, 2, 2),
+    ),
     ("broadcast_scalar", dict(axis=-1, mean=1.5, variance=2.5), (3, 4)),
     ("invert", dict(axis=-1, mean=[0.5, -1.0], variance=[1.0, 4.0], invert=True), (5, 2)),
     ("zero_variance", dict(axis=-1, mean=[0.5, 1.0], variance=[0.0, 1e-20]), (5, 2)),
@@ -64,7 +73,12 @@ def test_normalization_from_config(kwargs, shape, rng):
 
 @pytest.mark.parametrize(
     ("axis", "invert", "shape"),
-    [(-1, False, (4, 3, 5)), ((1, 2), False, (4, 3, 5)), (1, True, (4, 3, 5)), (None, False, (6, 2))],
+    [
+        (-1, False, (4, 3, 5)),
+        ((1, 2), False, (4, 3, 5)),
+        (1, True, (4, 3, 5)),
+        (None, False, (6, 2)),
+    ],
     ids=["last", "two_axes", "invert_axis1", "global"],
 )
 def test_normalization_adapted(axis, invert, shape, rng):
@@ -74,6 +88,27 @@ def test_normalization_adapted(axis, invert, shape, rng):
     layer.adapt(data)
     x = rng.standard_normal(shape).astype(np.float32)
     check = assert_matches_keras(layer, x)
+    assert check.comparison.max_ulp == 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "np_dtype"),
+    [("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16), ("mixed_float16", np.float16)],
+)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: L.Rescaling(1 / 3.0, offset=0.1, dtype=dtype),
+        lambda dtype: L.Normalization(mean=[0.3, -1.0], variance=[2.0, 0.7], dtype=dtype),
+        lambda dtype: L.Normalization(
+            mean=[0.3, -1.0], variance=[2.0, 0.7], invert=True, dtype=dtype
+        ),
+    ],
+    ids=["rescaling", "normalization", "normalization_invert"],
+)
+def test_reduced_precision_is_bit_exact(make, dtype, np_dtype, rng):
+    x = rng.standard_normal((6, 2)).astype(np_dtype)
+    check = assert_matches_keras(make(dtype), x)
     assert check.comparison.max_ulp == 0
 
 

@@ -8,12 +8,12 @@ import platform
 import keras
 import numpy as np
 import pytest
+from support import assert_matches_keras
 
 from convdiff.evaluate import run_kernel
 from convdiff.graph import layer_spec
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import compare, within_bound
-from support import assert_matches_keras
 
 L = keras.layers
 

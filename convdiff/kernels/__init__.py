@@ -105,3 +105,10 @@ def find_kernel(layer_class: type, public_classes: dict[str, type]) -> Kernel | 
 class Unsupported(Exception):
     """Raised by a kernel for a configuration it does not implement; the layer is skipped
     with this message as its reason (never approximated)."""
+
+
+def supported_layers_markdown() -> str:
+    """The README's list of supported layers, generated from the registry."""
+    names = sorted(registry(), key=lambda k: (k.count("."), k.lower()))
+    lines = [f"- `{name}`" for name in names]
+    return "\n".join(lines) + "\n"

@@ -8,8 +8,14 @@ The reduction runs over the labelled tap axes ``"hwc"`` (kernel rows, kernel col
 channels; ``"dhwc"`` in 3-D, ``"wc"`` in 1-D), outermost first: the default sequential order
 therefore adds taps row by row, column by column, channel by channel, each a fused multiply-add
 from zero, which is the order that reproduces TensorFlow's CPU convolution on the one-layer
-example bit for bit. The accumulator never starts at the bias: Keras adds the bias as its own
-rounded operation.
+example bit for bit (measured with oneDNN on AVX-512 for every forward configuration in
+tests/test_kernels_conv.py: strides, dilation, groups, channels_first, depthwise, separable). The
+accumulator never starts at the bias: Keras adds the bias as its own rounded operation.
+
+Keras 3.15's TensorFlow backend turns ``outputs + reshape(bias, (1, F, 1, ...))`` into
+``tf.nn.bias_add(..., "NHWC")`` whenever the output's last axis also has length F, so a
+channels_first layer whose output width equals its channel count gets the bias along the width.
+These kernels add it along the channel axis, so such a layer is reported as a real divergence.
 """
 
 from __future__ import annotations
@@ -35,6 +41,19 @@ def _geometry(spec: LayerSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, .
     dilation = _tuple(cfg.get("dilation_rate", 1), rank)
     padding = str(cfg.get("padding", "valid")).lower()
     return strides, dilation, padding
+
+
+def _kernel(spec: LayerSpec, *names: str) -> np.ndarray:
+    """The first stored float kernel among ``names``. LoRA-adapted and quantized layers convolve
+    with another kernel than the stored one: they are not implemented."""
+    if spec.config.get("lora_rank"):
+        raise Unsupported(f"lora_rank={spec.config['lora_rank']} (LoRA-adapted kernel)")
+    kernel = next((w for w in map(spec.weight, names) if w is not None), None)
+    scaled = any(name.endswith("_scale") for name in spec.weights)
+    if kernel is None or scaled or kernel.dtype.kind != "f":
+        dtype = None if kernel is None else kernel.dtype
+        raise Unsupported(f"quantized kernel (dtype {dtype}, policy {spec.config.get('dtype')})")
+    return kernel
 
 
 def _channels_first(spec: LayerSpec) -> bool:
@@ -142,7 +161,7 @@ def _layout(spec: LayerSpec, x, nx, body):
 
 def _make_conv(rank: int):
     def conv(spec: LayerSpec, inputs, nx):
-        kernel = spec.weight("kernel")
+        kernel = _kernel(spec, "kernel")
         groups = int(spec.config.get("groups", 1))
 
         def body(x):
@@ -183,9 +202,7 @@ def _make_depthwise(rank: int):
     def depthwise(spec: LayerSpec, inputs, nx):
         """Each channel correlated with its own filters (taps in kernel index order, one fused
         multiply-add each from zero), then bias and activation."""
-        kernel = spec.weight("kernel")
-        if kernel is None:
-            kernel = spec.weight("depthwise_kernel")
+        kernel = _kernel(spec, "kernel", "depthwise_kernel")
 
         def body(x):
             return _bias_activation(spec, _depthwise(spec, x, nx, rank, kernel), nx)
@@ -204,8 +221,8 @@ def _make_separable(rank: int):
     def separable(spec: LayerSpec, inputs, nx):
         """Depthwise correlation (rounded, as TF's separable_conv2d rounds it), then a 1x1
         pointwise convolution over the channels in index order, bias, activation."""
-        depth_k = spec.weight("depthwise_kernel")
-        point_k = spec.weight("pointwise_kernel")
+        depth_k = _kernel(spec, "depthwise_kernel")
+        point_k = _kernel(spec, "pointwise_kernel")
         point_spec = LayerSpec(spec.name, spec.class_name, {"strides": 1, "padding": "valid"})
 
         def body(x):
@@ -272,7 +289,7 @@ def _make_transpose(rank: int):
         output_padding, measured bit for bit; for stride 1, 'same' or output_padding TF picks
         other algorithms (some add per-tap channel sums), so expect rounding differences there.
         """
-        kernel = spec.weight("kernel").swapaxes(-1, -2)  # stored (*k, filters, C)
+        kernel = _kernel(spec, "kernel").swapaxes(-1, -2)  # stored (*k, filters, C)
         ksize = tuple(kernel.shape[:rank])
         dilation = spec.config.get("dilation_rate", 1)
         geometry = {"strides": 1, "padding": "valid", "dilation_rate": dilation}

@@ -30,7 +30,8 @@ def _aligned(inputs: list, nx: Any) -> list:
     def expand(extra: int) -> Callable[[np.ndarray], np.ndarray]:
         return lambda v: v.reshape((v.shape[0], *([1] * extra), *v.shape[1:]))
 
-    return [x if r == top else nx.move(expand(top - r), x) for x, r in zip(inputs, ranks)]
+    pairs = zip(inputs, ranks, strict=True)
+    return [x if r == top else nx.move(expand(top - r), x) for x, r in pairs]
 
 
 def _chain(inputs: list, nx: Any, op: Callable[[Any, Any], Any]) -> Any:
@@ -95,10 +96,7 @@ def concatenate(spec: LayerSpec, inputs: list, nx: Any) -> Any:
 def _dot_axes(axes: Any, ndims: tuple[int, int]) -> tuple[int, int]:
     """``Dot._merge_function``'s axes: an int for both inputs, or one per input; negative
     axes count from each input's own end."""
-    if isinstance(axes, int):
-        pair = [axes, axes]
-    else:
-        pair = [int(a) for a in axes]
+    pair = [axes, axes] if isinstance(axes, int) else [int(a) for a in axes]
     resolved = tuple(a % n if a < 0 else a for a, n in zip(pair, ndims, strict=True))
     if 0 in resolved:
         raise Unsupported(f"Dot over the batch axis (axes={axes!r})")
@@ -110,7 +108,10 @@ def _l2_normalize(x: Any, axis: int, nx: Any) -> Any:
     step rounded; the sum of squares is a reduction over ``axis`` (in the chosen order)."""
     squares = nx.mul(x, x)
     inv_norm = nx.apply("rsqrt", nx.sum(squares, axis=axis, keepdims=True))
-    inv_norm = nx.minimum(inv_norm, nx.const(1.0 / _EPSILON))
+    with np.errstate(over="ignore"):
+        # 1/epsilon = 1e7 is inf in float16, as Keras's cast of the Python float makes it too.
+        cap = nx.const(1.0 / _EPSILON)
+    inv_norm = nx.minimum(inv_norm, cap)
     return nx.mul(x, inv_norm)
 
 

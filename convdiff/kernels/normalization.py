@@ -22,10 +22,15 @@ at a time, each rounded to float32:
 
       y = x * minimum(rsqrt(sum(square(x))), 1 / 1e-12)
 
-Reduction order: the normalized axes, outermost first (a plain sum over them); TensorFlow's Eigen
-reduction uses its own (vectorised, tree-shaped) order. TF's ``Rsqrt`` on this CPU is not
-correctly rounded (measured: up to 2 float32 ULPs from ``1/sqrt`` rounded once), which the
-library-function allowance of the bound covers.
+Reduction order: the normalized axes, outermost first (a plain sum over them). TensorFlow's Eigen
+reduction uses its own vectorised order (8-wide packets and several accumulators), so sums differ
+in the last bits; the bound holds for any order.
+
+TF's ``Rsqrt`` is not correctly rounded (measured on this project's CPU): elements in full 8-wide
+packets get a hardware reciprocal-square-root estimate refined by one Newton step (up to 2 float32
+ULPs off), the remaining ``n % 8`` elements ``1 / sqrt(x)`` rounded twice. The NumPy side rounds
+``1/sqrt`` once; the library-function allowance of the bound covers the difference, which a
+cancellation in ``x * inv + shift`` can magnify to hundreds of ULPs of a small output.
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ from convdiff.numerics import ACCUMULATOR_DTYPES, Bounded, Rounded, unit_roundof
 # ----------------------------------------------------------------------------- compute dtype
 
 
-def widen(nx: Any, dtype: Any = np.float32) -> Any:
+def widen(nx: Any, dtype: Any = np.float32, keras_accumulator: Any = None) -> Any:
     """The arithmetic ``nx`` carried out in ``dtype`` when that is wider than ``nx``'s dtype.
 
     Keras computes means and normalizations of float16/bfloat16 tensors in float32; both sides
     then round every step to float32. An accumulator that was the layer's own dtype widens with
     it; an explicitly different accumulator (``--accumulate``) stays as chosen.
+
+    Args:
+        nx: the layer's arithmetic.
+        dtype: the compute dtype.
+        keras_accumulator: when Keras's own reductions may accumulate in another (narrower)
+            dtype depending on the backend build, that dtype: the bound then covers both.
     """
     target = np.dtype(dtype)
     if nx.dtype.itemsize >= target.itemsize:
@@ -63,7 +74,8 @@ def widen(nx: Any, dtype: Any = np.float32) -> Any:
             d for d in ACCUMULATOR_DTYPES.values() if unit_roundoff(d) == nx.acc_units[-1]
         )
         numpy_side = target if numpy_side == nx.dtype else numpy_side
-        return Bounded(target, (target, numpy_side))
+        keras_side = target if keras_accumulator is None else np.dtype(keras_accumulator)
+        return Bounded(target, (keras_side, numpy_side))
     raise TypeError(f"unknown arithmetic {type(nx).__name__}")
 
 
@@ -206,6 +218,11 @@ def unit_normalization(spec: LayerSpec, inputs: list, nx) -> Any:
     x = inputs[0]
     axes = _axes(spec.config.get("axis", -1), nx.value(x).ndim)
     square_sum = nx.sum(nx.mul(x, x), axes, keepdims=True)
-    # ops.normalize: minimum(inv_norm, 1.0 / epsilon) with epsilon = 1e-12.
-    inv_norm = nx.minimum(nx.apply("rsqrt", square_sum), nx.const(1.0 / 1e-12))
-    return nx.mul(x, inv_norm)
+    # ops.normalize: minimum(rsqrt(square_sum), 1.0 / epsilon) with epsilon = 1e-12 (inf in
+    # float16, as in Keras). Taking the cap outright where square_sum <= 1e-25 (there rsqrt is
+    # above 3e12, so minimum picks the cap anyway) gives the same values and keeps the bound
+    # finite for all-zero vectors, whose rsqrt(0) = inf would otherwise reach 0 * inf.
+    with np.errstate(over="ignore"):
+        cap = nx.const(1.0 / 1e-12)
+    inv_norm = nx.where(square_sum, 1e-25, cap, nx.apply("rsqrt", square_sum))
+    return nx.mul(x, nx.minimum(inv_norm, cap))

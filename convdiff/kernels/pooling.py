@@ -11,6 +11,7 @@ the kernels do the same (the moves are exact).
   are not counted (they are added here as exact zeros). Measured on this project's CPU: the
   sequential order reproduces TF's 2-D average pooling bit for bit in float32 and float16 (a
   float16 layer accumulates in float16); a multiplication by the reciprocal of the count does not.
+  bfloat16 is the exception: TF's default oneDNN path sums and divides in float32.
 - ``GlobalAveragePooling*D`` is ``ops.mean``: TF's ``reduce_mean`` computes in at least float32
   (Keras upcasts float16/bfloat16 inputs), sums the spatial axes (Eigen's order, not sequential)
   and divides by the element count, then Keras casts back to the layer's dtype.
@@ -32,7 +33,8 @@ _TAPS = {1: "w", 2: "hw", 3: "dhw"}
 
 
 def _size_tuple(value: Any, rank: int, name: str) -> tuple[int, ...]:
-    sizes = tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),) * rank
+    values = value if isinstance(value, list | tuple) else [value] * rank
+    sizes = tuple(int(v) for v in values)
     if len(sizes) != rank or min(sizes) < 1:
         raise Unsupported(f"{name}={value!r}")
     return sizes
@@ -76,18 +78,22 @@ def _max_pool(spec: LayerSpec, x, nx, rank: int):
 def _window_counts(spatial: tuple[int, ...], pool, strides, pads) -> np.ndarray:
     """How many real (not padded) inputs each window covers, shaped (1, *out, 1)."""
     ones = np.ones((1, *spatial, 1))
-    counts = _windows(ones, pool, strides, pads, "zero").sum(axis=tuple(range(len(pool))))
-    return counts
+    return _windows(ones, pool, strides, pads, "zero").sum(axis=tuple(range(len(pool))))
 
 
 def _avg_pool(spec: LayerSpec, x, nx, rank: int):
     """Sum of each window's inputs over the taps (``_TAPS[rank]``), then divided by the count."""
     spatial = tuple(nx.value(x).shape[1:-1])
     pool, strides, pads = _pool_geometry(spec, rank, spatial)
-    win = nx.move(lambda v: _windows(v, pool, strides, pads, "zero"), x)
-    total = nx.dot(win, axes=_TAPS[rank])  # padded zeros add exactly
+    # bfloat16 (measured): TF's default oneDNN pooling sums and divides in float32 and rounds
+    # once; TF without oneDNN sums in bfloat16. Mirror the default, bound both.
+    bf16 = nx.dtype.name == "bfloat16"
+    wide = widen(nx, keras_accumulator=nx.dtype) if bf16 else nx
+    win = wide.move(lambda v: _windows(v, pool, strides, pads, "zero"), x)
+    total = wide.dot(win, axes=_TAPS[rank])  # padded zeros add exactly
     # SpatialAvgPool counts in T and divides (``out /= count``), one rounding.
-    return nx.div(total, nx.const(_window_counts(spatial, pool, strides, pads)))
+    mean = wide.div(total, wide.const(_window_counts(spatial, pool, strides, pads)))
+    return narrow(nx, wide, mean)
 
 
 def _make_pool(rank: int, pool_fn: Callable, name: str, doc: str):

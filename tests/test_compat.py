@@ -1,0 +1,295 @@
+"""Keras 2 (tf-keras) .h5 files loaded through convdiff.compat: real files written by tf-keras
+in one subprocess (the two Keras versions never share a process), with the tf-keras model's
+output on a fixed input saved beside each file, so that each fix-up is checked end to end:
+plain Keras 3 fails on the file, convdiff loads it, and the loaded model computes what tf-keras
+computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from model_zoo import BUILDERS
+
+from convdiff import compat
+from convdiff.errors import ModelLoadError
+from convdiff.loading import load_model
+
+# Each case: a tf-keras model builder (``k`` is tf_keras, ``L`` its layers), run in the
+# subprocess below. Weights are random (normal around 0.5), so that no weight can be silently
+# left at its initial value.
+_CASES = r"""
+def seq(shape, *layers):
+    return k.Sequential([k.Input(shape)] + list(layers))
+
+def mixed_float16():
+    k.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return seq((6, 6, 3), L.Conv2D(4, 3), L.BatchNormalization(), L.Dense(3),
+                   L.Activation("softmax", dtype="float32"))
+    finally:
+        k.mixed_precision.set_global_policy("float32")
+
+def nested_sequential_output():
+    x = k.Input((5,), name="x")
+    inner = k.Sequential([k.Input((5,)), L.Dense(4, name="inner_dense")], name="inner")
+    return k.Model(x, [inner(x), L.Dense(2, name="side")(x)])
+
+def nested_functional_shared():
+    # called twice (Keras 2 nodes 1 and 2); the second call is also a model output
+    x = k.Input((5,), name="x")
+    i = k.Input((5,))
+    inner = k.Model(i, L.Dense(5, name="inner_dense")(i), name="inner")
+    twice = inner(inner(x))
+    return k.Model(x, [L.Dense(2, name="after")(twice), twice])
+
+def functional_in_sequential():
+    i = k.Input((5,))
+    inner = k.Model(i, L.Dense(4, name="inner_dense")(i), name="inner")
+    return seq((5,), inner, L.Dense(2, name="after"))
+
+CASES = {
+    "depthwise_transpose": lambda: seq(
+        (8, 8, 3), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
+        L.Conv2DTranspose(4, 3, strides=2), L.Reshape((17 * 17, 4)), L.DepthwiseConv1D(3)),
+    "separable": lambda: seq((8, 8, 3), L.SeparableConv2D(5, 3, depth_multiplier=2)),
+    "mixed_float16": mixed_float16,
+    "thresholded_relu": lambda: seq((6,), L.Dense(8), L.ThresholdedReLU(theta=0.3)),
+    "lstm": lambda: seq((4, 3), L.LSTM(2)),
+    "spatial_dropout": lambda: seq((6, 6, 2), L.Conv2D(3, 3), L.SpatialDropout2D(0.5)),
+    "leaky_relu": lambda: seq((6,), L.LeakyReLU(alpha=0.1)),
+    "nested_sequential_output": nested_sequential_output,
+    "nested_functional_shared": nested_functional_shared,
+    "functional_in_sequential": functional_in_sequential,
+    "hard_sigmoid": lambda: seq((6,), L.Dense(4, activation="hard_sigmoid")),
+    "virtual_batch": lambda: seq((4, 3), L.BatchNormalization(virtual_batch_size=2)),
+    "lambda": lambda: seq((6,), L.Lambda(lambda t: t * 2.0)),
+}
+"""
+
+_SCRIPT = r"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np
+import tf_keras as k
+L = k.layers
+out, tests = sys.argv[1], sys.argv[2]
+sys.path.insert(0, tests)
+import model_zoo
+exec(CASES_SOURCE)
+builders = dict(CASES)
+for zoo_name in model_zoo.BUILDERS:
+    builders["zoo_" + zoo_name] = lambda zoo_name=zoo_name: model_zoo.build(zoo_name, k)
+for name, build in builders.items():
+    k.utils.set_random_seed(3)
+    model = build()
+    rng = np.random.default_rng(11)
+    if not name.startswith("zoo_"):  # the zoo sets its own weights
+        for layer in model.layers:
+            weights = layer.get_weights()
+            if weights:
+                layer.set_weights([rng.normal(0.5, 0.3, w.shape).astype(w.dtype) for w in weights])
+    xs = [rng.standard_normal((2, *t.shape[1:])).astype("float32") for t in model.inputs]
+    ys = model(xs if len(xs) > 1 else xs[0], training=False)
+    ys = ys if isinstance(ys, (list, tuple)) else [ys]
+    model.save(os.path.join(out, name + ".h5"))
+    np.savez(os.path.join(out, name + ".npz"),
+             **{f"x{i}": x for i, x in enumerate(xs)},
+             **{f"y{i}": np.asarray(y, dtype="float32") for i, y in enumerate(ys)})
+"""
+
+# Which case needs which fix-up (the case fails without it).
+FIXUP_CASES = {
+    "drop_conv_groups": "depthwise_transpose",
+    "drop_separable_kernel_arguments": "separable",
+    "dtype_policy_name": "mixed_float16",
+    "thresholded_relu_as_relu": "thresholded_relu",
+    "rnn_time_major": "lstm",
+    "spatial_dropout_arguments": "spatial_dropout",
+    "renumber_nested_model_nodes": "zoo_nested",
+    "unwrap_single_inputs_outputs": "functional_in_sequential",
+}
+# Fix-ups checked by their own tests below: refusals and a rename Keras 3 also does.
+OTHER_FIXUPS = {"refuse_hard_sigmoid", "refuse_virtual_batch_size", "leaky_relu_negative_slope"}
+NESTED = ["nested_sequential_output", "nested_functional_shared"]
+LOADABLE = [*FIXUP_CASES.values(), "leaky_relu", *NESTED] + [
+    f"zoo_{name}" for name in BUILDERS if f"zoo_{name}" not in FIXUP_CASES.values()
+]
+
+
+@pytest.fixture(scope="session")
+def keras2_dir(tmp_path_factory) -> Path:
+    """Every case and every model_zoo model written by tf-keras, with inputs and outputs."""
+    directory = tmp_path_factory.mktemp("keras2")
+    script = _SCRIPT.replace("exec(CASES_SOURCE)", textwrap.dedent(_CASES))
+    tests = str(Path(__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(directory), tests], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory
+
+
+def _arrays(directory: Path, name: str, prefix: str) -> list[np.ndarray]:
+    with np.load(directory / f"{name}.npz") as data:
+        return [data[f"{prefix}{i}"] for i in range(len(data.files)) if f"{prefix}{i}" in data]
+
+
+def _outputs(model, directory: Path, name: str) -> list[np.ndarray]:
+    xs = _arrays(directory, name, "x")
+    ys = model(xs if len(xs) > 1 else xs[0], training=False)
+    ys = ys if isinstance(ys, list | tuple) else [ys]
+    return [np.asarray(y, dtype="float32") for y in ys]
+
+
+def _plain_keras_load(path: Path):
+    import keras
+
+    return keras.saving.load_model(path, compile=False)
+
+
+@pytest.mark.parametrize("name", sorted(set(FIXUP_CASES.values()) - {"zoo_nested"}))
+def test_plain_keras3_fails_on_the_case(keras2_dir, name):
+    with pytest.raises(Exception):  # noqa: B017 - Keras raises TypeError, ValueError, ...
+        _plain_keras_load(keras2_dir / f"{name}.h5")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("zoo_sequential_cnn", "deserializing class 'DepthwiseConv2D'"),
+        ("zoo_nested", "Invalid Functional model configuration"),
+        ("nested_functional_shared", "Invalid Functional model configuration"),
+        ("nested_sequential_output", "list index out of range"),  # node 1 of a 1-node list
+    ],
+)
+def test_plain_keras3_fails_on_nested_models(keras2_dir, name, message):
+    with pytest.raises(Exception, match=message):
+        _plain_keras_load(keras2_dir / f"{name}.h5")
+
+
+@pytest.mark.parametrize("name", LOADABLE)
+def test_loads_and_computes_what_tf_keras_computed(keras2_dir, name):
+    model = load_model(keras2_dir / f"{name}.h5")
+    expected = _arrays(keras2_dir, name, "y")
+    got = _outputs(model, keras2_dir, name)
+    assert len(got) == len(expected)
+    for y, e in zip(got, expected, strict=True):
+        if _has_batch_norm(model) and name.startswith("zoo_"):
+            # tf-keras runs the fused FusedBatchNormV3 kernel on 4-D input, Keras 3 the ops of
+            # tf.nn.batch_normalization (x * (gamma * rsqrt(var + eps)) + (beta - mean * ...)):
+            # the same weights give results about 1 float32 ulp apart (1.2e-7 measured).
+            # Wrong weights or a wrong axis are far outside this.
+            np.testing.assert_allclose(y, e, rtol=2e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(y, e)
+
+
+def _all_layers(model) -> list:
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if hasattr(layer, "layers"):
+            layers.extend(_all_layers(layer))
+    return layers
+
+
+def _has_batch_norm(model) -> bool:
+    return any(type(layer).__name__ == "BatchNormalization" for layer in _all_layers(model))
+
+
+def test_every_fixup_has_a_case():
+    names = {f.__name__ for f in (*compat.LAYER_FIXUPS, *compat.MODEL_FIXUPS)}
+    assert names == set(FIXUP_CASES) | OTHER_FIXUPS
+
+
+@pytest.mark.parametrize("fixup", sorted(FIXUP_CASES))
+def test_the_case_needs_its_fixup(keras2_dir, monkeypatch, fixup):
+    """Without the fix-up, its case does not load: the fix-up is what makes it work."""
+    for table in ("LAYER_FIXUPS", "MODEL_FIXUPS"):
+        kept = tuple(f for f in getattr(compat, table) if f.__name__ != fixup)
+        monkeypatch.setattr(compat, table, kept)
+    with pytest.raises(ModelLoadError, match="Keras could not load"):
+        load_model(keras2_dir / f"{FIXUP_CASES[fixup]}.h5")
+
+
+def test_leaky_relu_alpha_loads_without_the_deprecation_warning(keras2_dir):
+    path = keras2_dir / "leaky_relu.h5"
+    with pytest.warns(UserWarning, match="alpha"):
+        _plain_keras_load(path)  # Keras 3 maps alpha itself, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_model(path)
+    assert model.layers[0].negative_slope == pytest.approx(0.1)
+
+
+def test_hard_sigmoid_is_refused_because_keras3_computes_another_function(keras2_dir):
+    path = keras2_dir / "hard_sigmoid.h5"
+    plain = _outputs(_plain_keras_load(path), keras2_dir, "hard_sigmoid")[0]
+    assert not np.allclose(plain, _arrays(keras2_dir, "hard_sigmoid", "y")[0], atol=1e-3)
+    with pytest.raises(ModelLoadError, match=r"hard_sigmoid.*clip\(0.2\*x \+ 0.5, 0, 1\)"):
+        load_model(path)
+
+
+def test_virtual_batch_size_is_refused_by_name(keras2_dir):
+    with pytest.raises(ModelLoadError, match="uses virtual_batch_size"):
+        load_model(keras2_dir / "virtual_batch.h5")
+
+
+def test_keras2_lambda_is_refused_in_safe_mode(keras2_dir):
+    with pytest.raises(ModelLoadError, match="Lambda layer"):
+        load_model(keras2_dir / "lambda.h5")
+
+
+def test_keras2_lambda_loads_when_unsafe(keras2_dir):
+    model = load_model(keras2_dir / "lambda.h5", unsafe=True)
+    expected = _arrays(keras2_dir, "lambda", "y")[0]
+    np.testing.assert_array_equal(_outputs(model, keras2_dir, "lambda")[0], expected)
+
+
+def test_the_users_file_is_not_written(keras2_dir):
+    path = keras2_dir / "zoo_nested.h5"
+    before = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    load_model(path)
+    assert (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) == before
+
+
+def test_keras3_files_are_not_keras2(tmp_path):
+    import keras
+
+    x = keras.Input((3,))
+    model = keras.Model(x, keras.layers.Dense(2)(x))
+    for ext in ("h5", "keras"):
+        model.save(tmp_path / f"m.{ext}")
+        assert compat.keras2_version(tmp_path / f"m.{ext}") is None
+
+
+def test_keras2_version_is_read(keras2_dir):
+    assert compat.keras2_version(keras2_dir / "separable.h5").startswith("2.")
+
+
+def test_a_theano_file_is_refused(keras2_dir, tmp_path):
+    path = tmp_path / "theano.h5"
+    shutil.copy(keras2_dir / "separable.h5", path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["backend"] = b"theano"
+    with pytest.raises(ModelLoadError, match="'theano' backend"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_compare_runs_on_every_zoo_model_written_by_keras2(keras2_dir, name):
+    from convdiff.api import compare
+
+    report = compare(keras2_dir / f"zoo_{name}.h5")
+    assert report.layers, "no layer was compared"
+    assert {layer.status for layer in report.layers} <= {"identical", "rounding", "skipped"}

@@ -1,0 +1,366 @@
+"""``orders.reduce_terms`` bit for bit against plain scalar reference loops.
+
+The references below work on exact rationals (:class:`fractions.Fraction`) and round with
+:func:`_round`, an integer-arithmetic round-to-nearest-even written for this test, so they share
+no rounding code with NumPy or with :mod:`convdiff.orders`: a fused multiply-add is
+``_round(acc + a*b)`` (one rounding of the exact value), an unfused step is
+``_round(acc + _round(a*b))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from convdiff.orders import Order, reduce_terms
+
+F32 = np.dtype(np.float32)
+F16 = np.dtype(np.float16)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = {"float32": F32, "float16": F16, "bfloat16": BF16}
+
+# --------------------------------------------------------------------------- exact rounding
+
+
+def _round(q: Fraction, dtype: np.dtype) -> Fraction:
+    """``q`` rounded to the nearest value of ``dtype``, ties to even (subnormals included)."""
+    if q == 0:
+        return Fraction(0)
+    info = ml_dtypes.finfo(dtype)
+    precision, emin = int(info.nmant) + 1, int(info.minexp)
+    mag = abs(q)
+    # 2**(e-1) < mag < 2**(e+1) from the bit lengths; one comparison settles e = floor(log2).
+    e = mag.numerator.bit_length() - mag.denominator.bit_length()
+    if mag < Fraction(2) ** e:
+        e -= 1
+    quantum = Fraction(2) ** (max(e, emin) - precision + 1)  # spacing at mag (fixed if subnormal)
+    rounded = round(mag / quantum) * quantum  # Fraction.__round__ rounds half to even
+    assert rounded <= Fraction(float(info.max)), "test data must not overflow"
+    return rounded if q > 0 else -rounded
+
+
+def _to_array(values: list[Fraction], dtype: np.dtype) -> np.ndarray:
+    # Every value is representable in dtype and in float64, so both conversions are exact.
+    return np.array([float(v) for v in values]).astype(dtype)
+
+
+def _fractions(x: np.ndarray) -> list[list[Fraction]]:
+    """A (K, n) array as K lists of exact rationals."""
+    return [[Fraction(float(v)) for v in row] for row in np.asarray(x, np.float64)]
+
+
+def _assert_same(got: np.ndarray, want: np.ndarray) -> None:
+    """Bit for bit, except that +0 and -0 are the same value (the references do not track the
+    sign of a zero)."""
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64), strict=True)
+
+
+# --------------------------------------------------------------------------- scalar references
+
+Terms = list[tuple[Fraction, Fraction | None]]
+
+
+def _step(acc: Fraction, a: Fraction, b: Fraction | None, fma: bool, dt: np.dtype) -> Fraction:
+    if b is None:
+        return _round(acc + _round(a, dt), dt)
+    if fma:
+        return _round(acc + a * b, dt)
+    return _round(acc + _round(a * b, dt), dt)
+
+
+def _ref_sequential(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    acc = Fraction(0)
+    for a, b in terms:
+        acc = _step(acc, a, b, fma, dt)
+    return acc
+
+
+def _ref_reverse(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    return _ref_sequential(terms[::-1], fma, dt)
+
+
+def _ref_pairwise(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    """NumPy's ``pairwise_sum`` (numpy/_core/src/umath/loops_utils.h.src), term by term."""
+    n = len(terms)
+    if n < 8:
+        return _ref_sequential(terms, fma, dt)
+    if n <= 128:
+        r = [_step(Fraction(0), *terms[j], fma, dt) for j in range(8)]
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                r[j] = _step(r[j], *terms[i + j], fma, dt)
+            i += 8
+
+        def add(x: Fraction, y: Fraction) -> Fraction:
+            return _round(x + y, dt)
+
+        res = add(add(add(r[0], r[1]), add(r[2], r[3])), add(add(r[4], r[5]), add(r[6], r[7])))
+        for a, b in terms[i:]:
+            res = _step(res, a, b, fma, dt)
+        return res
+    half = n // 2
+    half -= half % 8
+    return _round(_ref_pairwise(terms[:half], fma, dt) + _ref_pairwise(terms[half:], fma, dt), dt)
+
+
+def _ref_kahan(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    """Kahan summation; with FMA the term is ``fma(a, b, -comp)``, rounded once."""
+    total, comp = Fraction(0), Fraction(0)
+    for a, b in terms:
+        if b is None:
+            y = _round(_round(a, dt) - comp, dt)
+        elif fma:
+            y = _round(a * b - comp, dt)
+        else:
+            y = _round(_round(a * b, dt) - comp, dt)
+        t = _round(total + y, dt)
+        comp = _round(_round(t - total, dt) - y, dt)
+        total = t
+    return total
+
+
+def _ref_blocked(block: int) -> Callable[[Terms, bool, np.dtype], Fraction]:
+    def blocked(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+        total = Fraction(0)
+        for start in range(0, len(terms), block):
+            part = _ref_sequential(terms[start : start + block], fma, dt)
+            total = _round(total + part, dt)
+        return total
+
+    return blocked
+
+
+def _ref_float64(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    """Python floats are IEEE float64: accumulate there in index order, round once."""
+    acc = 0.0
+    for a, b in terms:
+        acc += float(a) if b is None else float(a) * float(b)
+    return _round(Fraction(acc), dt)
+
+
+def _ref_exact(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    return _round(sum((a if b is None else a * b for a, b in terms), Fraction(0)), dt)
+
+
+REFERENCES = {
+    "sequential": _ref_sequential,
+    "reverse": _ref_reverse,
+    "pairwise": _ref_pairwise,
+    "kahan": _ref_kahan,
+    "blocked": _ref_blocked(4),
+    "float64": _ref_float64,
+    "exact": _ref_exact,
+}
+FMA_ORDERS = ("sequential", "reverse", "pairwise", "kahan", "blocked")
+
+
+def _reference(a: np.ndarray, b: np.ndarray | None, name: str, fma: bool, dt) -> np.ndarray:
+    fa = _fractions(a)
+    fb = None if b is None else _fractions(b)
+    out = []
+    for j in range(a.shape[1]):
+        terms = [(fa[k][j], None if fb is None else fb[k][j]) for k in range(a.shape[0])]
+        out.append(REFERENCES[name](terms, fma, dt))
+    return _to_array(out, dt)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _operands(rng: np.random.Generator, k: int, n: int, dt: np.dtype, scale: int = 0):
+    """Normals with spread exponents (so partial sums round and cancel), in ``dt``."""
+    spread = 3 if dt == F16 else 8
+    x = rng.standard_normal((k, n)) * 2.0 ** rng.integers(-spread, spread + 1, (k, n))
+    return (x * 2.0**scale).astype(dt)
+
+
+SIZES = (1, 2, 7, 8, 9, 17, 64, 131, 300)  # pairwise: tail only, one leaf, leaves + tails, split
+
+
+def _cases():
+    for name in REFERENCES:
+        for fma in (True, False) if name in FMA_ORDERS else (True,):
+            for dt_name in DTYPES:
+                for with_b in (True, False):
+                    if with_b or fma:  # without products fma changes nothing
+                        yield pytest.param(
+                            name, fma, dt_name, with_b, id=_id(name, fma, dt_name, with_b)
+                        )
+
+
+def _id(name, fma, dt_name, with_b) -> str:
+    return f"{name}{'+fma' if fma else '-fma'}-{dt_name}-{'dot' if with_b else 'sum'}"
+
+
+@pytest.mark.parametrize(("name", "fma", "dt_name", "with_b"), list(_cases()))
+def test_reduce_terms_matches_scalar_loop(name, fma, dt_name, with_b, rng):
+    dt = DTYPES[dt_name]
+    order = Order(name=name, fma=fma, block=4 if name == "blocked" else 0, accumulate=dt_name)
+    for k in SIZES:
+        a = _operands(rng, k, 3, dt)
+        b = _operands(rng, k, 3, dt) if with_b else None
+        got = reduce_terms(a, b, order, dt)
+        want = _reference(a, b, name, fma, dt)
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize("fma", [True, False])
+@pytest.mark.parametrize("dt_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["sequential", "kahan", "exact"])
+def test_subnormal_range(name, fma, dt_name, rng):
+    """Products and sums below the smallest normal number (gradual underflow)."""
+    dt = DTYPES[dt_name]
+    scale = -8 if dt == F16 else -68  # products near 2**-16 (float16) or 2**-136
+    order = Order(name=name, fma=fma, accumulate=dt_name)
+    for k in (3, 20):
+        a, b = _operands(rng, k, 8, dt, scale), _operands(rng, k, 8, dt, scale)
+        got = reduce_terms(a, b, order, dt)
+        want = _reference(a, b, name, fma and name != "exact", dt)
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize("dt_name", list(DTYPES))
+@pytest.mark.parametrize("name", ["sequential", "pairwise", "kahan", "exact"])
+def test_accumulate_option_rounds_result_to_layer_dtype(name, dt_name, rng):
+    """``accumulate=`` runs the same loop in that dtype; float32 holds the result exactly."""
+    dt = DTYPES[dt_name]
+    a, b = _operands(rng, 40, 5, dt), _operands(rng, 40, 5, dt)
+    got = reduce_terms(a, b, Order(name=name, accumulate=dt_name), F32)
+    want = _reference(a, b, name, True, dt).astype(F32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_reference_rounding_agrees_with_numpy_casts(rng):
+    """The test's own rounding is right: NumPy's float64 -> narrower casts round to nearest
+    even (double rounding from float64 is harmless for these formats and values)."""
+    for dt in DTYPES.values():
+        info = ml_dtypes.finfo(dt)
+        x = rng.standard_normal(2000) * 2.0 ** rng.integers(-5, 6, 2000)
+        tiny = rng.standard_normal(500) * float(info.smallest_normal)  # subnormal results
+        ties = (rng.integers(1, 2 ** (int(info.nmant) + 1), 500) * 2 + 1) * 2.0 ** (
+            -int(info.nmant) - 2
+        )  # exact midpoints between neighbours of dt
+        for v in np.concatenate([x, tiny, ties, -ties]):
+            assert float(_round(Fraction(float(v)), dt)) == float(np.array(v).astype(dt)), (dt, v)
+
+
+@pytest.mark.parametrize(
+    "dt_name", ["float32", "float16", "bfloat16"]
+)
+def test_exact_on_ties_and_cancellation(dt_name):
+    """``exact`` rounds the rational sum: a float64 sum that lands on a tie must not decide."""
+    dt = DTYPES[dt_name]
+    p = int(ml_dtypes.finfo(dt).nmant) + 1
+    half_ulp = 2.0**-p  # half the spacing just above 1
+    cases = [
+        [1.0, half_ulp],  # exact tie: to even (1.0)
+        [1.0, half_ulp, 2.0**-70],  # just above the tie: rounds up
+        [1.0, half_ulp, -(2.0**-70)],  # just below: rounds down
+        [1.0 + 2 * half_ulp, half_ulp],  # tie from an odd neighbour: rounds up to even
+        [2.0**20, 1.0, -(2.0**20), 2.0**-60],  # catastrophic cancellation
+    ]
+    for values in cases:
+        # every value is representable in dt except the tiny nudges, which enter as products
+        a = np.array([[v] for v in values], np.float64)
+        if dt == F16:
+            a = np.clip(a, -(2.0**15), 2.0**15)
+        tiny = np.abs(a) < 2.0**-30
+        scale = np.where(tiny, 2.0**-35, 1.0)
+        a32 = np.where(tiny, a / scale, a).astype(np.float32)  # tiny = a32 * scale, both exact
+        b32 = scale.astype(np.float32)
+        got = reduce_terms(a32, b32, Order(name="exact"), dt)
+        want = _reference(a32, b32, "exact", True, dt)
+        np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64))
+
+
+def test_pairwise_is_numpys_sum(rng):
+    """The ``pairwise`` order of a plain float32 sum reproduces ``np.sum`` bit for bit."""
+    for k in (5, 8, 100, 128, 129, 1000, 5000):
+        x = (rng.standard_normal(k) * 2.0 ** rng.integers(-10, 10, k)).astype(np.float32)
+        assert reduce_terms(x[:, None], None, Order(name="pairwise"), F32)[0] == np.sum(x)
+
+
+@pytest.mark.parametrize("dt_name", list(DTYPES))
+def test_blas_within_gamma_bound(dt_name, rng):
+    """BLAS's order is unspecified; its result is still within gamma_K * sum |a b| of exact."""
+    dt = DTYPES[dt_name]
+    a, b = _operands(rng, 50, 6, dt), _operands(rng, 50, 6, dt)
+    got = reduce_terms(a, b, Order(name="blas"), dt).astype(np.float64)
+    exact = np.einsum("kn,kn->n", a.astype(np.float64), b.astype(np.float64))
+    mag = np.einsum("kn,kn->n", np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64)))
+    u = 2.0 ** -(int(ml_dtypes.finfo(dt).nmant) + 1)
+    k = a.shape[0] + 1
+    assert np.all(np.abs(got - exact) <= k * u / (1 - k * u) * mag + u * np.abs(exact))
+
+
+def test_empty_reduction_is_zero():
+    out = reduce_terms(np.zeros((0, 3), F32), np.zeros((0, 3), F32), Order(), F32)
+    np.testing.assert_array_equal(out, np.zeros(3, F32))
+
+
+def test_broadcast_operands():
+    """``a`` and ``b`` broadcast on the output axes, as the conv kernels use them."""
+    a = np.arange(6, dtype=F32).reshape(3, 2, 1)
+    b = np.arange(9, dtype=F32).reshape(3, 1, 3)
+    out = reduce_terms(a, b, Order(), F32)
+    np.testing.assert_array_equal(out, np.einsum("kij,kij->ij", *np.broadcast_arrays(a, b)))
+
+
+# --------------------------------------------------------------------------- fixed bugs
+
+
+def test_fma_subnormal_double_rounding():
+    """acc + a*b just below a float32 subnormal midpoint must round down.
+
+    float64(acc + a*b) is one float64 step below the midpoint between acc and its upper
+    neighbour (exact sum below it too). ``_round_fma`` flags every result below the smallest
+    normal and moves it one float64 step towards the exact value, which lands exactly on the
+    midpoint; the cast then ties to even (upwards). Round-to-odd (nudge only when the float64
+    sum is even) would be correct.
+    """
+    acc = np.array([2.0**-127 + 2.0**-149], F32)  # odd multiple of the subnormal step
+    a = np.array([1.6322707 * 2.0**-75], F32)
+    b = np.array([0.6126435 * 2.0**-75], F32)
+    exact = Fraction(float(acc[0])) + Fraction(float(a[0])) * Fraction(float(b[0]))
+    midpoint = Fraction(float(acc[0])) + Fraction(1, 2**150)
+    assert exact < midpoint and float(exact) == float(midpoint) - 2.0**-179
+    out = reduce_terms(np.stack([acc, a]), np.stack([np.ones(1, F32), b]), Order(), F32)
+    assert float(out[0]) == float(_round(exact, F32)) == float(acc[0])
+
+
+def test_float64_accumulator_with_fma(rng):
+    a, b = _operands(rng, 10, 3, F32), _operands(rng, 10, 3, F32)
+    got = reduce_terms(a, b, Order(accumulate="float64"), F32)
+    np.testing.assert_array_equal(got, _reference(a, b, "float64", True, F32))
+
+
+def test_exact_with_scalar_result():
+    x = np.array([1.0, 2.0**-24, 2.0**-60], F32)
+    assert reduce_terms(x, None, Order(name="exact"), F32) == np.float32(1.0 + 2.0**-23)
+
+
+@pytest.mark.parametrize("name", ["sequential", "reverse", "pairwise", "blocked"])
+def test_unfused_product_of_wider_operands_rounds_once(name, rng):
+    """float32 operands, float16 accumulator: the product is rounded to float16 once, as in
+    the FMA orders and in kahan (``_term``), not after rounding each operand to float16."""
+    a, b = _operands(rng, 1, 200, F32), _operands(rng, 1, 200, F32)
+    order = Order(name=name, fma=False, block=4, accumulate="float16")
+    want = _reference(a, b, name, False, F16).astype(F32)
+    np.testing.assert_array_equal(reduce_terms(a, b, order, F32), want)
+
+
+@pytest.mark.parametrize("dt_name", ["float16", "bfloat16"])
+def test_half_precision_layers_accumulate_in_float32_by_default(dt_name, rng):
+    """TensorFlow accumulates half-precision matmuls and convolutions in float32 and rounds
+    once; the default order does the same, an explicit accumulator overrides it."""
+    dt = DTYPES[dt_name]
+    a, b = _operands(rng, 64, 5, dt), _operands(rng, 64, 5, dt)
+    default = reduce_terms(a, b, Order(), dt)
+    _assert_same(default, reduce_terms(a, b, Order(accumulate="float32"), dt))
+    _assert_same(default, _reference(a, b, "sequential", True, F32).astype(dt))
