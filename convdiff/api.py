@@ -29,7 +29,12 @@ from convdiff.runner import MODES, LayerResult, Settings, run_layers
 
 def compare(
     model: Any,
-    inputs: str | os.PathLike | np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray] | None = None,
+    inputs: str
+    | os.PathLike
+    | np.ndarray
+    | Sequence[np.ndarray]
+    | Mapping[str, np.ndarray]
+    | None = None,
     *,
     order: str | Order = "sequential",
     fma: bool = True,
@@ -68,7 +73,9 @@ def compare(
         max_ulp=max_ulp,
     )
     configure_tensorflow()
-    model_label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
+    model_label = (
+        str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
+    )
     if isinstance(model, str | os.PathLike):
         model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
     fitted, input_label = _inputs(model, inputs, seed)

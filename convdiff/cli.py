@@ -39,7 +39,9 @@ def _fail(message: str) -> None:
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("input", required=False, type=click.Path(dir_okay=True))
-@click.option("--random-input", is_flag=True, help="Draw a standard-normal input of the model's shape.")
+@click.option(
+    "--random-input", is_flag=True, help="Draw a standard-normal input of the model's shape."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-input.")
 @click.option(
     "--order",
@@ -49,7 +51,9 @@ def _fail(message: str) -> None:
     "float64, exact.",
 )
 @click.option("--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
-@click.option("--accumulate", default=None, help="Accumulator dtype: float16, bfloat16, float32, float64.")
+@click.option(
+    "--accumulate", default=None, help="Accumulator dtype: float16, bfloat16, float32, float64."
+)
 @click.option("--tap-order", default=None, help="Nesting of reduction axes, e.g. hwc or chw.")
 @click.option(
     "--mode",
@@ -58,11 +62,19 @@ def _fail(message: str) -> None:
     show_default=True,
     help="isolated: each layer gets Keras's input; propagated: NumPy feeds its own outputs.",
 )
-@click.option("--max-ulp", type=click.IntRange(min=0), default=None, help="Fail a layer above N ULP.")
-@click.option("--json", "json_path", default=None, help="Write the JSON report to PATH ('-': stdout).")
-@click.option("--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the model file.")
+@click.option(
+    "--max-ulp", type=click.IntRange(min=0), default=None, help="Fail a layer above N ULP."
+)
+@click.option(
+    "--json", "json_path", default=None, help="Write the JSON report to PATH ('-': stdout)."
+)
+@click.option(
+    "--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the model file."
+)
 @click.option("--custom-objects", default=None, help="Python file defining custom layers.")
-@click.option("--onednn/--no-onednn", default=None, help="Set TF_ENABLE_ONEDNN_OPTS before TF loads.")
+@click.option(
+    "--onednn/--no-onednn", default=None, help="Set TF_ENABLE_ONEDNN_OPTS before TF loads."
+)
 @click.version_option(package_name="convdiff")
 def cli(**options) -> None:
     """Diff every layer of a Keras MODEL (.h5 or .keras) on INPUT (.npy or .npz) against
@@ -95,7 +107,11 @@ def _run(
     from convdiff.api import compare
 
     report = compare(
-        model, input, seed=seed, custom_objects=load_custom_objects(custom_objects), **compare_options
+        model,
+        input,
+        seed=seed,
+        custom_objects=load_custom_objects(custom_objects),
+        **compare_options,
     )
     err = Console(stderr=True, highlight=False)
     for note in report.notes:

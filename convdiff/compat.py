@@ -10,7 +10,8 @@ Keras's .h5 loader: the user's file is only read, never written. It imports h5py
 Each fix-up is a function ``fix(layer) -> str | None`` on one layer entry (``class_name`` and
 ``config``) that changes the entry in place and returns a one-line note of what it did, or
 None when the entry needs nothing; :data:`LAYER_FIXUPS` lists them in the order they run.
-The node renumbering works on a whole Functional configuration and runs after them.
+:data:`MODEL_FIXUPS` (call-node renumbering, single inputs/outputs) work on whole Functional
+configurations and run after them. A difference with no faithful bridge is refused by name.
 """
 
 from __future__ import annotations

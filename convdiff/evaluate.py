@@ -51,7 +51,9 @@ def run_kernel(
     order = order or Order()
     # Keras casts floating inputs to the layer's compute dtype before ``call`` (mixed precision).
     inputs = [_autocast(x, spec.dtype) for x in inputs]
-    refs = inputs if reference_inputs is None else [_autocast(x, spec.dtype) for x in reference_inputs]
+    refs = (
+        inputs if reference_inputs is None else [_autocast(x, spec.dtype) for x in reference_inputs]
+    )
     rounded = Rounded(spec.dtype, order)
     numpy_out = kernel(spec, inputs, rounded)
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer

@@ -58,7 +58,7 @@ def _import_tensorflow_quietly() -> None:
     TensorFlow reads the variable from a running process, so stderr itself is muted meanwhile;
     an import error still surfaces as a Python exception."""
     if "tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        import tensorflow  # noqa: F401
+        import tensorflow
 
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -67,8 +67,8 @@ def _import_tensorflow_quietly() -> None:
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
             import keras  # noqa: F401
+            import tensorflow  # noqa: F401
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -139,7 +139,9 @@ def _keras_zip_config(path: Path) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             text = archive.read("config.json")
     except KeyError:
-        raise ModelLoadError(f"{str(path)!r} is a zip file without config.json; not a .keras model") from None
+        raise ModelLoadError(
+            f"{str(path)!r} is a zip file without config.json; not a .keras model"
+        ) from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ModelLoadError(f"{str(path)!r} is not a readable .keras archive ({exc})") from None
     return _parse_json(text, path)
@@ -152,7 +154,9 @@ def _h5_config(path: Path) -> dict[str, Any]:
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{str(path)!r} is a corrupt or truncated HDF5 file ({_one_line(exc)})") from None
+        raise ModelLoadError(
+            f"{str(path)!r} is a corrupt or truncated HDF5 file ({_one_line(exc)})"
+        ) from None
     if raw is None:
         raise ModelLoadError(
             f"{str(path)!r} holds weights only (no model_config); "
@@ -165,7 +169,9 @@ def _parse_json(text: str | bytes, path: Path) -> dict[str, Any]:
     try:
         config = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{str(path)!r} has an unreadable model configuration ({exc})") from None
+        raise ModelLoadError(
+            f"{str(path)!r} has an unreadable model configuration ({exc})"
+        ) from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelLoadError(f"{str(path)!r} does not hold a Keras model configuration")
     return config
@@ -192,18 +198,25 @@ def check_model_config(
     known_custom = {**keras.saving.get_custom_objects(), **custom_objects}
     for item in _layer_configs(config):
         name = item.get("class_name")
-        layer_name = (item.get("config") or {}).get("name", "?") if isinstance(item.get("config"), dict) else "?"
+        layer_name = (
+            (item.get("config") or {}).get("name", "?")
+            if isinstance(item.get("config"), dict)
+            else "?"
+        )
         if name == "Lambda" and not unsafe:
             raise ModelLoadError(
                 f"{str(path)!r} contains a Lambda layer ({layer_name!r}) whose stored Python code "
-                "would run on loading; refused in safe mode. Pass --unsafe only if you trust the file"
+                "would run on loading; refused in safe mode. "
+                "Pass --unsafe only if you trust the file"
             )
         module = item.get("module") or ""
         registered = item.get("registered_name") or name
-        if module and not module.startswith("keras") and not _known(registered, name, known_custom):
+        builtin = module.startswith("keras")
+        if module and not builtin and not _known(registered, name, known_custom):
             raise ModelLoadError(
                 f"{str(path)!r} needs the custom class {registered!r} (layer {layer_name!r}), "
-                "which was not supplied; pass --custom-objects FILE.py that defines and registers it"
+                "which was not supplied; "
+                "pass --custom-objects FILE.py that defines and registers it"
             )
 
 
@@ -340,11 +353,16 @@ def _read_arrays(path: Path, specs: list[InputSpec]) -> list[np.ndarray]:
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object" in str(exc).lower():
             raise InputError(
-                f"{str(path)!r} holds Python objects (a pickle); refused: only numeric arrays are read"
+                f"{str(path)!r} holds Python objects (a pickle); "
+                "refused: only numeric arrays are read"
             ) from None
-        raise InputError(f"{str(path)!r} is not a readable .npy/.npz file ({_one_line(exc)})") from None
+        raise InputError(
+            f"{str(path)!r} is not a readable .npy/.npz file ({_one_line(exc)})"
+        ) from None
     except (OSError, EOFError) as exc:
-        raise InputError(f"{str(path)!r} is not a readable .npy/.npz file ({_one_line(exc)})") from None
+        raise InputError(
+            f"{str(path)!r} is not a readable .npy/.npz file ({_one_line(exc)})"
+        ) from None
     if isinstance(loaded, np.ndarray):
         if len(specs) != 1:
             names = ", ".join(s.name for s in specs)
@@ -405,4 +423,9 @@ def _shape_fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> boo
 
 
 def _fmt_shape(shape: tuple[int | None, ...]) -> str:
-    return "(" + ", ".join("None" if n is None else str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+    return (
+        "("
+        + ", ".join("None" if n is None else str(n) for n in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )

@@ -28,7 +28,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from convdiff.orders import ACCUMULATOR_DTYPES, Order, reduce_terms
+from convdiff.orders import ACCUMULATOR_DTYPES, Order, reduce_terms, round_to
 
 # Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
 # evaluation rounded once) in units in the last place of its result, per implementation.
@@ -146,7 +146,7 @@ class Rounded:
     def _round(self, x64: np.ndarray) -> np.ndarray:
         # For + - * / on float32 (or narrower) operands, computing in float64 (53 >= 2*24+2
         # bits) and rounding once more to float32 gives the correctly rounded result.
-        return np.asarray(x64).astype(self.dtype)
+        return round_to(np.asarray(x64), self.dtype)
 
     # Exact elementwise ---------------------------------------------------------------------
     def neg(self, x):
@@ -302,13 +302,15 @@ class Bounded:
     def max(self, x, axis, keepdims=False):
         x = self._lift(x)
         return Tracked(
-            np.max(x.value, axis=axis, keepdims=keepdims), np.max(x.err, axis=axis, keepdims=keepdims)
+            np.max(x.value, axis=axis, keepdims=keepdims),
+            np.max(x.err, axis=axis, keepdims=keepdims),
         )
 
     def min(self, x, axis, keepdims=False):
         x = self._lift(x)
         return Tracked(
-            np.min(x.value, axis=axis, keepdims=keepdims), np.max(x.err, axis=axis, keepdims=keepdims)
+            np.min(x.value, axis=axis, keepdims=keepdims),
+            np.max(x.err, axis=axis, keepdims=keepdims),
         )
 
     def where(self, x, threshold: float, below, above, strict: bool = True):
@@ -332,7 +334,9 @@ class Bounded:
         fn = FUNCTIONS[name]
         with np.errstate(all="ignore"):
             value = fn(x.value)
-            spread = np.maximum(np.abs(fn(x.value + x.err) - value), np.abs(fn(x.value - x.err) - value))
+            spread = np.maximum(
+                np.abs(fn(x.value + x.err) - value), np.abs(fn(x.value - x.err) - value)
+            )
             spread = np.where(x.err == 0, 0.0, spread)
             spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
             ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
@@ -350,10 +354,12 @@ def _to_front(x: np.ndarray, axis, keepdims: bool):
     axes = [a % x.ndim for a in axes]
     rest = [i for i in range(x.ndim) if i not in axes]
     moved = np.transpose(x, axes + rest)
-    shape = [1 if i in axes else x.shape[i] for i in range(x.ndim)] if keepdims else [
-        x.shape[i] for i in rest
-    ]
-    return moved.reshape((-1, *moved.shape[len(axes):])), tuple(shape)
+    shape = (
+        [1 if i in axes else x.shape[i] for i in range(x.ndim)]
+        if keepdims
+        else [x.shape[i] for i in rest]
+    )
+    return moved.reshape((-1, *moved.shape[len(axes) :])), tuple(shape)
 
 
 def _tap_permutation(axes: str, tap_order: str | None) -> list[int] | None:
@@ -368,7 +374,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # 1/(1+exp(-x)) without overflow warnings for large |x|
-    return np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
+    return np.where(
+        x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x)))
+    )
 
 
 def _softplus(x: np.ndarray) -> np.ndarray:

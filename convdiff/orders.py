@@ -98,7 +98,9 @@ def parse_order(
             f"valid choices are {', '.join(ACCUMULATOR_DTYPES)}"
         )
     if tap_order is not None and (not tap_order.isalpha() or len(set(tap_order)) != len(tap_order)):
-        raise OptionError(f"--tap-order must be distinct axis letters like 'hwc'; got {tap_order!r}")
+        raise OptionError(
+            f"--tap-order must be distinct axis letters like 'hwc'; got {tap_order!r}"
+        )
     return Order(name=name, fma=fma, block=block, accumulate=accumulate, tap_order=tap_order)
 
 
@@ -123,15 +125,17 @@ def _round_fma(acc: np.ndarray, a: np.ndarray, b: np.ndarray, dtype: np.dtype) -
         return total
     suspect = _at_midpoint(total, dtype)
     if suspect.any():
-        acc64, prod, total = (np.array(v, dtype=np.float64) for v in np.broadcast_arrays(
-            acc.astype(np.float64), prod, total))
+        acc64, prod, total = (
+            np.array(v, dtype=np.float64)
+            for v in np.broadcast_arrays(acc.astype(np.float64), prod, total)
+        )
         idx = np.nonzero(suspect)
         s, x, y = total[idx], acc64[idx], prod[idx]
         yy = s - x
         err = (x - (s - yy)) + (y - yy)  # TwoSum: x + y == s + err exactly
         even = (s.view(np.uint64) & np.uint64(1)) == 0
         total[idx] = np.where((err != 0) & even, np.nextafter(s, np.copysign(np.inf, err)), s)
-    return total.astype(dtype)
+    return round_to(total, dtype)
 
 
 def _at_midpoint(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -147,6 +151,26 @@ def _at_midpoint(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     low = bits & np.uint64((1 << shift) - 1)
     mid = low == np.uint64(1 << (shift - 1))
     return mid | (np.abs(x) < float(finfo.smallest_normal))
+
+
+def round_to(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """Round to ``dtype`` correctly (once), also for bfloat16.
+
+    ml_dtypes casts float64 to bfloat16 through float32, which double-rounds (measured:
+    ``1 + 2**-8 + 2**-40`` becomes 1.0 instead of 1.0078125). Rounding to float32 by
+    round-to-odd first (24 >= 8 + 2 bits) makes the second cast correct.
+    """
+    dtype = np.dtype(dtype)
+    x = np.asarray(x)
+    if dtype != ml_dtypes.bfloat16 or x.dtype != np.float64:
+        return x.astype(dtype)
+    x32 = x.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        inexact = (x32.astype(np.float64) != x) & np.isfinite(x32)
+    even = (x32.view(np.uint32) & np.uint32(1)) == 0
+    toward = np.where(x > x32, np.float32(np.inf), np.float32(-np.inf))
+    x32 = np.where(inexact & even, np.nextafter(x32, toward), x32)
+    return x32.astype(dtype)
 
 
 def _finfo(dtype: np.dtype):
@@ -166,8 +190,8 @@ def _step(acc: np.ndarray, a: np.ndarray, b: np.ndarray | None, fma: bool, dtype
 def _term(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
     """One term ``a*b`` rounded to ``dtype``."""
     if b is None:
-        return a.astype(dtype)
-    return np.multiply(a, b, dtype=np.float64).astype(dtype)
+        return round_to(a.astype(np.float64), dtype)
+    return round_to(np.multiply(a, b, dtype=np.float64), dtype)
 
 
 # --------------------------------------------------------------------------- orders
@@ -231,7 +255,9 @@ def _blocked(a, b, fma, dtype, shape, block):
     """Partial sums over consecutive blocks of ``block`` terms, then the partials in order."""
     total = np.zeros(shape, dtype)
     for start in range(0, a.shape[0], block):
-        part = _sequential(a, b, fma, dtype, shape, indices=range(start, min(start + block, a.shape[0])))
+        part = _sequential(
+            a, b, fma, dtype, shape, indices=range(start, min(start + block, a.shape[0]))
+        )
         total = (total + part).astype(dtype)
     return total
 
@@ -257,7 +283,7 @@ def _float64(a, b, dtype, shape):
     """Accumulate in float64 (products of float32 are exact there), round once."""
     a64 = a.astype(np.float64)
     terms = a64 if b is None else a64 * b.astype(np.float64)
-    return np.add.reduce(terms, axis=0).reshape(shape).astype(dtype)
+    return round_to(np.add.reduce(terms, axis=0).reshape(shape), dtype)
 
 
 def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
@@ -288,9 +314,9 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
         u64 = 2.0**-53
         gamma = n * u64 / (1 - n * u64)
         slack = 2 * (u64 * np.abs(res) + gamma * gamma * mag) + 2.0**-1074
-        lo = (res - slack).astype(dtype)
-        hi = (res + slack).astype(dtype)
-        out = res.astype(dtype)
+        lo = round_to(res - slack, dtype)
+        hi = round_to(res + slack, dtype)
+        out = round_to(res, dtype)
     out = np.atleast_1d(out)
     unsure = np.atleast_1d((lo != hi) & np.isfinite(res))
     flat_terms = terms.reshape(n, -1)
@@ -301,7 +327,7 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
 
 def _round_rational(value: Fraction, dtype: np.dtype) -> np.ndarray:
     """Round an exact rational to ``dtype``, ties to even."""
-    approx = np.array(float(value)).astype(dtype)
+    approx = round_to(np.array(float(value)), dtype)
     best_key, best = None, approx
     for cand in (_adjacent(approx, dtype, -1), approx, _adjacent(approx, dtype, 1)):
         if not math.isfinite(float(cand)):
@@ -341,9 +367,7 @@ def accumulator_dtype(order: Order, dtype: Any) -> np.dtype:
 Reducer = Callable[[np.ndarray, np.ndarray | None, np.dtype, tuple[int, ...]], np.ndarray]
 
 
-def reduce_terms(
-    a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dtype
-) -> np.ndarray:
+def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dtype) -> np.ndarray:
     """``sum_k a[k] * b[k]`` over axis 0 in ``order``, accumulated in ``dtype`` (or the order's
     accumulator dtype, the result then rounded to ``dtype``)."""
     acc_dtype = accumulator_dtype(order, dtype)
@@ -367,4 +391,4 @@ def reduce_terms(
         out = _float64(a, b, np.dtype(dtype), shape)
     else:  # correctly rounded to the output dtype, whatever the accumulator
         out = exact_sum(a, b, np.dtype(dtype))
-    return np.asarray(out).reshape(shape).astype(dtype)
+    return round_to(np.asarray(out).reshape(shape), dtype)

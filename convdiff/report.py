@@ -106,9 +106,16 @@ def render_table(report: Report) -> Table:
         pad_edge=False,
     )
     for header, justify in (
-        ("#", "right"), ("layer", "left"), ("class", "left"), ("shape", "left"),
-        ("status", "left"), ("max ULP", "right"), ("p99 ULP", "right"),
-        ("max abs", "right"), ("differ", "right"), ("/bound", "right"),
+        ("#", "right"),
+        ("layer", "left"),
+        ("class", "left"),
+        ("shape", "left"),
+        ("status", "left"),
+        ("max ULP", "right"),
+        ("p99 ULP", "right"),
+        ("max abs", "right"),
+        ("differ", "right"),
+        ("/bound", "right"),
     ):
         table.add_column(header, justify=justify, overflow="fold", no_wrap=header != "layer")
     for r in report.layers:
@@ -149,13 +156,18 @@ def render_summary(report: Report) -> Text:
         lines.append("No layer diverged", style="bold green")
         lines.append(": every compared difference is within its rounding bound.\n")
     for r in report.over_budget:
-        lines.append(f"Over budget: {r.name} max {r.comparison.max_ulp:,} ULP > "
-                     f"{report.settings.get('max_ulp')}\n", style="red")
+        lines.append(
+            f"Over budget: {r.name} max {r.comparison.max_ulp:,} ULP > "
+            f"{report.settings.get('max_ulp')}\n",
+            style="red",
+        )
     for r in report.layers:
         if r.status == "skipped":
             lines.append(f"Skipped: {r.name}: {r.reason}\n", style="yellow")
     lines.append(f"{len(report.layers)} layers: {tally}. ")
-    lines.append("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
+    lines.append(
+        "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red"
+    )
     return lines
 
 

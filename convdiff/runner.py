@@ -45,8 +45,12 @@ class Settings:
     max_ulp: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.order.to_dict(), "order_label": self.order.label, "mode": self.mode,
-                "max_ulp": self.max_ulp}
+        return {
+            **self.order.to_dict(),
+            "order_label": self.order.label,
+            "mode": self.mode,
+            "max_ulp": self.max_ulp,
+        }
 
 
 @dataclass
@@ -93,7 +97,9 @@ class LayerResult:
         }
 
 
-def run_layers(model: Any, inputs: Sequence[np.ndarray], settings: Settings) -> Iterator[LayerResult]:
+def run_layers(
+    model: Any, inputs: Sequence[np.ndarray], settings: Settings
+) -> Iterator[LayerResult]:
     """Yield a :class:`LayerResult` for every layer call of ``model`` on ``inputs``."""
     import keras
 
@@ -105,8 +111,12 @@ def run_layers(model: Any, inputs: Sequence[np.ndarray], settings: Settings) -> 
     for index, node in enumerate(graph.nodes):
         keras_in = [keras_values[k] for k in node.inputs]
         keras_out = [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
-        numpy_in = keras_in if settings.mode == "isolated" else [numpy_values[k] for k in node.inputs]
-        result, numpy_out = _compare_node(index, node, keras_in, numpy_in, keras_out, settings, public)
+        numpy_in = (
+            keras_in if settings.mode == "isolated" else [numpy_values[k] for k in node.inputs]
+        )
+        result, numpy_out = _compare_node(
+            index, node, keras_in, numpy_in, keras_out, settings, public
+        )
         for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
             keras_values[key] = k_val
             numpy_values[key] = n_val
@@ -125,19 +135,29 @@ def _compare_node(
 ) -> tuple[LayerResult, list[np.ndarray]]:
     """Run the node's kernel and judge it; return the result and the NumPy side's outputs."""
     first = keras_out[0]
-    result = LayerResult(index, node.name, node.class_name, tuple(first.shape), str(first.dtype), "skipped")
+    result = LayerResult(
+        index, node.name, node.class_name, tuple(first.shape), str(first.dtype), "skipped"
+    )
     kernel = find_kernel(type(node.layer), public)
     if kernel is None:
         result.reason = f"no NumPy kernel for {node.class_name}"
         return result, keras_out
     if len(keras_out) != 1:
-        result.reason = f"{node.class_name} has {len(keras_out)} outputs; only single-output layers are compared"
+        result.reason = (
+            f"{node.class_name} has {len(keras_out)} outputs; "
+            "only single-output layers are compared"
+        )
         return result, keras_out
     try:
         spec = layer_spec(node.layer)
         propagated = settings.mode == "propagated"
-        run = run_kernel(kernel, spec, numpy_in, settings.order,
-                         reference_inputs=keras_in if propagated else None)
+        run = run_kernel(
+            kernel,
+            spec,
+            numpy_in,
+            settings.order,
+            reference_inputs=keras_in if propagated else None,
+        )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
         return result, keras_out
@@ -149,11 +169,15 @@ def _compare_node(
     if output.dtype != first.dtype:
         result.reason = f"NumPy output rounded from {output.dtype} to Keras's {first.dtype}"
         output = output.astype(first.dtype)
-    result.comparison = compare(first, output, run.bound) if first.dtype.kind == "f" else (
-        compare(first.astype(np.float64), output.astype(np.float64), None)
+    result.comparison = (
+        compare(first, output, run.bound)
+        if first.dtype.kind == "f"
+        else (compare(first.astype(np.float64), output.astype(np.float64), None))
     )
     result.status = _status(result.comparison)
-    result.over_budget = settings.max_ulp is not None and result.comparison.max_ulp > settings.max_ulp
+    result.over_budget = (
+        settings.max_ulp is not None and result.comparison.max_ulp > settings.max_ulp
+    )
     return result, [output]
 
 

@@ -1,6 +1,6 @@
 """Build the examples: the one-layer model of NUMERICS.md and an 8-layer stack, with inputs.
 
-    python examples/make_examples.py          # writes examples/*.h5, *.keras, *.npy
+python examples/make_examples.py          # writes examples/*.h5, *.keras, *.npy
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def deep() -> keras.Model:
     keras.utils.set_random_seed(1)
     layers = [keras.Input((32, 32, 3))]
     for i in range(8):
-        layers.append(keras.layers.Conv2D(16, 3, padding="same", activation="relu", name=f"conv{i}"))
+        layers.append(
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu", name=f"conv{i}")
+        )
     return keras.Sequential(layers, name="deep8")
 
 

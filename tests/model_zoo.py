@@ -23,8 +23,12 @@ def _bn_stats(model, seed: int) -> None:
             weights = layer.get_weights()
             n = weights[0].shape[0]
             layer.set_weights(
-                [rng.uniform(0.5, 1.5, n).astype("float32"), rng.normal(0, 0.5, n).astype("float32"),
-                 rng.normal(0, 0.5, n).astype("float32"), rng.uniform(0.2, 2.0, n).astype("float32")]
+                [
+                    rng.uniform(0.5, 1.5, n).astype("float32"),
+                    rng.normal(0, 0.5, n).astype("float32"),
+                    rng.normal(0, 0.5, n).astype("float32"),
+                    rng.uniform(0.2, 2.0, n).astype("float32"),
+                ]
             )
 
 
@@ -76,8 +80,11 @@ def multi_io(k):
 def nested(k):
     L = k.layers
     block = k.Sequential(
-        [k.Input((10, 10, 3)), L.Conv2D(4, 3, padding="same", activation="relu", name="inner_conv"),
-         L.BatchNormalization(name="inner_bn")],
+        [
+            k.Input((10, 10, 3)),
+            L.Conv2D(4, 3, padding="same", activation="relu", name="inner_conv"),
+            L.BatchNormalization(name="inner_bn"),
+        ],
         name="block",
     )
     x = k.Input((10, 10, 3), name="x")

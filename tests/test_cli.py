@@ -53,9 +53,24 @@ def test_json_stdout_has_required_fields(examples):
     assert report["settings"]["order"] == "sequential" and report["settings"]["fma"] is True
     assert {"tensorflow", "keras", "numpy", "onednn"} <= set(report["environment"])
     layer = report["layers"][0]
-    for key in ("index", "name", "class", "output_shape", "dtype", "status", "reason", "max_ulp",
-                "mean_ulp", "p99_ulp", "max_abs", "max_rel", "mismatch_fraction", "bound_ratio",
-                "over_budget", "worst"):
+    for key in (
+        "index",
+        "name",
+        "class",
+        "output_shape",
+        "dtype",
+        "status",
+        "reason",
+        "max_ulp",
+        "mean_ulp",
+        "p99_ulp",
+        "max_abs",
+        "max_rel",
+        "mismatch_fraction",
+        "bound_ratio",
+        "over_budget",
+        "worst",
+    ):
         assert key in layer
     assert [entry["name"] for entry in report["layers"]] == [f"conv{i}" for i in range(8)]
 
@@ -84,8 +99,16 @@ def test_over_budget_exits_1(examples):
 
 def test_propagated_mode_and_orders(examples):
     for order in ("pairwise", "kahan", "blocked:8", "blas", "float64", "exact", "reverse"):
-        result = run(examples / "deep8.keras", examples / "deep8_input.npy", "--mode", "propagated",
-                     "--order", order, "--json", "-")
+        result = run(
+            examples / "deep8.keras",
+            examples / "deep8_input.npy",
+            "--mode",
+            "propagated",
+            "--order",
+            order,
+            "--json",
+            "-",
+        )
         report = json.loads(result.stdout)
         assert result.exit_code == 0, (order, report["counts"])
         assert report["settings"]["mode"] == "propagated"
@@ -106,8 +129,10 @@ def test_notes_for_cast_and_batch_axis(examples, tmp_path):
 
 
 def test_help_does_not_import_tensorflow():
-    code = "import sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n" \
-           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
+    code = (
+        "import sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
@@ -193,8 +218,9 @@ def test_usage_errors(bad_files, tmp_path):
 
 def test_missing_custom_object_names_class(tmp_path):
     layer_file = tmp_path / "my_layers.py"
-    layer_file.write_text(textwrap.dedent(
-        """
+    layer_file.write_text(
+        textwrap.dedent(
+            """
         import keras
 
         @keras.saving.register_keras_serializable(package="demo")
@@ -202,7 +228,8 @@ def test_missing_custom_object_names_class(tmp_path):
             def call(self, x):
                 return x * 2
         """
-    ))
+        )
+    )
     script = textwrap.dedent(
         f"""
         import os, sys, runpy
@@ -215,10 +242,14 @@ def test_missing_custom_object_names_class(tmp_path):
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    assert_error(run(tmp_path / "custom.keras", tmp_path / "x.npy"),
-                 "custom class 'demo>Doubler'", "--custom-objects")
-    result = run(tmp_path / "custom.keras", tmp_path / "x.npy", "--custom-objects", layer_file,
-                 "--json", "-")
+    assert_error(
+        run(tmp_path / "custom.keras", tmp_path / "x.npy"),
+        "custom class 'demo>Doubler'",
+        "--custom-objects",
+    )
+    result = run(
+        tmp_path / "custom.keras", tmp_path / "x.npy", "--custom-objects", layer_file, "--json", "-"
+    )
     assert result.exit_code == 0, result.output
     layers = json.loads(result.stdout)["layers"]
     assert [entry["status"] for entry in layers][1] == "skipped"
@@ -231,8 +262,9 @@ def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
     from convdiff import kernels
 
     layer_file = tmp_path / "scale_layers.py"
-    layer_file.write_text(textwrap.dedent(
-        """
+    layer_file.write_text(
+        textwrap.dedent(
+            """
         import keras
 
         @keras.saving.register_keras_serializable(package="demo")
@@ -240,15 +272,16 @@ def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
             def call(self, x):
                 return x * 2
         """
-    ))
+        )
+    )
     script = textwrap.dedent(
         f"""
         import os, runpy
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
         import keras, numpy as np
         ns = runpy.run_path({str(layer_file)!r})
-        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"), ns["Twice"](name="twice"),
-                              keras.layers.Dense(2, name="after")])
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"),
+                              ns["Twice"](name="twice"), keras.layers.Dense(2, name="after")])
         m.save({str(tmp_path / "m.keras")!r})
         np.save({str(tmp_path / "x.npy")!r}, np.ones((1, 4), np.float32))
         """

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import model_zoo
 import numpy as np
 import pytest
 
-import model_zoo
 from convdiff.api import compare
 
 
@@ -22,7 +22,11 @@ FILES = [f"{n}.{ext}" for n in model_zoo.BUILDERS for ext in ("h5", "keras", "k2
 @pytest.mark.parametrize("key", FILES)
 def test_every_layer_identical_or_rounding(zoo, key, mode):
     report = compare(str(zoo[key]), None, seed=3, mode=mode)
-    bad = [(r.name, r.status, r.reason) for r in report.layers if r.status not in ("identical", "rounding")]
+    bad = [
+        (r.name, r.status, r.reason)
+        for r in report.layers
+        if r.status not in ("identical", "rounding")
+    ]
     assert not bad, bad
     assert report.passed and report.first_divergent is None
     assert len(report.layers) >= 5
@@ -60,9 +64,10 @@ def test_one_layer_example_identical_in_default_order(examples):
 def bit_exact_cpu() -> bool:
     """The measured bit-exact reproduction needs x86-64 with AVX-512 and oneDNN on."""
     import os
+    from pathlib import Path
 
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512f" in flags and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"

@@ -26,8 +26,9 @@ AXIS_NAMES = {"softmax", "log_softmax", "sparsemax", "glu"}  # act along the las
 
 # TensorFlow's CPU kernels run with flush-to-zero: a result that would be subnormal comes out as 0
 # (measured: tf.exp(-88.) == 0, 1e-40 * 1.0 == 0). numerics.underflow_unit allows the smallest
-# normal number per step for that; inputs whose activation underflows have their own test below: exp(x) for very negative x, exp(-x) for log_sigmoid, row spreads of
-# softmax beyond ~87, erfc beyond 9.2 in gelu (x in -14.2..-13).
+# normal number per step for that; inputs whose activation underflows have their own test below:
+# exp(x) for very negative x, exp(-x) for log_sigmoid, row spreads of softmax beyond ~87, erfc
+# beyond 9.2 in gelu (x in -14.2..-13).
 UNDERFLOW_BELOW = {"exponential", "sigmoid", "silu", "swish", "softplus", "mish", "softmax"}
 UNDERFLOW_ABOVE = {"log_sigmoid", "softmax"}
 

@@ -17,7 +17,7 @@ from support import assert_matches_keras
 from convdiff.evaluate import run_kernel
 from convdiff.graph import layer_spec
 from convdiff.kernels import LayerSpec, Unsupported, find_kernel
-from convdiff.kernels.normalization import widen
+from convdiff.kernels.normalization import accumulating_in, widen
 from convdiff.metrics import compare, within_bound
 from convdiff.numerics import Bounded, Rounded
 from convdiff.orders import Order
@@ -213,3 +213,15 @@ def test_widen_keeps_an_explicit_accumulator() -> None:
     bounded = widen(Bounded("float16", ("float16", "float64")))
     assert bounded.dtype == np.float32 and bounded.acc_units == [2.0**-24, 2.0**-53]
     assert widen(Bounded("float16")).acc_units == [2.0**-24, 2.0**-24]
+
+
+def test_accumulating_in_the_layer_dtype_unless_chosen() -> None:
+    """TF's AvgPool adds float16 in float16, while convdiff's default for half-precision layers
+    is a float32 accumulator; an accumulator the user chose is kept."""
+    assert accumulating_in(Rounded("float16"), "float16").order.accumulate == "float16"
+    chosen = Rounded("float16", Order(accumulate="float64"))
+    assert accumulating_in(chosen, "float16").order.accumulate == "float64"
+    bounded = accumulating_in(Bounded("float16", ("float16", "float32")), "float16")
+    assert bounded.dtype == np.float16 and bounded.acc_units == [2.0**-11, 2.0**-11]
+    coarse = accumulating_in(Bounded("float16", ("float16", "bfloat16")), "float16")
+    assert coarse.acc_units == [2.0**-11, 2.0**-8]

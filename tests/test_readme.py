@@ -32,7 +32,9 @@ def test_example_output_is_true(examples, monkeypatch):
     from test_end_to_end import bit_exact_cpu
 
     monkeypatch.setenv("COLUMNS", "100")
-    result = CliRunner().invoke(cli, [str(examples / "one_layer.h5"), str(examples / "one_layer_input.npy")])
+    result = CliRunner().invoke(
+        cli, [str(examples / "one_layer.h5"), str(examples / "one_layer_input.npy")]
+    )
     shown = _block_after("<!-- example-output -->")
     command = shown.splitlines()[0]
     assert command == "$ convdiff examples/one_layer.h5 examples/one_layer_input.npy"

@@ -15,7 +15,9 @@ START, END = "<!-- supported-layers -->", "<!-- /supported-layers -->"
 def update_readme(path: Path) -> None:
     text = path.read_text()
     block = f"{START}\n{supported_layers_markdown()}{END}"
-    path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+    path.write_text(
+        re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    )
 
 
 if __name__ == "__main__":

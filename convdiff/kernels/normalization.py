@@ -81,7 +81,28 @@ def widen(nx: Any, dtype: Any = np.float32, keras_accumulator: Any = None) -> An
 
 def narrow(nx: Any, wide: Any, y: Any) -> Any:
     """Cast ``y`` computed with ``wide`` back to ``nx``'s dtype: one rounding (``y + 0``)."""
-    return y if wide is nx else nx.add(y, 0.0)
+    return y if wide.dtype == nx.dtype else nx.add(y, 0.0)
+
+
+def accumulating_in(nx: Any, dtype: Any) -> Any:
+    """``nx`` with reductions accumulated in ``dtype`` unless the user chose an accumulator.
+
+    By default a half-precision layer's reductions accumulate in float32 (TF's matmul and
+    convolution); kernels whose TF implementation accumulates in the layer's own dtype ask for
+    it here. The bound uses the coarser of ``dtype`` and the chosen accumulator on each side.
+    """
+    target = np.dtype(dtype)
+    if isinstance(nx, Rounded):
+        if nx.order.accumulate:
+            return nx
+        return Rounded(nx.dtype, dataclasses.replace(nx.order, accumulate=target.name))
+    if isinstance(nx, Bounded):
+        numpy_side = next(
+            d for d in ACCUMULATOR_DTYPES.values() if unit_roundoff(d) == nx.acc_units[-1]
+        )
+        coarser = max((target, numpy_side), key=unit_roundoff)
+        return Bounded(nx.dtype, (target, coarser))
+    raise TypeError(f"unknown arithmetic {type(nx).__name__}")
 
 
 # ----------------------------------------------------------------------------- shared steps

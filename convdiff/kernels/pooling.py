@@ -13,8 +13,13 @@ the kernels do the same (the moves are exact).
   float16 layer accumulates in float16); a multiplication by the reciprocal of the count does not.
   bfloat16 is the exception: TF's default oneDNN path sums and divides in float32.
 - ``GlobalAveragePooling*D`` is ``ops.mean``: TF's ``reduce_mean`` computes in at least float32
-  (Keras upcasts float16/bfloat16 inputs), sums the spatial axes (Eigen's order, not sequential)
-  and divides by the element count, then Keras casts back to the layer's dtype.
+  (Keras upcasts float16/bfloat16 inputs), sums the spatial axes and divides by the element
+  count, then Keras casts back to the layer's dtype. Eigen's sum is not sequential (measured,
+  float32, bit for bit): channels_last outputs that fill an 8-wide packet (by flat (N, C) index)
+  add term ``k`` into accumulator ``k % 4`` (from 16 terms on), then ((a0 + a1) + a2) + a3 and
+  the leftover terms; the other outputs add sequentially. channels_first (a contiguous inner
+  reduction) uses 8-wide packets, four accumulators over 32-term blocks, then a tree over the
+  lanes. The default sequential order therefore differs in the last bits; the bound holds.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from convdiff.kernels import LayerSpec, Unsupported, register
 from convdiff.kernels.conv import _layout, _pads, _patches
-from convdiff.kernels.normalization import narrow, widen
+from convdiff.kernels.normalization import accumulating_in, narrow, widen
 
 _TAPS = {1: "w", 2: "hw", 3: "dhw"}
 
@@ -87,8 +92,10 @@ def _avg_pool(spec: LayerSpec, x, nx, rank: int):
     pool, strides, pads = _pool_geometry(spec, rank, spatial)
     # bfloat16 (measured): TF's default oneDNN pooling sums and divides in float32 and rounds
     # once; TF without oneDNN sums in bfloat16. Mirror the default, bound both.
-    bf16 = nx.dtype.name == "bfloat16"
-    wide = widen(nx, keras_accumulator=nx.dtype) if bf16 else nx
+    if nx.dtype.name == "bfloat16":
+        wide = widen(nx, keras_accumulator=nx.dtype)
+    else:  # Eigen's SpatialAvgPool adds in T, float16 included
+        wide = accumulating_in(nx, nx.dtype)
     win = wide.move(lambda v: _windows(v, pool, strides, pads, "zero"), x)
     total = wide.dot(win, axes=_TAPS[rank])  # padded zeros add exactly
     # SpatialAvgPool counts in T and divides (``out /= count``), one rounding.
