@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from convdiff.errors import OptionError
+from convdiff.graph import build_graph
+from convdiff.impl import check_impls_match, parse_impls
 from convdiff.loading import (
     Inputs,
     configure_tensorflow,
@@ -45,6 +47,7 @@ def compare(
     seed: int | None = None,
     unsafe: bool = False,
     custom_objects: dict[str, Any] | None = None,
+    impls: Sequence[str] | Mapping[str, Any] = (),
     on_layer: Callable[[LayerResult], None] | None = None,
 ) -> Report:
     """Compare every layer of ``model`` between Keras and convdiff's NumPy kernels.
@@ -60,6 +63,9 @@ def compare(
         max_ulp: budget; a compared layer above it fails the report.
         unsafe: allow Lambda layers (runs code stored in the file).
         custom_objects: custom classes for loading.
+        impls: your own implementations in place of convdiff's kernels:
+            ``["conv2d=my_conv.py:forward"]`` or ``{"Conv2D": forward}``; keys are layer names
+            or classes (globs allowed). Called as ``forward(x, *weights[, config=...])``.
         on_layer: called with each :class:`LayerResult` as soon as it is ready.
 
     Raises:
@@ -71,6 +77,7 @@ def compare(
         order=order if isinstance(order, Order) else parse_order(order, fma, accumulate, tap_order),
         mode=mode,
         max_ulp=max_ulp,
+        impls=tuple(parse_impls(impls)),
     )
     configure_tensorflow()
     model_label = (
@@ -78,6 +85,7 @@ def compare(
     )
     if isinstance(model, str | os.PathLike):
         model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
+    check_impls_match(settings.impls, [(n.name, n.class_name) for n in build_graph(model).nodes])
     fitted, input_label = _inputs(model, inputs, seed)
     report = Report(model_label, input_label, settings.to_dict(), environment(), notes=fitted.notes)
     for result in run_layers(model, fitted.arrays, settings):

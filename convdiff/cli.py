@@ -69,6 +69,13 @@ def _fail(message: str) -> None:
     "--json", "json_path", default=None, help="Write the JSON report to PATH ('-': stdout)."
 )
 @click.option(
+    "--impl",
+    "impls",
+    multiple=True,
+    metavar="KEY=FILE.py:FUNC",
+    help="Your own NumPy implementation for layers named or of class KEY (repeatable).",
+)
+@click.option(
     "--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the model file."
 )
 @click.option("--custom-objects", default=None, help="Python file defining custom layers.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,17 +25,21 @@ class KernelRun:
     """
 
     output: np.ndarray
-    reference: np.ndarray
-    bound: np.ndarray
+    reference: np.ndarray | None
+    bound: np.ndarray | None
+
+
+Candidate = Callable[[list[np.ndarray]], np.ndarray]
 
 
 def run_kernel(
-    kernel: Kernel,
+    kernel: Kernel | None,
     spec: LayerSpec,
     inputs: Sequence[np.ndarray],
     order: Order | None = None,
     *,
     reference_inputs: Sequence[np.ndarray] | None = None,
+    candidate: Candidate | None = None,
 ) -> KernelRun:
     """Evaluate ``kernel`` with rounded arithmetic and with bounded float64 arithmetic.
 
@@ -47,6 +51,8 @@ def run_kernel(
         reference_inputs: Keras's inputs when they differ from ``inputs`` (propagated mode);
             the bounded pass starts from them, with ``|inputs - reference_inputs|`` as the
             inputs' uncertainty.
+        candidate: computes the NumPy side instead of the kernel (a user's implementation);
+            the kernel, if any, still gives the float64 reference and the bound.
     """
     order = order or Order()
     # Keras casts floating inputs to the layer's compute dtype before ``call`` (mixed precision).
@@ -54,8 +60,12 @@ def run_kernel(
     refs = (
         inputs if reference_inputs is None else [_autocast(x, spec.dtype) for x in reference_inputs]
     )
-    rounded = Rounded(spec.dtype, order)
-    numpy_out = kernel(spec, inputs, rounded)
+    if candidate is not None:
+        numpy_out = candidate(list(inputs))
+    else:
+        numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
+    if kernel is None:
+        return KernelRun(np.asarray(numpy_out), None, None)
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer
     # dtype's gamma_n covers both.
     bounded = Bounded(spec.dtype, (spec.dtype, accumulator_dtype(order, spec.dtype)))

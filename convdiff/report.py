@@ -162,13 +162,32 @@ def render_summary(report: Report) -> Text:
             style="red",
         )
     for r in report.layers:
-        if r.status == "skipped":
-            lines.append(f"Skipped: {r.name}: {r.reason}\n", style="yellow")
+        _layer_notes(r, lines)
     lines.append(f"{len(report.layers)} layers: {tally}. ")
     lines.append(
         "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red"
     )
     return lines
+
+
+def _layer_notes(r: LayerResult, lines: Text) -> None:
+    """Per-layer lines under the table: skips, errors with the user's traceback, notes, and
+    for a user's implementation whose side is closer to the correctly rounded result."""
+    if r.status == "skipped":
+        lines.append(f"Skipped: {r.name}: {r.reason}\n", style="yellow")
+        return
+    if r.status == "error":
+        lines.append(f"Error in {r.name}: {r.reason}\n", style="bold magenta")
+        if r.traceback:
+            lines.append("    " + r.traceback.replace("\n", "\n    ") + "\n", style="magenta")
+        return
+    if r.reason:
+        lines.append(f"Note: {r.name}: {r.reason}\n")
+    if r.impl and r.keras_vs_exact_ulp is not None:
+        lines.append(
+            f"Three-way: {r.name}: Keras max {r.keras_vs_exact_ulp:,} ULP from the correctly "
+            f"rounded result; {r.impl}: {r.numpy_vs_exact_ulp:,} ULP\n"
+        )
 
 
 def render(report: Report) -> Group:

@@ -14,17 +14,18 @@ modes. Tensors are dropped as soon as no later layer (or model output) reads the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from convdiff.evaluate import run_kernel
+from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.graph import Graph, GraphNode, build_graph, layer_spec
+from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import Comparison, compare, is_identical, within_bound
-from convdiff.orders import Order
+from convdiff.orders import Order, round_to
 
 MODES = ("isolated", "propagated")
 STATUSES = ("identical", "rounding", "divergent", "skipped", "error")
@@ -43,6 +44,7 @@ class Settings:
     order: Order = field(default_factory=Order)
     mode: str = "isolated"
     max_ulp: int | None = None
+    impls: tuple[UserImpl, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +52,7 @@ class Settings:
             "order_label": self.order.label,
             "mode": self.mode,
             "max_ulp": self.max_ulp,
+            "impls": {i.key: i.source for i in self.impls},
         }
 
 
@@ -66,6 +69,10 @@ class LayerResult:
     reason: str | None = None
     comparison: Comparison | None = None
     over_budget: bool = False
+    impl: str | None = None
+    traceback: str | None = None
+    keras_vs_exact_ulp: int | None = None
+    numpy_vs_exact_ulp: int | None = None
 
     @property
     def compared(self) -> bool:
@@ -94,6 +101,10 @@ class LayerResult:
             "bound_ratio": c.get("bound_ratio"),
             "over_budget": self.over_budget,
             "worst": c.get("worst"),
+            "keras_vs_exact_ulp": self.keras_vs_exact_ulp,
+            "numpy_vs_exact_ulp": self.numpy_vs_exact_ulp,
+            "impl": self.impl,
+            "traceback": self.traceback,
         }
 
 
@@ -133,58 +144,101 @@ def _compare_node(
     settings: Settings,
     public: dict[str, Any],
 ) -> tuple[LayerResult, list[np.ndarray]]:
-    """Run the node's kernel and judge it; return the result and the NumPy side's outputs."""
+    """Run the node's kernel (or the user's implementation) and judge it; return the result and
+    the NumPy side's outputs (Keras's own where the layer was not computed)."""
     first = keras_out[0]
     result = LayerResult(
         index, node.name, node.class_name, tuple(first.shape), str(first.dtype), "skipped"
     )
     kernel = find_kernel(type(node.layer), public)
-    if kernel is None:
+    impl = find_impl(settings.impls, node.name, node.class_name)
+    if kernel is None and impl is None:
         result.reason = f"no NumPy kernel for {node.class_name}"
         return result, keras_out
     if len(keras_out) != 1:
-        result.reason = (
-            f"{node.class_name} has {len(keras_out)} outputs; "
-            "only single-output layers are compared"
-        )
+        count = len(keras_out)
+        result.reason = f"{node.class_name} has {count} outputs; only single outputs are compared"
         return result, keras_out
+    spec = layer_spec(node.layer)
+    result.impl = impl.source if impl else None
     try:
-        spec = layer_spec(node.layer)
-        propagated = settings.mode == "propagated"
         run = run_kernel(
             kernel,
             spec,
             numpy_in,
             settings.order,
-            reference_inputs=keras_in if propagated else None,
+            reference_inputs=keras_in if settings.mode == "propagated" else None,
+            candidate=_candidate(impl, spec) if impl else None,
         )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
         return result, keras_out
-    output = run.output
-    if output.shape != first.shape:
-        result.status = "divergent"
-        result.reason = f"NumPy output shape {output.shape}, Keras {first.shape}"
+    except ImplFailure as exc:
+        result.status, result.reason, result.traceback = "error", str(exc), exc.traceback
         return result, keras_out
-    if output.dtype != first.dtype:
-        result.reason = f"NumPy output rounded from {output.dtype} to Keras's {first.dtype}"
-        output = output.astype(first.dtype)
-    result.comparison = (
-        compare(first, output, run.bound)
-        if first.dtype.kind == "f"
-        else (compare(first.astype(np.float64), output.astype(np.float64), None))
-    )
-    result.status = _status(result.comparison)
-    result.over_budget = (
-        settings.max_ulp is not None and result.comparison.max_ulp > settings.max_ulp
-    )
+    output, notes = _conform(run.output, first, impl)
+    if output is None:
+        result.status, result.reason = ("error" if impl else "divergent"), notes
+        return result, keras_out
+    result.reason = notes
+    _judge(result, first, output, run, settings)
     return result, [output]
 
 
-def _status(c: Comparison) -> str:
+def _candidate(impl: UserImpl, spec) -> Callable[[list[np.ndarray]], np.ndarray]:
+    weights = list(spec.weights.values())
+    return lambda inputs: impl(inputs, weights, spec.config)
+
+
+def _conform(
+    output: np.ndarray, keras_out: np.ndarray, impl: UserImpl | None
+) -> tuple[np.ndarray | None, str | None]:
+    """Check the NumPy side's shape, round another dtype to Keras's (with a note)."""
+    who = f"your implementation {impl.source}" if impl else "the NumPy kernel"
+    if output.shape != keras_out.shape:
+        return None, (
+            f"{who} returned shape {tuple(output.shape)}; Keras's output has shape "
+            f"{tuple(keras_out.shape)}"
+        )
+    if output.dtype != keras_out.dtype:
+        if output.dtype.kind not in "biuf":
+            return None, f"{who} returned dtype {output.dtype}; expected {keras_out.dtype}"
+        note = f"{who} returned {output.dtype}; rounded to {keras_out.dtype} for the comparison"
+        return round_to(output.astype(np.float64), keras_out.dtype), note
+    return output, None
+
+
+def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Settings) -> None:
+    """Figures, status and budget of a compared layer (and the three-way figures)."""
+    floating = keras_out.dtype.kind == "f"
+    bound = run.bound if floating else None
+    result.comparison = (
+        compare(keras_out, output, bound)
+        if floating
+        else compare(keras_out.astype(np.float64), output.astype(np.float64), None)
+    )
+    c = result.comparison
     if is_identical(c):
-        return "identical"
-    return "rounding" if within_bound(c) else "divergent"
+        result.status = "identical"
+    elif bound is None:
+        result.status = "skipped"
+        result.reason = _join(
+            result.reason,
+            "no convdiff kernel to bound the rounding of "
+            f"{result.class_name}: figures shown, no verdict",
+        )
+    else:
+        result.status = "rounding" if within_bound(c) else "divergent"
+    if floating and run.reference is not None:
+        exact = round_to(run.reference, keras_out.dtype)
+        result.keras_vs_exact_ulp = compare(exact, keras_out).max_ulp
+        result.numpy_vs_exact_ulp = compare(exact, output).max_ulp
+    result.over_budget = settings.max_ulp is not None and c.max_ulp > settings.max_ulp
+
+
+def _join(*parts: str | None) -> str | None:
+    text = "; ".join(p for p in parts if p)
+    return text or None
 
 
 def _release(node: GraphNode, graph: Graph, remaining, *stores: dict[int, np.ndarray]) -> None:
