@@ -153,7 +153,7 @@ def test_config_keyword_class_key_and_module_form(two_layer, monkeypatch):
             "-",
         ).stdout
     )
-    assert [entry["status"] for entry in data["layers"]][0] == "error"
+    assert data["layers"][0]["status"] == "error"
     assert data["layers"][1]["impl"] == "impls:with_config"
 
 
