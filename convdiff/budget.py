@@ -110,9 +110,9 @@ class Budget:
 
     def limits_for(self, name: str, class_name: str) -> LayerLimits:
         """Resolve the rules for one layer: the last matching rule of each kind wins."""
-        ulp = _resolve(self.max_ulp, name, class_name)
+        ulp = _value(_resolve(self.max_ulp, name, class_name))
         return LayerLimits(
-            max_ulp=None if ulp is None else int(ulp.value),
+            max_ulp=None if ulp is None else int(ulp),
             atol=_value(_resolve(self.atol, name, class_name)),
             rtol=_value(_resolve(self.rtol, name, class_name)),
         )
@@ -153,7 +153,7 @@ class Budget:
         measured = _quantile_of(ulp, q)
         if measured <= int(rule.value):
             return []
-        what = "max ULP" if self.quantile is None else f"{_fmt_q(q)} ULP quantile"
+        what = "max ULP" if q >= 1.0 else f"{_fmt_q(q)} ULP quantile"
         return [f"{what} {measured:,} > {int(rule.value):,} ({rule.label('--max-ulp')})"]
 
     def _check_tolerance(

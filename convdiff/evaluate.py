@@ -19,6 +19,8 @@ class KernelRun:
     Attributes:
         output: the NumPy side, rounded to the layer's dtype step by step in the chosen order.
         reference: the same pipeline evaluated in float64.
+        scale: per element, the magnitude of the terms it was computed from (``sum |a_i b_i|``
+            for a reduction), for errors in units of the terms' scale.
         bound: per element, the largest ``|keras - numpy|`` that rounding alone can explain
             (both sides rounding every step Keras rounds, in any order), plus what the
             difference between the two sides' inputs can propagate.
@@ -27,6 +29,7 @@ class KernelRun:
     output: np.ndarray
     reference: np.ndarray | None
     bound: np.ndarray | None
+    scale: np.ndarray | None = None
 
 
 Candidate = Callable[[list[np.ndarray]], np.ndarray]
@@ -75,7 +78,9 @@ def run_kernel(
     ]
     with np.errstate(all="ignore"):
         ref = kernel(spec, tracked, bounded)
-    return KernelRun(np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err))
+    return KernelRun(
+        np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err), np.asarray(ref.magnitude)
+    )
 
 
 def _autocast(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -137,9 +137,8 @@ def _details(r: LayerResult, report: Report) -> str:
     lines += [f"budget: {v}" for v in _budget_violations(r, report)]
     if r.reason:
         lines.append(f"reason: {r.reason}")
-    traceback = getattr(r, "traceback", None)
-    if traceback:
-        lines.append(str(traceback))
+    if r.traceback:
+        lines.append(r.traceback)
     return "\n".join(lines)
 
 

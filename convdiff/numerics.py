@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ml_dtypes
@@ -58,10 +58,18 @@ def underflow_unit(dtype: Any) -> float:
 
 @dataclass
 class Tracked:
-    """A float64 value and a per-element bound on how far two implementations can be apart."""
+    """A float64 value, a per-element bound on how far two implementations can be apart, and
+    the scale of the terms it was computed from (``sum |a_i b_i|`` for a reduction; None means
+    ``|value|``), so that a difference can be read in units of the terms' magnitude."""
 
     value: np.ndarray
     err: np.ndarray
+    scale: np.ndarray | None = None
+
+    @property
+    def magnitude(self) -> np.ndarray:
+        """The terms' scale: ``scale``, or ``|value|`` when no reduction produced it."""
+        return np.abs(self.value) if self.scale is None else self.scale
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -73,6 +81,12 @@ class Tracked:
 
 
 Array = Any  # np.ndarray for Rounded, Tracked for Bounded
+
+
+def _has_scale(x: Any) -> bool:
+    if isinstance(x, list | tuple):
+        return any(_has_scale(v) for v in x)
+    return isinstance(x, Tracked) and x.scale is not None
 
 
 def _unwrap(xs: Any, field: str) -> Any:
@@ -100,6 +114,30 @@ class Rounded:
     def value(self, x: np.ndarray) -> np.ndarray:
         """The plain array (used for data-dependent decisions such as argmax)."""
         return x
+
+    # Precision changes ----------------------------------------------------------------------
+    def widened(self, dtype: Any, keras_accumulator: Any = None) -> Rounded:
+        """This arithmetic carried out in a wider ``dtype`` (Keras computes normalizations and
+        means of float16/bfloat16 tensors in float32). An accumulator that was the layer's own
+        dtype widens with it; an explicit ``--accumulate`` stays. Not wider: ``self``."""
+        target = np.dtype(dtype)
+        if self.dtype.itemsize >= target.itemsize:
+            return self
+        order = self.order
+        if order.accumulate and ACCUMULATOR_DTYPES[order.accumulate] == self.dtype:
+            order = replace(order, accumulate=None)
+        return Rounded(target, order)
+
+    def accumulating_in(self, dtype: Any) -> Rounded:
+        """Reductions accumulated in ``dtype`` unless the user chose an accumulator (for kernels
+        whose TF implementation accumulates in the layer's own dtype)."""
+        if self.order.accumulate:
+            return self
+        return Rounded(self.dtype, replace(self.order, accumulate=np.dtype(dtype).name))
+
+    def round(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (from a wider arithmetic) rounded to this dtype: one rounding."""
+        return self._round(np.asarray(x, dtype=np.float64))
 
     # Reductions ---------------------------------------------------------------------------
     def dot(self, a: np.ndarray, b: np.ndarray | None = None, axes: str = "k") -> np.ndarray:
@@ -189,6 +227,7 @@ class Bounded:
     def __init__(self, dtype: Any, accumulators: Sequence[Any] | None = None) -> None:
         self.dtype = np.dtype(dtype)
         accumulators = accumulators or (self.dtype, self.dtype)
+        self.accumulators = tuple(np.dtype(d) for d in accumulators)
         self.u_sum = 2 * unit_roundoff(self.dtype)
         self.eta_sum = 2 * underflow_unit(self.dtype)
         self.acc_units = [unit_roundoff(d) for d in accumulators]
@@ -205,7 +244,9 @@ class Bounded:
         return Tracked(value, np.broadcast_to(np.asarray(err, dtype=np.float64), value.shape))
 
     def move(self, fn: Callable[..., np.ndarray], *xs: Any) -> Tracked:
-        return Tracked(fn(*_unwrap(xs, "value")), fn(*_unwrap(xs, "err")))
+        scaled = any(_has_scale(x) for x in xs)
+        scale = fn(*_unwrap(xs, "magnitude")) if scaled else None
+        return Tracked(fn(*_unwrap(xs, "value")), fn(*_unwrap(xs, "err")), scale)
 
     def const(self, x: Any) -> Tracked:
         return self.track(np.asarray(x).astype(self.dtype))
@@ -213,62 +254,90 @@ class Bounded:
     def value(self, x: Tracked) -> np.ndarray:
         return x.value
 
+    def widened(self, dtype: Any, keras_accumulator: Any = None) -> Bounded:
+        """See :meth:`Rounded.widened`; ``keras_accumulator`` names a narrower dtype Keras's
+        own reductions may accumulate in (depending on the backend build): the bound then
+        covers both."""
+        target = np.dtype(dtype)
+        if self.dtype.itemsize >= target.itemsize:
+            return self
+        numpy_side = self.accumulators[1]
+        numpy_side = target if numpy_side == self.dtype else numpy_side
+        keras_side = target if keras_accumulator is None else np.dtype(keras_accumulator)
+        return Bounded(target, (keras_side, numpy_side))
+
+    def accumulating_in(self, dtype: Any) -> Bounded:
+        """See :meth:`Rounded.accumulating_in`: each side's coarser accumulator is bounded."""
+        target = np.dtype(dtype)
+        coarser = max((target, self.accumulators[1]), key=unit_roundoff)
+        return Bounded(self.dtype, (target, coarser))
+
+    def round(self, x) -> Tracked:
+        """One rounding to this dtype (each side)."""
+        x = self._lift(x)
+        return self._rounded(x.value, x.err, x.scale)
+
     def _lift(self, x: Any) -> Tracked:
         return x if isinstance(x, Tracked) else self.track(x)
 
-    def _rounded(self, value: np.ndarray, prop: np.ndarray) -> Tracked:
+    def _rounded(self, value: np.ndarray, prop: np.ndarray, scale=None) -> Tracked:
         """A result rounded once per side: add ``u (|z| + e)`` for each side."""
         with np.errstate(all="ignore"):
             err = prop + self.u_sum * (np.abs(value) + prop) + self.eta_sum
-        return Tracked(value, err)
+        return Tracked(value, err, scale)
 
     # Reductions ---------------------------------------------------------------------------
     def dot(self, a, b=None, axes: str = "k") -> Tracked:
         a = self._lift(a)
         n = len(axes)
         k = math.prod(a.shape[:n])
-        av, ae = (v.reshape((k, *v.shape[n:])) for v in (a.value, a.err))
+        av, ae = (np.reshape(v, (k, *v.shape[n:])) for v in (a.value, a.err))
         with np.errstate(all="ignore"):
             if b is None:
                 value = av.sum(axis=0)
-                mag = (np.abs(av) + ae).sum(axis=0)
                 prop = ae.sum(axis=0)
+                mag = np.abs(av).sum(axis=0) + prop
             else:
                 b = self._lift(b)
-                bv, be = (v.reshape((k, *v.shape[n:])) for v in (b.value, b.err))
-                value = np.einsum("k...,k...->...", av, bv)
-                prop = np.einsum("k...,k...->...", np.abs(av), be) + np.einsum(
-                    "k...,k...->...", ae, np.abs(bv) + be
-                )
-                mag = np.einsum("k...,k...->...", np.abs(av) + ae, np.abs(bv) + be)
+                bv, be = (np.reshape(v, (k, *v.shape[n:])) for v in (b.value, b.err))
+                value = _contract(av, bv)
+                mag_exact = _contract(np.abs(av), np.abs(bv))
+                # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b); exact inputs (isolated mode,
+                # weights) skip the work.
+                prop = np.zeros_like(mag_exact)
+                if be.any():
+                    prop = prop + _contract(np.abs(av), be)
+                if ae.any():
+                    prop = prop + _contract(ae, np.abs(bv) + be)
+                mag = mag_exact + prop
             # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
             # evaluation's own error, plus k underflows.
             gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
             err = prop + gamma * mag + k * self.acc_eta
             err = err + self.final_units * (np.abs(value) + err) + self.eta_sum
-        return Tracked(np.asarray(value), np.asarray(err))
+        return Tracked(np.asarray(value), np.asarray(err), np.asarray(mag))
 
     def sum(self, x, axis, keepdims=False) -> Tracked:
         x = self._lift(x)
         moved = self.move(lambda v: _to_front(v, axis, keepdims)[0], x)
         _, shape = _to_front(x.value, axis, keepdims)
         out = self.dot(moved, None, "k")
-        return Tracked(out.value.reshape(shape), out.err.reshape(shape))
+        return Tracked(out.value.reshape(shape), out.err.reshape(shape), out.scale.reshape(shape))
 
     # Elementwise, one rounding each --------------------------------------------------------
     def add(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        return self._rounded(x.value + y.value, x.err + y.err)
+        return self._rounded(x.value + y.value, x.err + y.err, x.magnitude + y.magnitude)
 
     def sub(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        return self._rounded(x.value - y.value, x.err + y.err)
+        return self._rounded(x.value - y.value, x.err + y.err, x.magnitude + y.magnitude)
 
     def mul(self, x, y):
         x, y = self._lift(x), self._lift(y)
         with np.errstate(all="ignore"):
             prop = np.abs(x.value) * y.err + np.abs(y.value) * x.err + x.err * y.err
-            return self._rounded(x.value * y.value, prop)
+            return self._rounded(x.value * y.value, prop, x.magnitude * y.magnitude)
 
     def div(self, x, y):
         x, y = self._lift(x), self._lift(y)
@@ -280,30 +349,35 @@ class Bounded:
                 (np.abs(x.value) * y.err + np.abs(y.value) * x.err) / (np.abs(y.value) * margin),
                 np.where((x.err == 0) & (y.err == 0), 0.0, np.inf),
             )
-            return self._rounded(value, prop)
+            return self._rounded(value, prop, x.magnitude / np.abs(y.value))
 
     # Exact elementwise (1-Lipschitz) -------------------------------------------------------
     def neg(self, x):
         x = self._lift(x)
-        return Tracked(-x.value, x.err)
+        return Tracked(-x.value, x.err, x.scale)
 
     def abs(self, x):
         x = self._lift(x)
-        return Tracked(np.abs(x.value), x.err)
+        return Tracked(np.abs(x.value), x.err, x.scale)
 
     def maximum(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        return Tracked(np.maximum(x.value, y.value), np.maximum(x.err, y.err))
+        pick = x.value >= y.value
+        scale = np.where(pick, x.magnitude, y.magnitude) if _has_scale([x, y]) else None
+        return Tracked(np.maximum(x.value, y.value), np.maximum(x.err, y.err), scale)
 
     def minimum(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        return Tracked(np.minimum(x.value, y.value), np.maximum(x.err, y.err))
+        pick = x.value <= y.value
+        scale = np.where(pick, x.magnitude, y.magnitude) if _has_scale([x, y]) else None
+        return Tracked(np.minimum(x.value, y.value), np.maximum(x.err, y.err), scale)
 
     def max(self, x, axis, keepdims=False):
         x = self._lift(x)
         return Tracked(
             np.max(x.value, axis=axis, keepdims=keepdims),
             np.max(x.err, axis=axis, keepdims=keepdims),
+            np.max(x.magnitude, axis=axis, keepdims=keepdims),
         )
 
     def min(self, x, axis, keepdims=False):
@@ -311,6 +385,7 @@ class Bounded:
         return Tracked(
             np.min(x.value, axis=axis, keepdims=keepdims),
             np.max(x.err, axis=axis, keepdims=keepdims),
+            np.max(x.magnitude, axis=axis, keepdims=keepdims),
         )
 
     def where(self, x, threshold: float, below, above, strict: bool = True):
@@ -324,7 +399,8 @@ class Bounded:
             ambiguous = np.abs(x.value - threshold) <= x.err
             both = np.abs(above.value - below.value) + np.maximum(above.err, below.err)
             err = np.where(ambiguous, np.maximum(err, both), err)
-        return Tracked(np.asarray(value), np.asarray(err))
+        scale = np.where(cond, above.magnitude, below.magnitude)
+        return Tracked(np.asarray(value), np.asarray(err), np.asarray(scale))
 
     # Library functions ---------------------------------------------------------------------
     def apply(self, name: str, x):
@@ -341,6 +417,21 @@ class Bounded:
             spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
             ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
             return Tracked(value, spread + ulps)
+
+
+def _contract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_k a[k] * b[k]`` in float64 for arrays that broadcast on their other axes: one GEMM
+    (BLAS) when ``a`` and ``b`` vary on disjoint output axes (convolutions, Dense), else einsum."""
+    rest_a, rest_b = a.shape[1:], b.shape[1:]
+    if len(rest_a) == len(rest_b):
+        ia = [i for i, m in enumerate(rest_a) if m != 1]
+        ib = [i for i, m in enumerate(rest_b) if m != 1]
+        if not set(ia) & set(ib):
+            gemm = a.reshape(a.shape[0], -1).T @ b.reshape(b.shape[0], -1)
+            gemm = gemm.reshape([rest_a[i] for i in ia] + [rest_b[i] for i in ib])
+            shape = np.broadcast_shapes(rest_a, rest_b)
+            return gemm.transpose(np.argsort(ia + ib)).reshape(shape)
+    return np.einsum("k...,k...->...", a, b)
 
 
 def _gamma(n: int, u: float) -> float:

@@ -21,10 +21,12 @@ import numpy as np
 
 _FAMILIES = (
     "activations",
+    "applications",
     "conv",
     "dense",
     "merging",
     "normalization",
+    "operations",
     "pooling",
     "preprocessing",
     "reshaping",

@@ -35,7 +35,6 @@ cancellation in ``x * inv + shift`` can magnify to hundreds of ULPs of a small o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -43,66 +42,23 @@ from typing import Any
 import numpy as np
 
 from convdiff.kernels import LayerSpec, Unsupported, register
-from convdiff.numerics import ACCUMULATOR_DTYPES, Bounded, Rounded, unit_roundoff
 
 # ----------------------------------------------------------------------------- compute dtype
 
 
 def widen(nx: Any, dtype: Any = np.float32, keras_accumulator: Any = None) -> Any:
-    """The arithmetic ``nx`` carried out in ``dtype`` when that is wider than ``nx``'s dtype.
-
-    Keras computes means and normalizations of float16/bfloat16 tensors in float32; both sides
-    then round every step to float32. An accumulator that was the layer's own dtype widens with
-    it; an explicitly different accumulator (``--accumulate``) stays as chosen.
-
-    Args:
-        nx: the layer's arithmetic.
-        dtype: the compute dtype.
-        keras_accumulator: when Keras's own reductions may accumulate in another (narrower)
-            dtype depending on the backend build, that dtype: the bound then covers both.
-    """
-    target = np.dtype(dtype)
-    if nx.dtype.itemsize >= target.itemsize:
-        return nx
-    if isinstance(nx, Rounded):
-        order = nx.order
-        if order.accumulate and ACCUMULATOR_DTYPES[order.accumulate] == nx.dtype:
-            order = dataclasses.replace(order, accumulate=None)
-        return Rounded(target, order)
-    if isinstance(nx, Bounded):
-        numpy_side = next(
-            d for d in ACCUMULATOR_DTYPES.values() if unit_roundoff(d) == nx.acc_units[-1]
-        )
-        numpy_side = target if numpy_side == nx.dtype else numpy_side
-        keras_side = target if keras_accumulator is None else np.dtype(keras_accumulator)
-        return Bounded(target, (keras_side, numpy_side))
-    raise TypeError(f"unknown arithmetic {type(nx).__name__}")
+    """``nx`` carried out in ``dtype`` when that is wider (see ``Rounded.widened``)."""
+    return nx.widened(dtype, keras_accumulator)
 
 
 def narrow(nx: Any, wide: Any, y: Any) -> Any:
-    """Cast ``y`` computed with ``wide`` back to ``nx``'s dtype: one rounding (``y + 0``)."""
-    return y if wide.dtype == nx.dtype else nx.add(y, 0.0)
+    """Cast ``y`` computed with ``wide`` back to ``nx``'s dtype: one rounding."""
+    return y if wide.dtype == nx.dtype else nx.round(y)
 
 
 def accumulating_in(nx: Any, dtype: Any) -> Any:
-    """``nx`` with reductions accumulated in ``dtype`` unless the user chose an accumulator.
-
-    By default a half-precision layer's reductions accumulate in float32 (TF's matmul and
-    convolution); kernels whose TF implementation accumulates in the layer's own dtype ask for
-    it here. The bound uses the coarser of ``dtype`` and the chosen accumulator on each side.
-    """
-    target = np.dtype(dtype)
-    if isinstance(nx, Rounded):
-        if nx.order.accumulate:
-            return nx
-        return Rounded(nx.dtype, dataclasses.replace(nx.order, accumulate=target.name))
-    if isinstance(nx, Bounded):
-        numpy_side = next(
-            d for d in ACCUMULATOR_DTYPES.values() if unit_roundoff(d) == nx.acc_units[-1]
-        )
-        coarser = max((target, numpy_side), key=unit_roundoff)
-        return Bounded(nx.dtype, (target, coarser))
-    raise TypeError(f"unknown arithmetic {type(nx).__name__}")
+    """``nx`` with reductions accumulated in ``dtype`` unless the user chose an accumulator."""
+    return nx.accumulating_in(dtype)
 
 
 # ----------------------------------------------------------------------------- shared steps
