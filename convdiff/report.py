@@ -85,7 +85,10 @@ def _version() -> str:
 
 
 def _fmt_int(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
+    """Thousands separators; beyond ten million, three significant digits."""
+    if value is None:
+        return "-"
+    return f"{value:,}" if value < 10_000_000 else f"{value:.3g}"
 
 
 def _fmt_float(value: float | None, spec: str = ".3g") -> str:
