@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from convdiff.device import Runtime, apply_runtime, device_scope, runtime_environment
 from convdiff.errors import OptionError
 from convdiff.graph import build_graph
 from convdiff.impl import check_impls_match, parse_impls
@@ -48,6 +49,11 @@ def compare(
     unsafe: bool = False,
     custom_objects: dict[str, Any] | None = None,
     impls: Sequence[str] | Mapping[str, Any] = (),
+    device: str = "cpu",
+    tf32: bool = False,
+    deterministic: bool = False,
+    threads: int | None = None,
+    repeat: int = 1,
     on_layer: Callable[[LayerResult], None] | None = None,
 ) -> Report:
     """Compare every layer of ``model`` between Keras and convdiff's NumPy kernels.
@@ -66,6 +72,11 @@ def compare(
         impls: your own implementations in place of convdiff's kernels:
             ``["conv2d=my_conv.py:forward"]`` or ``{"Conv2D": forward}``; keys are layer names
             or classes (globs allowed). Called as ``forward(x, *weights[, config=...])``.
+        device: run the Keras side on ``cpu`` or ``gpu``.
+        tf32: allow TensorFloat-32 on GPU (off by default, as Keras's own tests run).
+        deterministic: TensorFlow op determinism.
+        threads: TensorFlow intra-op threads (set before the runtime starts).
+        repeat: run the Keras side this many times per layer and report whether it changes.
         on_layer: called with each :class:`LayerResult` as soon as it is ready.
 
     Raises:
@@ -73,13 +84,18 @@ def compare(
     """
     if mode not in MODES:
         raise OptionError(f"unknown mode {mode!r}; valid choices are {', '.join(MODES)}")
+    if repeat < 1:
+        raise OptionError(f"--repeat must be at least 1; received {repeat}")
     settings = Settings(
         order=order if isinstance(order, Order) else parse_order(order, fma, accumulate, tap_order),
         mode=mode,
         max_ulp=max_ulp,
         impls=tuple(parse_impls(impls)),
+        repeat=repeat,
     )
+    runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
     configure_tensorflow()
+    apply_runtime(runtime)
     model_label = (
         str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
     )
@@ -87,11 +103,18 @@ def compare(
         model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
     check_impls_match(settings.impls, [(n.name, n.class_name) for n in build_graph(model).nodes])
     fitted, input_label = _inputs(model, inputs, seed)
-    report = Report(model_label, input_label, settings.to_dict(), environment(), notes=fitted.notes)
-    for result in run_layers(model, fitted.arrays, settings):
-        report.layers.append(result)
-        if on_layer is not None:
-            on_layer(result)
+    report = Report(
+        model_label,
+        input_label,
+        settings.to_dict(),
+        {**environment(), **runtime_environment(runtime)},
+        notes=fitted.notes,
+    )
+    with device_scope(runtime):
+        for result in run_layers(model, fitted.arrays, settings):
+            report.layers.append(result)
+            if on_layer is not None:
+                on_layer(result)
     return report
 
 

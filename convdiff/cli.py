@@ -76,6 +76,23 @@ def _fail(message: str) -> None:
     help="Your own NumPy implementation for layers named or of class KEY (repeatable).",
 )
 @click.option(
+    "--device",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="Where the Keras side runs.",
+)
+@click.option("--tf32/--no-tf32", default=False, show_default=True, help="TensorFloat-32 on GPU.")
+@click.option("--deterministic", is_flag=True, help="TensorFlow op determinism.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run the Keras side N times; report whether it changes run to run.",
+)
+@click.option(
     "--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the model file."
 )
 @click.option("--custom-objects", default=None, help="Python file defining custom layers.")

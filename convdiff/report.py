@@ -166,6 +166,18 @@ def render_summary(report: Report) -> Text:
         )
     for r in report.layers:
         _layer_notes(r, lines)
+    repeat = report.settings.get("repeat", 1)
+    if repeat > 1:
+        changed = [r for r in report.layers if r.repeat_max_ulp]
+        if changed:
+            worst = max(changed, key=lambda r: r.repeat_max_ulp)
+            lines.append(
+                f"Keras changed between its {repeat} runs in {len(changed)} layers "
+                f"(worst {worst.name}: {worst.repeat_max_ulp:,} ULP)\n",
+                style="yellow",
+            )
+        else:
+            lines.append(f"Keras gave bit-identical outputs in all {repeat} runs.\n")
     lines.append(f"{len(report.layers)} layers: {tally}. ")
     lines.append(
         "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red"

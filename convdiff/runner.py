@@ -45,6 +45,7 @@ class Settings:
     mode: str = "isolated"
     max_ulp: int | None = None
     impls: tuple[UserImpl, ...] = ()
+    repeat: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class Settings:
             "mode": self.mode,
             "max_ulp": self.max_ulp,
             "impls": {i.key: i.source for i in self.impls},
+            "repeat": self.repeat,
         }
 
 
@@ -73,6 +75,7 @@ class LayerResult:
     traceback: str | None = None
     keras_vs_exact_ulp: int | None = None
     numpy_vs_exact_ulp: int | None = None
+    repeat_max_ulp: int | None = None
 
     @property
     def compared(self) -> bool:
@@ -105,6 +108,7 @@ class LayerResult:
             "numpy_vs_exact_ulp": self.numpy_vs_exact_ulp,
             "impl": self.impl,
             "traceback": self.traceback,
+            "repeat_max_ulp": self.repeat_max_ulp,
         }
 
 
@@ -122,17 +126,39 @@ def run_layers(
     for index, node in enumerate(graph.nodes):
         keras_in = [keras_values[k] for k in node.inputs]
         keras_out = [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
+        repeat_ulp = _repeat_ulp(node, keras_in, keras_out, settings.repeat)
         numpy_in = (
             keras_in if settings.mode == "isolated" else [numpy_values[k] for k in node.inputs]
         )
         result, numpy_out = _compare_node(
             index, node, keras_in, numpy_in, keras_out, settings, public
         )
+        result.repeat_max_ulp = repeat_ulp
         for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
             keras_values[key] = k_val
             numpy_values[key] = n_val
         _release(node, graph, remaining, keras_values, numpy_values)
         yield result
+
+
+def _repeat_ulp(
+    node: GraphNode, keras_in: list[np.ndarray], first: list[np.ndarray], repeat: int
+) -> int | None:
+    """Max ULP between the first Keras run of the layer and ``repeat - 1`` more runs: whether
+    Keras itself changes from run to run (GPU atomics, thread scheduling)."""
+    if repeat < 2:
+        return None
+    import keras
+
+    worst = 0
+    for _ in range(repeat - 1):
+        again = [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
+        for a, b in zip(first, again, strict=True):
+            if a.dtype.kind == "f":
+                worst = max(worst, compare(a, b).max_ulp)
+            elif not np.array_equal(a, b):
+                worst = max(worst, 1)
+    return worst
 
 
 def _compare_node(

@@ -1,0 +1,5 @@
+"""``python -m convdiff`` runs the command line."""
+
+from convdiff.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""Device, TF32, determinism, threads and --repeat: switches that change where Keras runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from convdiff.cli import cli
+
+
+def has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_gpu_without_gpu_is_one_error_line(examples):
+    if has_gpu():
+        pytest.skip("this machine has a GPU")
+    result = run(examples / "deep8.keras", "--random-input", "--device", "gpu")
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith("Error: --device gpu: TensorFlow sees no GPU (it sees CPU:0)")
+    assert "\n" not in line
+
+
+def test_repeat_and_environment(examples):
+    result = run(
+        examples / "deep8.keras",
+        "--random-input",
+        "--repeat",
+        "3",
+        "--deterministic",
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["settings"]["repeat"] == 3
+    # On a CPU the same op on the same input gives the same bits every run.
+    assert [layer["repeat_max_ulp"] for layer in report["layers"]] == [0] * 8
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["tf32"] is False and env["deterministic"] is True
+    assert isinstance(env["cpu_flags"], list) and "onednn" in env
+    table = run(examples / "deep8.keras", "--random-input", "--repeat", "2").stdout
+    assert "Keras gave bit-identical outputs in all 2 runs." in table
+
+
+def test_repeat_must_be_positive(examples):
+    result = run(examples / "deep8.keras", "--random-input", "--repeat", "0")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: ")
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_threads_and_onednn_in_a_fresh_process(examples, onednn):
+    """Thread counts and oneDNN must be set before TensorFlow starts: a fresh process."""
+    flag = "--onednn" if onednn else "--no-onednn"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convdiff",
+            str(examples / "deep8.keras"),
+            "--random-input",
+            "--threads",
+            "1",
+            flag,
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    env = json.loads(proc.stdout)["environment"]
+    assert env["intra_op_threads"] == 1
+    assert env["onednn"] is onednn
+
+
+@pytest.mark.gpu
+def test_gpu_run_records_the_card(examples):
+    if not has_gpu():
+        pytest.skip("no GPU visible to TensorFlow")
+    for tf32 in ("--tf32", "--no-tf32"):
+        result = run(
+            examples / "one_layer.h5",
+            examples / "one_layer_input.npy",
+            "--device",
+            "gpu",
+            tf32,
+            "--json",
+            "-",
+        )
+        report = json.loads(result.stdout)
+        assert report["environment"]["device"] == "gpu" and report["environment"]["device_name"]
+        assert report["environment"]["tf32"] is (tf32 == "--tf32")
+        assert report["first_divergent"] is None
