@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from convdiff.device import Runtime, apply_runtime, device_scope, runtime_environment
+from convdiff.device import (
+    Runtime,
+    apply_runtime,
+    device_scope,
+    runtime_environment,
+    select_backend,
+)
 from convdiff.errors import OptionError
 from convdiff.graph import build_graph
 from convdiff.impl import check_impls_match, parse_impls
@@ -49,6 +55,7 @@ def compare(
     unsafe: bool = False,
     custom_objects: dict[str, Any] | None = None,
     impls: Sequence[str] | Mapping[str, Any] = (),
+    backend: str | None = None,
     device: str = "cpu",
     tf32: bool = False,
     deterministic: bool = False,
@@ -72,6 +79,8 @@ def compare(
         impls: your own implementations in place of convdiff's kernels:
             ``["conv2d=my_conv.py:forward"]`` or ``{"Conv2D": forward}``; keys are layer names
             or classes (globs allowed). Called as ``forward(x, *weights[, config=...])``.
+        backend: Keras backend for the Keras side: ``tensorflow`` (default, or KERAS_BACKEND),
+            ``jax`` or ``torch``; must be chosen before Keras is first imported.
         device: run the Keras side on ``cpu`` or ``gpu``.
         tf32: allow TensorFloat-32 on GPU (off by default, as Keras's own tests run).
         deterministic: TensorFlow op determinism.
@@ -94,6 +103,7 @@ def compare(
         repeat=repeat,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
+    select_backend(backend)
     configure_tensorflow()
     apply_runtime(runtime)
     model_label = (

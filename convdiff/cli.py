@@ -76,6 +76,12 @@ def _fail(message: str) -> None:
     help="Your own NumPy implementation for layers named or of class KEY (repeatable).",
 )
 @click.option(
+    "--backend",
+    type=click.Choice(["tensorflow", "jax", "torch"]),
+    default=None,
+    help="Keras backend for the Keras side (default: KERAS_BACKEND or tensorflow).",
+)
+@click.option(
     "--device",
     type=click.Choice(["cpu", "gpu"]),
     default="cpu",
@@ -116,6 +122,7 @@ def _run(
     custom_objects: str | None,
     **compare_options,
 ) -> int:
+    from convdiff.device import select_backend
     from convdiff.loading import configure_tensorflow, load_custom_objects
     from convdiff.report import check_writable, render, to_json, write_atomic
 
@@ -127,6 +134,7 @@ def _run(
         )
     if json_path is not None:
         check_writable(json_path)
+    select_backend(compare_options["backend"])
     configure_tensorflow(onednn=onednn)
     from convdiff.api import compare
 

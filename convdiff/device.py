@@ -15,6 +15,7 @@ from typing import Any
 from convdiff.errors import OptionError
 
 DEVICES = ("cpu", "gpu")
+BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> module
 # CPU features that select different kernels (and so summation orders) in oneDNN and Eigen.
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -40,6 +41,47 @@ class Runtime:
         return asdict(self)
 
 
+def select_backend(backend: str | None) -> str:
+    """Make ``backend`` Keras's backend (KERAS_BACKEND, before Keras is imported); return the
+    backend in use.
+
+    Raises:
+        OptionError: an unknown backend, one whose package is not installed (with the extra to
+            install), or a change after Keras was already imported with another backend.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    current = os.environ.get("KERAS_BACKEND", "tensorflow")
+    backend = backend or current
+    if backend not in BACKENDS:
+        raise OptionError(f"unknown backend {backend!r}; valid choices are {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(BACKENDS[backend]) is None:
+        raise OptionError(
+            f"--backend {backend} needs the {BACKENDS[backend]} package, which is not installed; "
+            f"install it with: pip install 'convdiff[{backend}]'"
+        )
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
+        raise OptionError(
+            f"--backend {backend}: Keras was already imported with the "
+            f"{sys.modules['keras'].backend.backend()} backend in this process"
+        )
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def backend_environment() -> dict[str, Any]:
+    """The Keras backend in use and its version."""
+    import importlib
+
+    import keras
+
+    backend = keras.backend.backend()
+    module = importlib.import_module(BACKENDS.get(backend, backend))
+    return {"backend": backend, "backend_version": getattr(module, "__version__", "unknown")}
+
+
 def apply_runtime(runtime: Runtime) -> None:
     """Configure TensorFlow for ``runtime``.
 
@@ -47,10 +89,16 @@ def apply_runtime(runtime: Runtime) -> None:
         OptionError: an unknown device, ``gpu`` where TensorFlow sees none, or thread counts
             asked for after TensorFlow's runtime already started.
     """
+    import keras
     import tensorflow as tf
 
     if runtime.device not in DEVICES:
         raise OptionError(f"unknown device {runtime.device!r}; valid choices are cpu, gpu")
+    if runtime.device == "gpu" and keras.backend.backend() != "tensorflow":
+        raise OptionError(
+            f"--device gpu is supported with the tensorflow backend; this run uses "
+            f"{keras.backend.backend()} (which runs on the CPU here)"
+        )
     if runtime.device == "gpu" and not tf.config.list_physical_devices("GPU"):
         seen = (
             ", ".join(
@@ -79,6 +127,11 @@ def apply_runtime(runtime: Runtime) -> None:
 @contextlib.contextmanager
 def device_scope(runtime: Runtime) -> Iterator[None]:
     """Run the Keras side on the chosen device."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
     import tensorflow as tf
 
     with tf.device("/GPU:0" if runtime.device == "gpu" else "/CPU:0"):
@@ -90,6 +143,7 @@ def runtime_environment(runtime: Runtime) -> dict[str, Any]:
     import tensorflow as tf
 
     environment: dict[str, Any] = {
+        **backend_environment(),
         "device": runtime.device,
         "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled())
         and runtime.device == "gpu",

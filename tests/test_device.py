@@ -107,3 +107,40 @@ def test_gpu_run_records_the_card(examples):
         assert report["environment"]["device"] == "gpu" and report["environment"]["device_name"]
         assert report["environment"]["tf32"] is (tf32 == "--tf32")
         assert report["first_divergent"] is None
+
+
+def _fresh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "convdiff", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_jax_backend_against_numpy(examples):
+    pytest.importorskip("jax", reason="the jax extra is not installed")
+    proc = _fresh(
+        str(examples / "deep8.keras"),
+        str(examples / "deep8_input.npy"),
+        "--backend",
+        "jax",
+        "--mode",
+        "propagated",
+        "--json",
+        "-",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["environment"]["backend"] == "jax" and report["environment"]["backend_version"]
+    assert {layer["status"] for layer in report["layers"]} <= {"identical", "rounding"}
+
+
+def test_missing_backend_says_how_to_install(examples):
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed")
+    proc = _fresh(str(examples / "deep8.keras"), "--random-input", "--backend", "torch")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "Error: --backend torch needs the torch package, which is not installed; "
+        "install it with: pip install 'convdiff[torch]'"
+    )
