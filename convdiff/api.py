@@ -5,12 +5,14 @@ The CLI is a thin layer over :func:`compare`; notebooks and tests call it direct
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from convdiff.budget import parse_budget
 from convdiff.device import (
     Runtime,
     apply_runtime,
@@ -32,7 +34,13 @@ from convdiff.loading import (
     random_inputs,
 )
 from convdiff.orders import Order, parse_order
-from convdiff.report import Report
+from convdiff.recording import (
+    RecordingWriter,
+    environment_changes,
+    load_recording,
+    match_layers,
+)
+from convdiff.report import Report, check_writable
 from convdiff.runner import MODES, LayerResult, Settings, run_layers
 
 
@@ -50,7 +58,14 @@ def compare(
     accumulate: str | None = None,
     tap_order: str | None = None,
     mode: str = "isolated",
-    max_ulp: int | None = None,
+    max_ulp: int | str | Sequence[str] | None = None,
+    atol: float | str | Sequence[str] | None = None,
+    rtol: float | str | Sequence[str] | None = None,
+    quantile: float | None = None,
+    layers: str | Sequence[str] = (),
+    stop_at_first: bool = False,
+    reference: str | os.PathLike | None = None,
+    save_outputs: str | os.PathLike | None = None,
     seed: int | None = None,
     unsafe: bool = False,
     custom_objects: dict[str, Any] | None = None,
@@ -69,11 +84,18 @@ def compare(
         model: a path to a .keras/.h5 file, or a Keras model object.
         inputs: a path to .npy/.npz, an array (one-input model), a list of arrays in model
             input order, or a dict by input name; None draws a standard-normal input from
-            ``seed`` (default 0).
+            ``seed`` (default 0), or takes the inputs recorded in ``reference``.
         order: summation order name (see :mod:`convdiff.orders`) or an :class:`Order`.
         fma, accumulate, tap_order: refine a named order.
         mode: ``isolated`` (each layer fed Keras's input) or ``propagated``.
-        max_ulp: budget; a compared layer above it fails the report.
+        max_ulp, atol, rtol: budgets: a number, or ``"PATTERN=N"`` strings for per-layer
+            overrides (globs on layer names or classes; the last match wins).
+        quantile: budget the Q-quantile of the ULP distribution instead of the maximum.
+        layers: glob patterns on layer names or classes: compare only those.
+        stop_at_first: stop after the first divergent layer.
+        reference: a recording (``save_outputs`` of another run) whose outputs are compared
+            with this machine's Keras outputs instead of the NumPy side.
+        save_outputs: record every layer's Keras output, the inputs and the environment here.
         unsafe: allow Lambda layers (runs code stored in the file).
         custom_objects: custom classes for loading.
         impls: your own implementations in place of convdiff's kernels:
@@ -95,37 +117,93 @@ def compare(
         raise OptionError(f"unknown mode {mode!r}; valid choices are {', '.join(MODES)}")
     if repeat < 1:
         raise OptionError(f"--repeat must be at least 1; received {repeat}")
+    if save_outputs is not None:
+        check_writable(str(save_outputs))
     settings = Settings(
         order=order if isinstance(order, Order) else parse_order(order, fma, accumulate, tap_order),
         mode=mode,
-        max_ulp=max_ulp,
+        budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile),
         impls=tuple(parse_impls(impls)),
         repeat=repeat,
+        layers=tuple(_texts(layers)),
+        stop_at_first=stop_at_first,
+        reference=load_recording(reference) if reference is not None else None,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
     select_backend(backend)
     configure_tensorflow()
     apply_runtime(runtime)
-    model_label = (
-        str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
-    )
+    label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
     if isinstance(model, str | os.PathLike):
         model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
-    check_impls_match(settings.impls, [(n.name, n.class_name) for n in build_graph(model).nodes])
+    graph_layers = [(n.name, n.class_name) for n in build_graph(model).nodes]
+    _check_patterns(settings, graph_layers)
+    if inputs is None and settings.reference is not None:
+        inputs = dict(settings.reference.inputs)
     fitted, input_label = _inputs(model, inputs, seed)
-    report = Report(
-        model_label,
-        input_label,
-        settings.to_dict(),
-        {**environment(), **runtime_environment(runtime)},
-        notes=fitted.notes,
-    )
-    with device_scope(runtime):
-        for result in run_layers(model, fitted.arrays, settings):
+    env = {**environment(), **runtime_environment(runtime)}
+    report = Report(label, input_label, settings.to_dict(), env, notes=fitted.notes)
+    with device_scope(runtime), _recorder(save_outputs, fitted, model, env, settings) as record:
+        for result in run_layers(model, fitted.arrays, settings, on_output=record):
             report.layers.append(result)
             if on_layer is not None:
                 on_layer(result)
+    report.notes += _reference_notes(settings, report, graph_layers)
     return report
+
+
+def _texts(value: Any) -> list[str]:
+    """A number, a string or a list of them, as CLI-style strings."""
+    if value is None:
+        return []
+    if isinstance(value, str | int | float):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _check_patterns(settings: Settings, graph_layers: list[tuple[str, str]]) -> None:
+    """``--impl`` keys and ``--layers`` patterns must match some layer: a typo is an error."""
+    check_impls_match(settings.impls, graph_layers)
+    for pattern in settings.layers:
+        if not any(Settings(layers=(pattern,)).selects(n, c) for n, c in graph_layers):
+            names = ", ".join(n for n, _ in graph_layers[:12])
+            raise OptionError(
+                f"--layers {pattern!r} matches no layer name or class; "
+                f"layers are: {names}{' ...' if len(graph_layers) > 12 else ''}"
+            )
+
+
+@contextlib.contextmanager
+def _recorder(path, fitted: Inputs, model: Any, env: dict, settings: Settings):
+    """``--save-outputs``: a writer whose ``add`` the runner calls per layer (or nothing)."""
+    if path is None:
+        yield None
+        return
+    names = build_graph(model).input_names
+    with RecordingWriter(path, fitted.arrays, names, env, settings.to_dict()) as writer:
+        yield writer.add
+
+
+def _reference_notes(
+    settings: Settings, report: Report, graph_layers: list[tuple[str, str]]
+) -> list[str]:
+    """What a reference run must not hide: unmatched layers, environment changes, budget
+    patterns that matched nothing."""
+    notes = [
+        f"budget pattern {p!r} matches no layer"
+        for p in settings.budget.unmatched_patterns(graph_layers)
+    ]
+    if settings.reference is None:
+        return notes
+    _, only_recorded, only_current = match_layers(settings.reference, [n for n, _ in graph_layers])
+    if only_recorded:
+        notes.append(f"layers only in the recording: {', '.join(only_recorded)}")
+    if only_current:
+        notes.append(f"layers not in the recording: {', '.join(only_current)}")
+    changes = environment_changes(settings.reference.environment, report.environment)
+    if changes:
+        notes.append("environment changed since the recording: " + "; ".join(changes))
+    return notes
 
 
 def _inputs(model: Any, inputs: Any, seed: int | None) -> tuple[Inputs, str]:
@@ -141,3 +219,87 @@ def _inputs(model: Any, inputs: Any, seed: int | None) -> tuple[Inputs, str]:
     else:
         arrays = [np.asarray(a) for a in inputs]
     return fit_inputs(arrays, specs, "the given arrays"), "arrays"
+
+
+def compare_runs(
+    recording_a: str | os.PathLike,
+    recording_b: str | os.PathLike,
+    *,
+    model: Any = None,
+    max_ulp: int | str | Sequence[str] | None = None,
+    atol: float | str | Sequence[str] | None = None,
+    rtol: float | str | Sequence[str] | None = None,
+    quantile: float | None = None,
+    layers: str | Sequence[str] = (),
+    unsafe: bool = False,
+    custom_objects: dict[str, Any] | None = None,
+) -> Report:
+    """Diff two recorded runs (``save_outputs``: CPU and GPU, oneDNN on and off, two TF
+    versions) layer by layer, A as the reference side and B as the candidate.
+
+    With ``model`` (the model both were recorded from), each layer gets convdiff's rounding
+    bound, carried through from the differences of its inputs, and so a verdict; without it,
+    layers that are not bitwise equal show their figures with no verdict (``skipped``), and
+    budgets still apply.
+    """
+    first, second = load_recording(recording_a), load_recording(recording_b)
+    settings = Settings(
+        mode="propagated",
+        budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile),
+        layers=tuple(_texts(layers)),
+        reference=second,
+    )
+    label = f"{first.path} vs {second.path}"
+    report = Report(label, "recorded", settings.to_dict(), first.environment)
+    if model is None:
+        report.layers = _diff_recordings(first, second, settings)
+    else:
+        configure_tensorflow()
+        if isinstance(model, str | os.PathLike):
+            model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
+        names = build_graph(model).input_names
+        arrays = [first.inputs[n] for n in names]
+        report.layers = list(run_layers(model, arrays, settings, keras_recording=first))
+    report.notes = _recording_notes(first, second)
+    return report
+
+
+def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
+    """Without a model: each layer both recordings hold, compared bit for bit, no bound."""
+    from convdiff.metrics import compare as compare_arrays
+    from convdiff.metrics import is_identical
+
+    matched, _, _ = match_layers(second, list(first.layers))
+    results = []
+    for index, name in enumerate(n for n in matched if settings.selects(n, "")):
+        a, b = first.layers[name], second.layers[name]
+        result = LayerResult(index, name, "-", tuple(a.shape), str(a.dtype), "skipped")
+        if a.shape != b.shape or a.dtype != b.dtype:
+            result.status = "divergent"
+            result.reason = f"recorded {b.shape} {b.dtype} vs {a.shape} {a.dtype}"
+        else:
+            result.comparison = (
+                compare_arrays(a, b)
+                if a.dtype.kind == "f"
+                else compare_arrays(a.astype(np.float64), b.astype(np.float64))
+            )
+            if is_identical(result.comparison):
+                result.status = "identical"
+            else:
+                result.reason = "figures only: give --model to bound the rounding"
+            result.budget_violations = settings.budget.check(name, "", a, b)
+        results.append(result)
+    return results
+
+
+def _recording_notes(first, second) -> list[str]:
+    _, only_second, only_first = match_layers(second, list(first.layers))
+    notes = []
+    if only_first:
+        notes.append(f"layers only in {first.path}: {', '.join(only_first)}")
+    if only_second:
+        notes.append(f"layers only in {second.path}: {', '.join(only_second)}")
+    changes = environment_changes(first.environment, second.environment)
+    if changes:
+        notes.append("environments differ: " + "; ".join(changes))
+    return notes

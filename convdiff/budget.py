@@ -11,9 +11,10 @@ Limits, each optional, each with per-layer overrides written ``PATTERN=VALUE``:
   with ``r`` the reference (Keras) and ``c`` the candidate (NumPy) output; a missing one of the
   two counts as 0. With ``quantile``, at least a fraction Q of the elements must satisfy it.
 
-Overrides match a layer's name or its class name with a shell-style glob (``conv2d_3``,
-``block*``, ``Conv2D``); the last matching override wins, else the global value applies. The
-value ``off`` removes that limit for the matching layers.
+Overrides match a layer's name (full, e.g. ``outer/conv#2``, or bare, ``conv``) or its class
+name with a case-sensitive shell-style glob (``conv2d_3``, ``block*``, ``Conv2D``), as ``--impl``
+keys do; the last matching override wins, else the global value applies. The value ``off``
+removes that limit for the matching layers.
 
 Only positions where both sides are finite are budgeted: NaN and inf disagreements are findings
 of their own (counted by :func:`convdiff.metrics.compare`), not a tolerance question.
@@ -54,9 +55,10 @@ class Rule:
     def matches(self, name: str, class_name: str) -> bool:
         if self.pattern is None:
             return True
-        return fnmatch.fnmatchcase(name, self.pattern) or fnmatch.fnmatchcase(
-            class_name, self.pattern
-        )
+        # Like --impl: the full name (``outer/conv#2``), the bare layer name (``conv``, so a
+        # shared or nested layer's calls all match) or the class name.
+        base = name.split("/")[-1].split("#")[0]
+        return any(fnmatch.fnmatchcase(n, self.pattern) for n in (name, base, class_name))
 
     def label(self, option: str) -> str:
         """How the user wrote it, e.g. ``--max-ulp conv2d_3=8``."""
@@ -282,19 +284,25 @@ def parse_budget(
 
     Raises:
         OptionError: for a malformed value, a negative or non-finite limit, two global values
-            for the same option, or a quantile outside (0, 1].
+            for the same option, or a quantile outside (0, 1] or without any limit.
     """
     if quantile is not None and not (isinstance(quantile, int | float) and 0.0 < quantile <= 1.0):
         raise OptionError(
             f"--quantile must be in (0, 1], e.g. 0.999 for the 99.9th percentile; "
             f"received {quantile!r}"
         )
-    return Budget(
+    budget = Budget(
         max_ulp=_parse_rules("--max-ulp", "N", max_ulp, _whole, "a whole number >= 0"),
         atol=_parse_rules("--atol", "A", atol, _tolerance, "a finite number >= 0"),
         rtol=_parse_rules("--rtol", "R", rtol, _tolerance, "a finite number >= 0"),
         quantile=None if quantile is None else float(quantile),
     )
+    if quantile is not None and not budget.active:
+        raise OptionError(
+            f"--quantile {quantile} has nothing to apply to; give a budget with --max-ulp, "
+            "--atol or --rtol"
+        )
+    return budget
 
 
 def _parse_rules(

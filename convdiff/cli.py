@@ -1,12 +1,18 @@
 """The ``convdiff`` command: parse, call the library once, render, map errors to exit codes.
 
-Exit status: 0 no layer divergent or over budget; 1 at least one; 2 the run could not be made
-(one ``Error: ...`` line on stderr, no traceback).
+    convdiff MODEL [INPUT] [options]          diff every layer against NumPy (or a recording)
+    convdiff compare-runs A.npz B.npz         diff two recorded runs
+
+Exit status: 0 no layer divergent, in error or over budget; 1 at least one; 2 the run could not
+be made (one ``Error: ...`` line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -15,12 +21,17 @@ from convdiff.errors import ConvdiffError, OptionError
 
 
 class _Command(click.Command):
-    """A click command whose every user error is one ``Error:`` line and exit status 2."""
+    """A click command whose every user error is one ``Error:`` line and exit status 2, and
+    which hands ``compare-runs ...`` to that subcommand."""
 
-    def main(self, *args, **kwargs):  # type: ignore[override]
+    def main(self, args=None, prog_name=None, **kwargs):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        command: click.Command = self
+        if args and args[0] == "compare-runs" and self is cli:
+            command, args, prog_name = compare_runs_command, args[1:], "convdiff compare-runs"
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            return click.Command.main(command, args, prog_name or "convdiff", **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
@@ -36,12 +47,44 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _budget_options(fn: Callable) -> Callable:
+    """--max-ulp / --atol / --rtol / --quantile, shared by both commands."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--max-ulp",
+                multiple=True,
+                metavar="N|PATTERN=N",
+                help="Budget: fail a layer above N ULP; PATTERN=N for layers matching a glob "
+                "(repeatable; the last match wins; 'off' removes it).",
+            ),
+            click.option("--atol", multiple=True, metavar="A|PATTERN=A", help="Absolute tol."),
+            click.option("--rtol", multiple=True, metavar="R|PATTERN=R", help="Relative tol."),
+            click.option(
+                "--quantile",
+                type=float,
+                default=None,
+                help="Budget the Q-quantile of the ULP distribution instead of the max.",
+            ),
+            click.option(
+                "--layers",
+                multiple=True,
+                metavar="PATTERN",
+                help="Compare only layers whose name or class matches (glob, repeatable).",
+            ),
+            click.option("--json", "json_path", default=None, help="JSON report to PATH ('-')."),
+            click.option("--junit", "junit_path", default=None, help="JUnit XML report to PATH."),
+            click.option("--quiet", "-q", is_flag=True, help="Print the summary line only."),
+        ]
+    ):
+        fn = decorator(fn)
+    return fn
+
+
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("input", required=False, type=click.Path(dir_okay=True))
-@click.option(
-    "--random-input", is_flag=True, help="Draw a standard-normal input of the model's shape."
-)
+@click.option("--random-input", is_flag=True, help="Draw a standard-normal input instead.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-input.")
 @click.option(
     "--order",
@@ -52,7 +95,7 @@ def _fail(message: str) -> None:
 )
 @click.option("--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
 @click.option(
-    "--accumulate", default=None, help="Accumulator dtype: float16, bfloat16, float32, float64."
+    "--accumulate", default=None, help="Accumulator: float16, bfloat16, float32, float64."
 )
 @click.option("--tap-order", default=None, help="Nesting of reduction axes, e.g. hwc or chw.")
 @click.option(
@@ -62,12 +105,10 @@ def _fail(message: str) -> None:
     show_default=True,
     help="isolated: each layer gets Keras's input; propagated: NumPy feeds its own outputs.",
 )
-@click.option(
-    "--max-ulp", type=click.IntRange(min=0), default=None, help="Fail a layer above N ULP."
-)
-@click.option(
-    "--json", "json_path", default=None, help="Write the JSON report to PATH ('-': stdout)."
-)
+@_budget_options
+@click.option("--stop-at-first", is_flag=True, help="Stop after the first divergent layer.")
+@click.option("--save-outputs", default=None, help="Record every layer's Keras output (.npz).")
+@click.option("--reference", default=None, help="Compare with a recording instead of NumPy.")
 @click.option(
     "--impl",
     "impls",
@@ -98,17 +139,16 @@ def _fail(message: str) -> None:
     show_default=True,
     help="Run the Keras side N times; report whether it changes run to run.",
 )
-@click.option(
-    "--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the model file."
-)
+@click.option("--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the file.")
 @click.option("--custom-objects", default=None, help="Python file defining custom layers.")
-@click.option(
-    "--onednn/--no-onednn", default=None, help="Set TF_ENABLE_ONEDNN_OPTS before TF loads."
-)
+@click.option("--onednn/--no-onednn", default=None, help="Set TF_ENABLE_ONEDNN_OPTS before TF.")
 @click.version_option(package_name="convdiff")
-def cli(**options) -> None:
+def cli(**options: Any) -> None:
     """Diff every layer of a Keras MODEL (.h5 or .keras) on INPUT (.npy or .npz) against
-    convdiff's pure-NumPy kernels, with ULP figures and a rounding-or-divergent verdict."""
+    convdiff's pure-NumPy kernels, with ULP figures and a rounding-or-divergent verdict.
+
+    Also: convdiff compare-runs A.npz B.npz (diff two runs recorded with --save-outputs).
+    """
     sys.exit(_run(**options))
 
 
@@ -116,51 +156,132 @@ def _run(
     model: str,
     input: str | None,
     random_input: bool,
-    seed: int,
-    json_path: str | None,
     onednn: bool | None,
     custom_objects: str | None,
-    **compare_options,
+    json_path: str | None,
+    junit_path: str | None,
+    quiet: bool,
+    reference: str | None,
+    **options: Any,
 ) -> int:
+    if input is not None and random_input:
+        raise OptionError(f"give either INPUT ({input!r}) or --random-input, not both")
+    if input is None and not random_input and reference is None:
+        raise OptionError("give either an INPUT file or --random-input (or --reference)")
+    _check_outputs(json_path, junit_path)
     from convdiff.device import select_backend
     from convdiff.loading import configure_tensorflow, load_custom_objects
-    from convdiff.report import check_writable, render, to_json, write_atomic
 
-    if (input is None) == (not random_input):
-        raise OptionError(
-            "give either an INPUT file or --random-input"
-            if input is None
-            else f"give either INPUT ({input!r}) or --random-input, not both"
-        )
-    if json_path is not None:
-        check_writable(json_path)
-    select_backend(compare_options["backend"])
+    select_backend(options["backend"])
     configure_tensorflow(onednn=onednn)
     from convdiff.api import compare
 
-    report = compare(
-        model,
-        input,
-        seed=seed,
-        custom_objects=load_custom_objects(custom_objects),
-        **compare_options,
+    with _progress(quiet or json_path == "-") as on_layer:
+        report = compare(
+            model,
+            input,
+            reference=reference,
+            on_layer=on_layer,
+            custom_objects=load_custom_objects(custom_objects),
+            **options,
+        )
+    return _emit(report, json_path, junit_path, quiet)
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("recording_a", type=click.Path(dir_okay=True))
+@click.argument("recording_b", type=click.Path(dir_okay=True))
+@click.option("--model", default=None, help="The model both were recorded from: gives bounds.")
+@_budget_options
+@click.option("--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the file.")
+@click.option("--custom-objects", default=None, help="Python file defining custom layers.")
+def compare_runs_command(
+    recording_a: str,
+    recording_b: str,
+    json_path: str | None,
+    junit_path: str | None,
+    quiet: bool,
+    custom_objects: str | None,
+    **options: Any,
+) -> None:
+    """Diff two runs recorded with --save-outputs (CPU and GPU, oneDNN on and off, two
+    TensorFlow versions) layer by layer: A is the reference, B the candidate."""
+    _check_outputs(json_path, junit_path)
+    from convdiff.api import compare_runs
+    from convdiff.loading import load_custom_objects
+
+    report = compare_runs(
+        recording_a, recording_b, custom_objects=load_custom_objects(custom_objects), **options
     )
+    sys.exit(_emit(report, json_path, junit_path, quiet))
+
+
+def _check_outputs(*paths: str | None) -> None:
+    """Output paths are checked before any work starts."""
+    from convdiff.report import check_writable
+
+    for path in paths:
+        if path is not None:
+            check_writable(path)
+
+
+def _emit(report, json_path: str | None, junit_path: str | None, quiet: bool) -> int:
+    """Notes on stderr; table and summary (or the summary line, or JSON) on stdout; files."""
+    from convdiff.junit import to_junit
+    from convdiff.report import render, summary_line, to_json, write_atomic
+
     err = Console(stderr=True, highlight=False)
     for note in report.notes:
         err.print(f"Note: {note}")
+    out = Console(highlight=False, width=_width())
     if json_path == "-":
         sys.stdout.write(to_json(report))
+    elif quiet:
+        out.print(summary_line(report))
     else:
-        Console(highlight=False, width=_width()).print(render(report))
-        if json_path is not None:
-            write_atomic(json_path, to_json(report).encode())
+        out.print(render(report))
+    if json_path not in (None, "-"):
+        write_atomic(json_path, to_json(report).encode())
+    if junit_path is not None:
+        write_atomic(junit_path, to_junit(report))
     return report.exit_code
+
+
+class _progress:
+    """A progress bar on stderr while layers are compared, only on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def __enter__(self) -> Callable | None:
+        if not self.enabled:
+            return None
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("comparing layers", total=None)
+
+        def advance(result) -> None:
+            self.bar.update(
+                task, advance=1, description=f"layer {result.index}: {result.name} {result.status}"
+            )
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
 
 
 def _width() -> int | None:
     """Terminal width on a terminal; 120 columns in logs and pipes (rich would pick 80)."""
-    import os
-
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return None
     return 120

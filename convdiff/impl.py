@@ -35,6 +35,10 @@ class UserImpl:
     source: str
 
     @property
+    def label(self) -> str:
+        return f"your implementation {self.source}"
+
+    @property
     def takes_config(self) -> bool:
         try:
             params = inspect.signature(self.function).parameters

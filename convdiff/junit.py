@@ -143,17 +143,8 @@ def _details(r: LayerResult, report: Report) -> str:
 
 
 def _budget_violations(r: LayerResult, report: Report) -> list[str]:
-    """The layer's budget violations as sentences (the runner's, else from the global limit)."""
-    if not r.over_budget:
-        return []
-    recorded = getattr(r, "budget_violations", None)
-    if recorded:
-        return list(recorded)
-    limit = report.settings.get("max_ulp")
-    ulp = r.comparison.max_ulp if r.comparison is not None else None
-    if isinstance(limit, int) and ulp is not None:
-        return [f"max ULP {ulp:,} > {limit:,} (--max-ulp {limit})"]
-    return ["over budget"]
+    """The layer's budget violations as sentences."""
+    return list(r.budget_violations)
 
 
 def _properties(report: Report) -> ET.Element:

@@ -23,10 +23,13 @@ __all__ = [
     "Worst",
     "compare",
     "is_identical",
+    "scaled_ulp",
     "ulp_distance",
+    "ulp_histogram",
     "ulp_of",
     "unit_roundoff",
     "within_bound",
+    "worst_elements",
 ]
 
 # Float dtypes with IEEE-754 style bit layout (sign bit, biased exponent, trailing significand,
@@ -205,6 +208,8 @@ class Comparison:
             None if no bound was given.
         worst: The finite position with the largest ULP distance (first in C order on ties), or
             None if all finite positions are equal.
+        max_ulp_scaled: Largest :func:`scaled_ulp` over the finite positions, or None if no
+            ``scale`` was given.
     """
 
     size: int
@@ -220,6 +225,7 @@ class Comparison:
     inf_mismatch: int
     bound_ratio: float | None
     worst: Worst | None
+    max_ulp_scaled: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict of plain Python ints and floats (inf may appear as float)."""
@@ -237,6 +243,7 @@ class Comparison:
             "inf_mismatch": self.inf_mismatch,
             "bound_ratio": self.bound_ratio,
             "worst": None if self.worst is None else self.worst.to_dict(),
+            "max_ulp_scaled": self.max_ulp_scaled,
         }
 
 
@@ -254,18 +261,48 @@ def _max_or_zero(values: np.ndarray) -> float:
     return float(values.max()) if values.size else 0.0
 
 
-def _prepare_bound(bound: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Broadcasts ``bound`` to ``shape`` as float64, rejecting negative or NaN bounds."""
+def _prepare_bound(
+    bound: np.ndarray | None, shape: tuple[int, ...], name: str = "bound"
+) -> np.ndarray | None:
+    """Broadcasts ``bound`` to ``shape`` as float64, rejecting negative or NaN values."""
     if bound is None:
         return None
     bound64 = np.broadcast_to(np.asarray(bound, dtype=np.float64), shape)
     if np.any(np.isnan(bound64) | (bound64 < 0)):
-        raise ValueError("bound must be non-negative and not NaN")
+        raise ValueError(f"{name} must be non-negative and not NaN")
     return bound64
 
 
+def _pair(reference: Any, candidate: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays as ndarrays of one supported float dtype and one shape, or ValueError."""
+    reference = np.asarray(reference)
+    candidate = np.asarray(candidate)
+    if reference.shape != candidate.shape or reference.dtype != candidate.dtype:
+        raise ValueError(
+            f"{what} needs equal shapes and dtypes; received reference "
+            f"{reference.shape} {reference.dtype} and candidate {candidate.shape} {candidate.dtype}"
+        )
+    _float_dtype(reference.dtype)
+    return reference, candidate
+
+
+def _finite_and_nonfinite_mismatch(
+    ref64: np.ndarray, cand64: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks: both sides finite; exactly one side NaN; an inf disagreement without NaN."""
+    nan_ref, nan_cand = np.isnan(ref64), np.isnan(cand64)
+    finite = np.isfinite(ref64) & np.isfinite(cand64)
+    nan_mismatch = nan_ref != nan_cand
+    # Non-finite positions without NaN hold at least one inf; equal infinities are a match.
+    inf_mismatch = ~finite & ~nan_ref & ~nan_cand & (ref64 != cand64)
+    return finite, nan_mismatch, inf_mismatch
+
+
 def compare(
-    reference: np.ndarray, candidate: np.ndarray, bound: np.ndarray | None = None
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    bound: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> Comparison:
     """Compares a candidate array with a reference array of the same shape and dtype.
 
@@ -274,6 +311,9 @@ def compare(
         candidate: Array of the same shape and dtype as ``reference``.
         bound: Optional per-element bound on ``|candidate - reference|``, float64 and
             broadcastable to the arrays' shape.
+        scale: Optional per-element magnitude of the terms each value was computed from (e.g.
+            ``sum |a_i b_i|`` for a dot product), broadcastable to the arrays' shape; fills
+            ``max_ulp_scaled`` (see :func:`scaled_ulp`).
 
     Returns:
         The :class:`Comparison` of the two arrays.
@@ -282,33 +322,21 @@ def compare(
         ValueError: If shapes or dtypes differ, the dtype is unsupported, or ``bound`` does not
             broadcast or holds negative or NaN values. These are programming errors.
     """
-    reference = np.asarray(reference)
-    candidate = np.asarray(candidate)
-    if reference.shape != candidate.shape or reference.dtype != candidate.dtype:
-        raise ValueError(
-            "compare needs equal shapes and dtypes; received reference "
-            f"{reference.shape} {reference.dtype} and candidate {candidate.shape} {candidate.dtype}"
-        )
+    reference, candidate = _pair(reference, candidate, "compare")
     bound64 = _prepare_bound(bound, reference.shape)
+    scale64 = _prepare_bound(scale, reference.shape, "scale")
     ulp = ulp_distance(reference, candidate)
     # Every value of the supported dtypes is exact in float64.
     ref64 = reference.astype(np.float64)
     cand64 = candidate.astype(np.float64)
-
-    nan_ref, nan_cand = np.isnan(ref64), np.isnan(cand64)
-    finite = np.isfinite(ref64) & np.isfinite(cand64)
-    nan_mismatch = int(np.count_nonzero(nan_ref != nan_cand))
-    # Non-finite positions without NaN hold at least one inf; equal infinities are a match.
-    inf_mismatch = int(np.count_nonzero(~finite & ~nan_ref & ~nan_cand & (ref64 != cand64)))
+    finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
+    nan_mismatch = int(np.count_nonzero(nan_mask))
+    inf_mismatch = int(np.count_nonzero(inf_mask))
 
     ulp = np.where(finite, ulp, np.uint64(0))
     ulp_finite = ulp[finite]
     ulp_float = ulp_finite.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        # One rounding in float64 (relative error 2**-53), far below the ULP of <= 32-bit inputs.
-        # It overflows to inf only for float64 inputs of opposite sign near the limits; inf - inf
-        # gives NaN at non-finite positions, which are masked out below.
-        abs_err = np.abs(cand64 - ref64)
+    abs_err = _abs_err(ref64, cand64)
     abs_finite = abs_err[finite]
 
     size = int(reference.size)
@@ -330,7 +358,19 @@ def compare(
         if bound64 is None
         else _max_or_zero(_safe_ratio(abs_finite, bound64[finite])),
         worst=_worst(ulp, ref64, cand64, abs_err, bound64) if max_ulp > 0 else None,
+        max_ulp_scaled=None
+        if scale is None
+        else _max_or_zero(scaled_ulp(reference, candidate, scale64, reference.dtype)[finite]),
     )
+
+
+def _abs_err(ref64: np.ndarray, cand64: np.ndarray) -> np.ndarray:
+    """``|cand64 - ref64|`` without warnings (NaN or inf where a side is not finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        # One rounding in float64 (relative error 2**-53), far below the ULP of <= 32-bit inputs.
+        # It overflows to inf only for float64 inputs of opposite sign near the limits; inf - inf
+        # gives NaN at non-finite positions, which callers mask out.
+        return np.abs(cand64 - ref64)
 
 
 def _worst(
@@ -382,3 +422,179 @@ def within_bound(c: Comparison) -> bool:
         and c.bound_ratio is not None
         and c.bound_ratio <= 1.0
     )
+
+
+def scaled_ulp(
+    reference: np.ndarray, candidate: np.ndarray, scale: np.ndarray, dtype: DTypeLike
+) -> np.ndarray:
+    """Each difference in units in the last place of the magnitude of its terms.
+
+    A dot product's rounding error is proportional to ``sum |a_i b_i|``, not to the result: an
+    output that is a small difference of large terms (0.0071908 vs 0.0071906 in a 3x3
+    convolution) is ~500 float32 ULPs apart at 0.0072, yet under one ULP of its terms. This
+    divides ``|candidate - reference|`` by the spacing of ``dtype``'s precision at
+    ``max(scale, |reference|, |candidate|)``: the values themselves are included because every
+    rounding step, including ones after the reduction (bias, activation), errs relative to the
+    value it rounds. For a layer without a reduction, pass ``scale=0`` and the result is about
+    the raw ULP distance (within a factor of two across a power of two).
+
+    The spacing is ``2**(e - p + 1)`` for the magnitude's binade ``2**e`` and ``dtype``'s
+    ``p``-bit significand, never below the smallest subnormal and not capped at ``dtype``'s
+    largest value (the terms' magnitude may exceed the range of the result's dtype).
+
+    Args:
+        reference: Float array.
+        candidate: Array of the same shape and dtype.
+        scale: Non-negative float64 magnitudes, broadcastable to the arrays' shape.
+        dtype: The precision the ULP is taken in (usually the arrays' dtype).
+
+    Returns:
+        A float64 array of the arrays' shape: 0 where equal, NaN where a side is not finite or
+        the scale is NaN.
+
+    Raises:
+        ValueError: On mismatched arrays or an unsupported dtype.
+    """
+    reference, candidate = _pair(reference, candidate, "scaled_ulp")
+    info = ml_dtypes.finfo(_float_dtype(dtype))
+    ref64 = reference.astype(np.float64)
+    cand64 = candidate.astype(np.float64)
+    finite = np.isfinite(ref64) & np.isfinite(cand64)
+    with np.errstate(invalid="ignore"):
+        scale64 = np.broadcast_to(np.asarray(scale, dtype=np.float64), reference.shape)
+        mag = np.maximum(np.abs(scale64), np.abs(ref64))
+        mag = np.maximum(mag, np.abs(cand64))
+    mag = np.where(finite, mag, 0.0)
+    # frexp: mag = m * 2**e with m in [0.5, 1), so the leading bit weighs 2**(e - 1).
+    _, exp = np.frexp(np.where(np.isfinite(mag), mag, 0.0))
+    leading = np.where(mag > 0, np.maximum(exp.astype(np.int64) - 1, info.minexp), info.minexp)
+    spacing = np.where(np.isinf(mag), np.inf, np.ldexp(1.0, leading - info.nmant))
+    diff = np.where(finite, _abs_err(ref64, cand64), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ratio = diff / spacing  # spacing >= the smallest subnormal > 0
+    # A float64 difference overflowing to inf over an infinite scale (inf/inf) stays inf.
+    ratio = np.where(diff == 0, 0.0, np.where(np.isnan(ratio), np.inf, ratio))
+    return np.where(finite & ~np.isnan(mag), ratio, np.nan)
+
+
+def _bit_length(x: np.ndarray) -> np.ndarray:
+    """Number of significant bits of each uint64 (0 for 0), exactly: smear the highest set bit
+    into every lower bit, then count the ones."""
+    x = x.astype(np.uint64)
+    for shift in (1, 2, 4, 8, 16, 32):
+        x = x | (x >> np.uint64(shift))
+    return np.bitwise_count(x).astype(np.int64)
+
+
+def _bucket_label(bucket: int) -> str:
+    if bucket <= 1:
+        return str(bucket)
+    return f"{2 ** (bucket - 1)}-{2**bucket - 1}"
+
+
+def ulp_histogram(reference: np.ndarray, candidate: np.ndarray) -> list[tuple[str, int]]:
+    """The distribution of ULP distances in power-of-two buckets.
+
+    Buckets are ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ``"8-15"``, ... up to the one holding the
+    largest distance, every bucket in between listed (with count 0 if empty), and a last
+    ``"nan/inf"`` bucket for NaN and inf mismatches when there are any. Positions where both
+    sides are NaN, or the same infinity, count in ``"0"``, so the counts add up to the size.
+
+    Args:
+        reference: Float array.
+        candidate: Array of the same shape and dtype.
+
+    Returns:
+        ``[(label, count), ...]`` in increasing order of distance.
+
+    Raises:
+        ValueError: On mismatched arrays or an unsupported dtype.
+    """
+    reference, candidate = _pair(reference, candidate, "ulp_histogram")
+    ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
+    finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
+    ulp = ulp_distance(reference, candidate)[finite]
+    # Bucket b >= 1 holds [2**(b-1), 2**b - 1]: exactly the distances with bit length b.
+    counts = np.bincount(_bit_length(ulp), minlength=1).tolist()
+    counts[0] += int(reference.size - ulp.size - np.count_nonzero(nan_mask | inf_mask))
+    histogram = [(_bucket_label(b), int(n)) for b, n in enumerate(counts)]
+    nonfinite = int(np.count_nonzero(nan_mask | inf_mask))
+    if nonfinite:
+        histogram.append(("nan/inf", nonfinite))
+    return histogram
+
+
+def worst_elements(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    k: int,
+    bound: np.ndarray | None = None,
+    exact: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """The ``k`` positions where the two arrays differ most, worst first.
+
+    NaN and inf mismatches rank first (their ``ulp`` is None), then finite positions by
+    decreasing ULP distance; ties keep C order. Equal positions are never listed, so fewer than
+    ``k`` records come back when fewer positions differ.
+
+    Args:
+        reference: Float array (e.g. Keras's output).
+        candidate: Array of the same shape and dtype (e.g. the NumPy side's).
+        k: How many positions at most; ``k >= 0``.
+        bound: Optional per-element bound on ``|candidate - reference|`` (as for :func:`compare`).
+        exact: Optional correctly rounded values, broadcastable to the arrays' shape.
+
+    Returns:
+        JSON-ready dicts with the keys of :meth:`Worst.to_dict` (``index``, ``reference``,
+        ``candidate``, ``ulp``, ``abs_err``, ``bound``) plus ``exact`` (None if not given) and
+        ``bound_ratio`` (``abs_err / bound``, None without a bound).
+
+    Raises:
+        ValueError: On mismatched arrays, a negative ``k`` or an invalid bound.
+    """
+    reference, candidate = _pair(reference, candidate, "worst_elements")
+    ref_shape = reference.shape
+    if k < 0:
+        raise ValueError(f"k must be >= 0; received k={k}")
+    bound64 = _prepare_bound(bound, reference.shape)
+    exact64 = None if exact is None else np.broadcast_to(np.asarray(exact, np.float64), ref_shape)
+    ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
+    finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
+    nonfinite = nan_mask | inf_mask
+    ulp = np.where(finite, ulp_distance(reference, candidate), np.uint64(0))
+    abs_err = np.where(nonfinite, np.inf, _abs_err(ref64, cand64))
+    records = []
+    for i in _top_k(ulp.ravel(), nonfinite.ravel(), k).tolist():
+        index = tuple(int(j) for j in np.unravel_index(i, reference.shape))
+        limit = None if bound64 is None else float(bound64[index])
+        err = float(abs_err[index])
+        records.append(
+            {
+                "index": list(index),
+                "reference": float(ref64[index]),
+                "candidate": float(cand64[index]),
+                "ulp": None if nonfinite[index] else int(ulp[index]),
+                "abs_err": err,
+                "bound": limit,
+                "bound_ratio": None
+                if limit is None
+                else float(_safe_ratio(np.float64(err), np.float64(limit))),
+                "exact": None if exact64 is None else float(exact64[index]),
+            }
+        )
+    return records
+
+
+def _top_k(ulp: np.ndarray, nonfinite: np.ndarray, k: int) -> np.ndarray:
+    """Flat positions of the ``k`` worst differing elements, worst first, ties in C order."""
+    # Sort key, ascending = worse: ~ulp reverses the order of the distances (which stay below
+    # 2**64 - 1, so ~ulp >= 1), and 0 puts the non-finite mismatches first.
+    key = np.where(nonfinite, np.uint64(0), ~ulp)
+    flat = np.flatnonzero(nonfinite | (ulp > 0))
+    if k == 0:
+        return flat[:0]
+    if k < flat.size:
+        # Keep everything up to the k-th smallest key (ties included), then sort only those.
+        kth = np.partition(key[flat], k - 1)[k - 1]
+        flat = flat[key[flat] <= kth]
+    return flat[np.argsort(key[flat], kind="stable")][:k]

@@ -104,53 +104,7 @@ def parse_order(
     return Order(name=name, fma=fma, block=block, accumulate=accumulate, tap_order=tap_order)
 
 
-# --------------------------------------------------------------------------- rounding steps
-
-
-def _round_fma(acc: np.ndarray, a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``round(acc + a*b)`` to ``dtype`` with a single rounding, as a hardware FMA does.
-
-    The product of two float32 (or narrower) numbers is exact in float64 (48 <= 53 bits), so for
-    a float64 accumulator one float64 addition is the fused result. For narrower accumulators
-    the float64 sum is rounded a second time by the cast to ``dtype``, which can go wrong only
-    when the float64 sum lies exactly on a ``dtype`` midpoint (or in ``dtype``'s subnormal
-    range, where fewer bits are kept). There we recover the addition's error (TwoSum) and round
-    the float64 sum to odd: an inexact sum with an even last bit moves one float64 step towards
-    the exact value. Rounding to odd in a format at least two bits wider than ``dtype`` makes
-    the final cast correctly rounded.
-    """
-    prod = np.multiply(a, b, dtype=np.float64)
-    total = acc.astype(np.float64) + prod
-    if dtype == np.float64:
-        return total
-    suspect = _at_midpoint(total, dtype)
-    if suspect.any():
-        acc64, prod, total = (
-            np.array(v, dtype=np.float64)
-            for v in np.broadcast_arrays(acc.astype(np.float64), prod, total)
-        )
-        idx = np.nonzero(suspect)
-        s, x, y = total[idx], acc64[idx], prod[idx]
-        yy = s - x
-        err = (x - (s - yy)) + (y - yy)  # TwoSum: x + y == s + err exactly
-        even = (s.view(np.uint64) & np.uint64(1)) == 0
-        total[idx] = np.where((err != 0) & even, np.nextafter(s, np.copysign(np.inf, err)), s)
-    return round_to(total, dtype)
-
-
-def _at_midpoint(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Elements of float64 ``x`` that a cast to ``dtype`` might double-round.
-
-    A float64 with 52 stored bits lies on a midpoint of a format with ``m`` stored bits when its
-    low ``52 - m`` bits are ``1000...0``. Values below the format's smallest normal number keep
-    fewer bits; they are all flagged (they are rare, and round-to-odd is right for them too).
-    """
-    finfo = _finfo(dtype)
-    shift = 52 - int(finfo.nmant)
-    bits = np.ascontiguousarray(x).view(np.uint64)
-    low = bits & np.uint64((1 << shift) - 1)
-    mid = low == np.uint64(1 << (shift - 1))
-    return mid | (np.abs(x) < float(finfo.smallest_normal))
+# --------------------------------------------------------------------------- rounding
 
 
 def round_to(x: np.ndarray, dtype: Any) -> np.ndarray:
@@ -177,88 +131,326 @@ def _finfo(dtype: np.dtype):
     return ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
 
 
-def _step(acc: np.ndarray, a: np.ndarray, b: np.ndarray | None, fma: bool, dtype: np.dtype):
-    """One accumulation step ``acc + a*b`` in ``dtype``: fused, or the exact product rounded
-    to ``dtype`` and then the sum rounded to ``dtype``."""
-    if b is None:
-        return (acc + a.astype(dtype)).astype(dtype)
-    if fma:
-        return _round_fma(acc, a, b, dtype)
-    return (acc + _term(a, b, dtype)).astype(dtype)
+def _mantissa_bits(dtype: np.dtype) -> int:
+    """Stored mantissa bits of a float dtype; 52 (the most a float64 copy holds) otherwise."""
+    try:
+        return int(_finfo(dtype).nmant)
+    except ValueError:
+        return 52
 
 
-def _term(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
-    """One term ``a*b`` rounded to ``dtype``."""
-    if b is None:
-        return round_to(a.astype(np.float64), dtype)
-    return round_to(np.multiply(a, b, dtype=np.float64), dtype)
+def _quantum_log2(x: np.ndarray) -> float:
+    """log2 of a power of two that divides every nonzero element of ``x`` (+inf if all zero).
+
+    A float with ``m`` stored mantissa bits is a multiple of ``2**(floor(log2|v|) - m)``, and
+    that power shrinks with ``|v|``: the smallest magnitude decides.
+    """
+    mags = np.abs(x.astype(np.float64))
+    smallest = np.min(mags, where=mags != 0, initial=np.inf)
+    if not np.isfinite(smallest):
+        return math.inf
+    return float(np.frexp(smallest)[1] - 1 - _mantissa_bits(x.dtype))
 
 
-# --------------------------------------------------------------------------- orders
+_SIGN_BIT = np.iinfo(np.int64).min
 
 
-def _sequential(a, b, fma, dtype, shape, indices=None):
-    acc = np.zeros(shape, dtype)
-    for k in range(a.shape[0]) if indices is None else indices:
-        acc = _step(acc, a[k], None if b is None else b[k], fma, dtype)
+class _Engine:
+    """Accumulators over one block of outputs: float64 arrays that hold values of ``dtype``,
+    updated in place by rounded steps, with scratch buffers reused across steps.
+
+    ``a`` and ``b`` are the block's operands, shaped ``(K, ...)`` and broadcasting to the
+    block's output shape (``b`` None for a plain sum). Every step rounds once to ``dtype``:
+
+    - ``fma(acc, k)``: ``acc + a[k]*b[k]`` with ``fused``; the product of two float32 (or
+      narrower) numbers is exact in float64 (48 <= 53 bits), so the float64 sum is the fused
+      result up to one more rounding: the cast to ``dtype`` double-rounds only where the
+      float64 sum lies exactly on a ``dtype`` midpoint (or in ``dtype``'s subnormal range, with
+      fewer bits). Those elements are found with two cheap passes and rounded to odd first
+      (TwoSum gives the addition's error; an inexact sum with an even last bit moves one
+      float64 step towards the exact value), which makes the final cast correct.
+    - unfused, ``acc + round(a[k]*b[k])``, and plain sums, ``acc + round(a[k])``: a sum of two
+      ``dtype`` values computed in float64 (53 >= 2*24 + 2 bits) and cast once is correctly
+      rounded, so no check is needed.
+    """
+
+    def __init__(self, a: np.ndarray, b: np.ndarray | None, dtype: np.dtype, fma: bool):
+        self.dtype = dtype
+        self.fused = fma and b is not None
+        self.shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
+        self.a = a.astype(np.float64)
+        self.b = None if b is None else b.astype(np.float64)
+        if b is None:  # the terms themselves, rounded to the accumulator once
+            self.a = self._rounded_copy(self.a)
+        self._prod = np.empty(self.shape)
+        self._sum = np.empty(self.shape)
+        self._low = np.empty(self.shape, np.uint64)
+        self._cast = np.empty(self.shape, dtype)
+        nmant = _mantissa_bits(dtype)
+        # Shifting the float64 bits left by 12 + nmant keeps the 52 - nmant bits that the cast
+        # drops, at the top: a midpoint (1000...0) becomes the sign bit alone, int64's minimum.
+        self._shift = np.uint64(12 + nmant)
+        tiny_log2 = math.log2(float(_finfo(dtype).smallest_normal)) if dtype != np.float64 else 0
+        # Nonzero results below the smallest normal number are impossible when every product
+        # is a multiple of a power of two >= that number (then so is every rounded sum).
+        self._tiny = (
+            self.fused and dtype != np.float64 and _quantum_log2(a) + _quantum_log2(b) < tiny_log2
+        )
+        self._smallest_normal = float(_finfo(dtype).smallest_normal) if self._tiny else 0.0
+        self._sum_bits = self._sum.view(np.uint64)
+        self._low_signed = self._low.view(np.int64)
+        self._fast = (
+            self.fused and not self._tiny and dtype in (np.dtype(np.float32), np.dtype(np.float16))
+        )
+
+    @property
+    def size(self) -> int:
+        return self.a.shape[0]
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.shape)
+
+    def fma(self, acc: np.ndarray, k: int) -> None:
+        """``acc = round(acc + a[k]*b[k])`` (fused or not), or ``round(acc + a[k])``."""
+        if self._fast:  # the common case, six NumPy passes
+            np.multiply(self.a[k], self.b[k], out=self._prod)
+            np.add(acc, self._prod, out=self._sum)
+            np.left_shift(self._sum_bits, self._shift, out=self._low)
+            if self._low_signed.min() == _SIGN_BIT:
+                self._round_to_odd(acc, self._prod, self._sum)
+            np.copyto(self._cast, self._sum, casting="unsafe")
+            np.copyto(acc, self._cast)
+            return
+        if self.b is None:
+            np.add(acc, self.a[k], out=self._sum)
+        elif not self.fused:
+            np.multiply(self.a[k], self.b[k], out=self._prod)
+            self._round_into(self._prod, self._prod)
+            np.add(acc, self._prod, out=self._sum)
+        else:
+            np.multiply(self.a[k], self.b[k], out=self._prod)
+            np.add(acc, self._prod, out=self._sum)
+            if self.dtype != np.float64 and self._double_rounding_possible():
+                self._round_to_odd(acc, self._prod, self._sum)
+        self._round_into(self._sum, acc)
+
+    def fma_from(self, acc: np.ndarray, start: np.ndarray, k: int) -> None:
+        """``acc = round(start + a[k]*b[k])`` for a fresh ``start`` array (used by Kahan)."""
+        np.copyto(acc, start)
+        self.fma(acc, k)
+
+    def term(self, out: np.ndarray, k: int) -> None:
+        """``out = round(a[k]*b[k])`` (or ``round(a[k])``)."""
+        if self.b is None:
+            np.copyto(out, self.a[k])
+        else:
+            np.multiply(self.a[k], self.b[k], out=self._prod)
+            self._round_into(self._prod, out)
+
+    def add(self, acc: np.ndarray, other: np.ndarray) -> None:
+        """``acc = round(acc + other)``."""
+        np.add(acc, other, out=self._sum)
+        self._round_into(self._sum, acc)
+
+    def sub(self, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """``out = round(x - y)``."""
+        np.subtract(x, y, out=self._sum)
+        self._round_into(self._sum, out)
+
+    def _double_rounding_possible(self) -> bool:
+        np.left_shift(self._sum_bits, self._shift, out=self._low)
+        if self._low_signed.min() == _SIGN_BIT:
+            return True
+        if self._tiny:
+            mags = np.abs(self._sum)
+            return bool(np.any((mags < self._smallest_normal) & (mags != 0)))
+        return False
+
+    def _round_to_odd(self, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> None:
+        """Where ``s = fl64(x + y)`` may double-round, replace it by ``x + y`` rounded to odd."""
+        flagged = self._low.view(np.int64) == _SIGN_BIT
+        if self._tiny:
+            flagged |= (np.abs(s) < self._smallest_normal) & (s != 0)
+        idx = np.flatnonzero(flagged)
+        xs, ys, ss = x.reshape(-1)[idx], y.reshape(-1)[idx], s.reshape(-1)[idx]
+        yy = ss - xs
+        err = (xs - (ss - yy)) + (ys - yy)  # TwoSum: x + y == s + err exactly
+        even = (ss.view(np.uint64) & np.uint64(1)) == 0
+        fixed = np.where((err != 0) & even, np.nextafter(ss, np.copysign(np.inf, err)), ss)
+        s.reshape(-1)[idx] = fixed
+
+    def _round_into(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """``dst = round(src)`` to ``dtype``, kept in float64."""
+        if self.dtype == np.float64:
+            np.copyto(dst, src)
+        elif self.dtype == ml_dtypes.bfloat16:
+            np.copyto(dst, round_to(src, self.dtype).astype(np.float64))
+        else:
+            np.copyto(self._cast, src, casting="unsafe")
+            np.copyto(dst, self._cast)
+
+    def _rounded_copy(self, x: np.ndarray) -> np.ndarray:
+        return round_to(x, self.dtype).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- layout and blocks
+
+# Output elements per block: the engine's few float64 buffers of this size stay in the L2 cache.
+_BLOCK_ELEMENTS = 1 << 16
+_MIN_INNER = 512
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The reduction rearranged as ``(K, G, S, L)`` operands and a ``(G, S, L)`` output.
+
+    ``G`` gathers the output axes on which both operands vary (conv groups, depthwise
+    channels), ``S`` and ``L`` those on which only one varies (output positions, output
+    channels), the larger of the two innermost, so that each NumPy pass runs long inner loops
+    with one operand a scalar.
+    """
+
+    a: np.ndarray
+    b: np.ndarray | None
+    dims: tuple[int, int, int]
+    perm: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def restore(self, out: np.ndarray) -> np.ndarray:
+        """The ``(G, S, L)`` result back in the output's shape."""
+        permuted = out.reshape([self.shape[i] for i in self.perm])
+        return permuted.transpose(np.argsort(self.perm)).reshape(self.shape)
+
+
+def _arrange(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) -> _Layout:
+    d = len(shape)
+    ops = [
+        x.reshape((x.shape[0], *([1] * (d + 1 - x.ndim)), *x.shape[1:]))
+        for x in (a, b)
+        if x is not None
+    ]
+    varies = [[n != 1 for n in x.shape[1:]] for x in ops] + [[False] * d]
+    va, vb = varies[0], varies[1]
+    both = [i for i in range(d) if va[i] and vb[i]]
+    only_a = [i for i in range(d) if va[i] and not vb[i]]
+    only_b = [i for i in range(d) if vb[i] and not va[i]]
+    ones = [i for i in range(d) if not (va[i] or vb[i])]
+
+    def extent(axes):
+        return math.prod(shape[i] for i in axes)
+
+    small, large = (only_b, only_a) if extent(only_a) >= extent(only_b) else (only_a, only_b)
+    perm = (*ones, *both, *small, *large)
+    dims = (extent(both), extent(small), extent(large))
+
+    def put(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x.transpose([0, *(1 + i for i in perm)]))
+        inner = x.shape[1 + len(ones) + len(both) :]
+        s = math.prod(inner[: len(small)])
+        return x.reshape(x.shape[0], dims[0], s, math.prod(inner[len(small) :]))
+
+    return _Layout(put(ops[0]), put(ops[1]) if b is not None else None, dims, perm, shape)
+
+
+def _blocks(dims: tuple[int, int, int]):
+    """Slices ``(g0, g1, l0, l1)`` of the output, each about :data:`_BLOCK_ELEMENTS`."""
+    groups, small, large = dims
+    if small * large >= _BLOCK_ELEMENTS:
+        step = min(large, max(_MIN_INNER, _BLOCK_ELEMENTS // max(small, 1)))
+        step = -(-large // -(-large // step))  # equal blocks, no small remainder
+        for g in range(groups):
+            for l0 in range(0, large, step):
+                yield g, g + 1, l0, min(l0 + step, large)
+    else:
+        step = max(1, _BLOCK_ELEMENTS // max(small * large, 1))
+        step = -(-groups // -(-groups // step))
+        for g0 in range(0, groups, step):
+            yield g0, min(g0 + step, groups), 0, large
+
+
+def _slice(x: np.ndarray, g0: int, g1: int, l0: int, l1: int) -> np.ndarray:
+    gs = slice(g0, g1) if x.shape[1] != 1 else slice(None)
+    ls = slice(l0, l1) if x.shape[3] != 1 else slice(None)
+    return x[:, gs, :, ls]
+
+
+Program = Callable[[_Engine], np.ndarray]
+
+
+def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> np.ndarray:
+    """Run an order's ``program`` on each output block; the result in ``dtype``."""
+    layout = _arrange(a, b, shape)
+    out = np.empty(layout.dims, dtype)
+    for g0, g1, l0, l1 in _blocks(layout.dims):
+        a_blk = _slice(layout.a, g0, g1, l0, l1)
+        b_blk = None if layout.b is None else _slice(layout.b, g0, g1, l0, l1)
+        engine = _Engine(a_blk, b_blk, dtype, fma)
+        result = program(engine)
+        out[g0:g1, :, l0:l1] = np.broadcast_to(round_to(result, dtype), out[g0:g1, :, l0:l1].shape)
+    return layout.restore(out)
+
+
+# --------------------------------------------------------------------------- orders as programs
+
+
+def _sequential(eng: _Engine, indices=None, acc: np.ndarray | None = None) -> np.ndarray:
+    """One accumulator from zero, a step per term in index order."""
+    acc = eng.zeros() if acc is None else acc
+    for k in range(eng.size) if indices is None else indices:
+        eng.fma(acc, k)
     return acc
 
 
-def _reverse(a, b, fma, dtype, shape):
-    return _sequential(a, b, fma, dtype, shape, indices=range(a.shape[0] - 1, -1, -1))
+def _reverse(eng: _Engine) -> np.ndarray:
+    return _sequential(eng, range(eng.size - 1, -1, -1))
 
 
-def _pairwise(a, b, fma, dtype, shape, lo=0, hi=None):
+def _pairwise(eng: _Engine, lo: int = 0, hi: int | None = None) -> np.ndarray:
     """NumPy's pairwise summation (``pairwise_sum`` in its loops): leaves of up to 128 terms are
     summed with 8 interleaved accumulators, combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)),
     the tail added in order; longer ranges split at a multiple of 8 near the middle."""
-    hi = a.shape[0] if hi is None else hi
+    hi = eng.size if hi is None else hi
     n = hi - lo
-    bk = (lambda k: None) if b is None else (lambda k: b[k])
     if n < 8:
-        return _sequential(a, b, fma, dtype, shape, indices=range(lo, hi))
+        return _sequential(eng, range(lo, hi))
     if n <= 128:
-        r = [_step(np.zeros(shape, dtype), a[lo + j], bk(lo + j), fma, dtype) for j in range(8)]
-        i = 8
-        while i < n - (n % 8):
+        r = [eng.zeros() for _ in range(8)]
+        full = n - n % 8
+        for i in range(0, full, 8):
             for j in range(8):
-                r[j] = _step(r[j], a[lo + i + j], bk(lo + i + j), fma, dtype)
-            i += 8
-        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-        res = res.astype(dtype)
-        for k in range(lo + i, hi):
-            res = _step(res, a[k], bk(k), fma, dtype)
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    left = _pairwise(a, b, fma, dtype, shape, lo, lo + n2)
-    right = _pairwise(a, b, fma, dtype, shape, lo + n2, hi)
-    return (left + right).astype(dtype)
+                eng.fma(r[j], lo + i + j)
+        for x, y in ((0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (4, 6), (0, 4)):
+            eng.add(r[x], r[y])
+        return _sequential(eng, range(lo + full, hi), acc=r[0])
+    half = n // 2
+    half -= half % 8
+    left = _pairwise(eng, lo, lo + half)
+    eng.add(left, _pairwise(eng, lo + half, hi))
+    return left
 
 
-def _kahan(a, b, fma, dtype, shape):
-    """Kahan's compensated summation; with FMA the compensation is folded into the product."""
-    total = np.zeros(shape, dtype)
-    comp = np.zeros(shape, dtype)
-    for k in range(a.shape[0]):
-        if fma and b is not None:
-            y = _round_fma(-comp, a[k], b[k], dtype)
+def _kahan(eng: _Engine) -> np.ndarray:
+    """Kahan's compensated summation; with FMA the compensation is folded into the product:
+    ``y = fma(a, b, -comp)``."""
+    total, comp, y, t = eng.zeros(), eng.zeros(), eng.zeros(), eng.zeros()
+    for k in range(eng.size):
+        if eng.fused:
+            eng.fma_from(y, -comp, k)
         else:
-            y = (_term(a[k], None if b is None else b[k], dtype) - comp).astype(dtype)
-        t = (total + y).astype(dtype)
-        comp = ((t - total).astype(dtype) - y).astype(dtype)
-        total = t
+            eng.term(y, k)
+            eng.sub(y, y, comp)
+        eng.sub(t, total, -y)  # t = round(total + y)
+        eng.sub(comp, t, total)
+        eng.sub(comp, comp, y)
+        total, t = t, total
     return total
 
 
-def _blocked(a, b, fma, dtype, shape, block):
+def _blocked(eng: _Engine, block: int) -> np.ndarray:
     """Partial sums over consecutive blocks of ``block`` terms, then the partials in order."""
-    total = np.zeros(shape, dtype)
-    for start in range(0, a.shape[0], block):
-        part = _sequential(
-            a, b, fma, dtype, shape, indices=range(start, min(start + block, a.shape[0]))
-        )
-        total = (total + part).astype(dtype)
+    total = eng.zeros()
+    for start in range(0, eng.size, block):
+        eng.add(total, _sequential(eng, range(start, min(start + block, eng.size))))
     return total
 
 
@@ -375,16 +567,15 @@ def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dt
     fma = order.fma and b is not None
     if a.shape[0] == 0:
         return np.zeros(shape, dtype)
-    if order.name == "sequential":
-        out = _sequential(a, b, fma, acc_dtype, shape)
-    elif order.name == "reverse":
-        out = _reverse(a, b, fma, acc_dtype, shape)
-    elif order.name == "pairwise":
-        out = _pairwise(a, b, fma, acc_dtype, shape)
-    elif order.name == "kahan":
-        out = _kahan(a, b, fma, acc_dtype, shape)
-    elif order.name == "blocked":
-        out = _blocked(a, b, fma, acc_dtype, shape, order.block)
+    programs: dict[str, Program] = {
+        "sequential": _sequential,
+        "reverse": _reverse,
+        "pairwise": _pairwise,
+        "kahan": _kahan,
+        "blocked": lambda eng: _blocked(eng, order.block),
+    }
+    if order.name in programs:
+        out = _run_blocked(a, b, shape, acc_dtype, fma, programs[order.name])
     elif order.name == "blas":
         out = _blas(a, b, acc_dtype, shape)
     elif order.name == "float64":  # its accumulator is float64 by definition: one rounding

@@ -176,7 +176,9 @@ class RecordingWriter:
     def _write_raw(self, key: str, array: np.ndarray) -> None:
         try:
             with self._zip.open(key + ".npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+                # write_array handles any memory layout; np.ascontiguousarray would turn a
+                # 0-d output into shape (1,).
+                np.lib.format.write_array(member, array, allow_pickle=False)
         except OSError as exc:
             self._abort()
             raise OutputError(f"cannot write {str(self.path)!r}: {exc.strerror or exc}") from None
@@ -276,7 +278,10 @@ def load_recording(path: str | os.PathLike) -> Recording:
     except InputError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise InputError(f"cannot read recording {where!r}: {_one_line(exc)}") from None
+        raise InputError(
+            f"cannot read recording {where!r}: {_one_line(exc)} (expected a complete .npz "
+            "written by --save-outputs)"
+        ) from None
 
 
 def _read(npz: Any, where: str) -> Recording:

@@ -141,8 +141,6 @@ def render_table(report: Report) -> Table:
 
 def render_summary(report: Report) -> Text:
     """The verdict: first divergent layer (or none), budget failures, skipped layers."""
-    counts = report.counts()
-    tally = ", ".join(f"{counts[s]} {s}" for s in STATUS_STYLE if counts[s])
     lines = Text()
     first = report.first_divergent
     if first is not None:
@@ -159,11 +157,7 @@ def render_summary(report: Report) -> Text:
         lines.append("No layer diverged", style="bold green")
         lines.append(": every compared difference is within its rounding bound.\n")
     for r in report.over_budget:
-        lines.append(
-            f"Over budget: {r.name} max {r.comparison.max_ulp:,} ULP > "
-            f"{report.settings.get('max_ulp')}\n",
-            style="red",
-        )
+        lines.append(f"Over budget: {r.name}: {'; '.join(r.budget_violations)}\n", style="red")
     for r in report.layers:
         _layer_notes(r, lines)
     repeat = report.settings.get("repeat", 1)
@@ -178,11 +172,21 @@ def render_summary(report: Report) -> Text:
             )
         else:
             lines.append(f"Keras gave bit-identical outputs in all {repeat} runs.\n")
-    lines.append(f"{len(report.layers)} layers: {tally}. ")
-    lines.append(
+    lines.append(summary_line(report))
+    return lines
+
+
+def summary_line(report: Report) -> Text:
+    """One line: layer count, statuses, PASS or FAIL (all ``--quiet`` prints)."""
+    counts = report.counts()
+    tally = ", ".join(f"{counts[s]} {s}" for s in STATUS_STYLE if counts[s]) or "none compared"
+    line = Text(f"{len(report.layers)} layers: {tally}. ")
+    if report.over_budget:
+        line.append(f"{len(report.over_budget)} over budget. ")
+    line.append(
         "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red"
     )
-    return lines
+    return line
 
 
 def _layer_notes(r: LayerResult, lines: Text) -> None:

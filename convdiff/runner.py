@@ -14,18 +14,21 @@ modes. Tensors are dropped as soon as no later layer (or model output) reads the
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from convdiff.budget import Budget
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.graph import Graph, GraphNode, build_graph, layer_spec
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import Comparison, compare, is_identical, within_bound
 from convdiff.orders import Order, round_to
+from convdiff.recording import Recording
 
 MODES = ("isolated", "propagated")
 STATUSES = ("identical", "rounding", "divergent", "skipped", "error")
@@ -38,23 +41,48 @@ class Settings:
     Attributes:
         order: the NumPy side's summation order.
         mode: ``isolated`` or ``propagated``.
-        max_ulp: budget: a compared layer above it fails the run even when it is rounding.
+        budget: limits (max ULP, atol/rtol, quantile) a compared layer must meet even when
+            its difference is rounding.
+        impls: the user's implementations standing in for kernels.
+        repeat: Keras runs per layer (to see whether Keras changes run to run).
+        layers: glob patterns on layer names or classes; only matching layers are compared.
+        stop_at_first: stop after the first divergent layer.
+        reference: a recording whose outputs take the NumPy side's place (``--reference``).
     """
 
     order: Order = field(default_factory=Order)
     mode: str = "isolated"
-    max_ulp: int | None = None
+    budget: Budget = field(default_factory=Budget)
     impls: tuple[UserImpl, ...] = ()
     repeat: int = 1
+    layers: tuple[str, ...] = ()
+    stop_at_first: bool = False
+    reference: Recording | None = None
+
+    @property
+    def candidate_label(self) -> str:
+        """What the Keras side is compared with."""
+        return f"recording {self.reference.path}" if self.reference else "NumPy"
+
+    def selects(self, name: str, class_name: str) -> bool:
+        """Whether ``--layers`` lets this layer be compared."""
+        base = name.split("/")[-1].split("#")[0]
+        return not self.layers or any(
+            fnmatch.fnmatchcase(n, p) for p in self.layers for n in (name, base, class_name)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.order.to_dict(),
             "order_label": self.order.label,
             "mode": self.mode,
-            "max_ulp": self.max_ulp,
+            "max_ulp": self.budget.global_max_ulp,
+            "budget": self.budget.to_dict(),
             "impls": {i.key: i.source for i in self.impls},
             "repeat": self.repeat,
+            "layers": list(self.layers),
+            "stop_at_first": self.stop_at_first,
+            "reference": self.reference.path if self.reference else None,
         }
 
 
@@ -70,12 +98,16 @@ class LayerResult:
     status: str
     reason: str | None = None
     comparison: Comparison | None = None
-    over_budget: bool = False
+    budget_violations: list[str] = field(default_factory=list)
     impl: str | None = None
     traceback: str | None = None
     keras_vs_exact_ulp: int | None = None
     numpy_vs_exact_ulp: int | None = None
     repeat_max_ulp: int | None = None
+
+    @property
+    def over_budget(self) -> bool:
+        return bool(self.budget_violations)
 
     @property
     def compared(self) -> bool:
@@ -103,6 +135,7 @@ class LayerResult:
             "inf_mismatch": c.get("inf_mismatch"),
             "bound_ratio": c.get("bound_ratio"),
             "over_budget": self.over_budget,
+            "budget_violations": self.budget_violations,
             "worst": c.get("worst"),
             "keras_vs_exact_ulp": self.keras_vs_exact_ulp,
             "numpy_vs_exact_ulp": self.numpy_vs_exact_ulp,
@@ -113,32 +146,65 @@ class LayerResult:
 
 
 def run_layers(
-    model: Any, inputs: Sequence[np.ndarray], settings: Settings
+    model: Any,
+    inputs: Sequence[np.ndarray],
+    settings: Settings,
+    *,
+    keras_recording: Recording | None = None,
+    on_output: Callable[[str, np.ndarray], None] | None = None,
 ) -> Iterator[LayerResult]:
-    """Yield a :class:`LayerResult` for every layer call of ``model`` on ``inputs``."""
+    """Yield a :class:`LayerResult` for every (selected) layer call of ``model`` on ``inputs``.
+
+    Args:
+        model: the Keras model.
+        inputs: arrays in model input order.
+        settings: how to compare.
+        keras_recording: take the Keras side's outputs from this recording instead of running
+            the layers (``compare-runs``); layers it lacks are run.
+        on_output: called with each layer call's name and Keras output (``--save-outputs``).
+    """
     import keras
 
     graph = build_graph(model)
     public = vars(keras.layers)
     keras_values: dict[int, np.ndarray] = dict(zip(graph.inputs, inputs, strict=True))
-    numpy_values: dict[int, np.ndarray] = dict(keras_values)
+    numpy_values = dict(zip(graph.inputs, _numpy_inputs(graph, inputs, settings), strict=True))
     remaining = graph.consumers()
+    propagated = settings.mode == "propagated" or settings.reference is not None
     for index, node in enumerate(graph.nodes):
         keras_in = [keras_values[k] for k in node.inputs]
-        keras_out = [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
-        repeat_ulp = _repeat_ulp(node, keras_in, keras_out, settings.repeat)
-        numpy_in = (
-            keras_in if settings.mode == "isolated" else [numpy_values[k] for k in node.inputs]
+        recorded = keras_recording.layers.get(node.name) if keras_recording else None
+        keras_out = (
+            [recorded]
+            if recorded is not None
+            else [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
         )
-        result, numpy_out = _compare_node(
-            index, node, keras_in, numpy_in, keras_out, settings, public
-        )
-        result.repeat_max_ulp = repeat_ulp
+        if on_output is not None:
+            on_output(node.name, keras_out[0])
+        numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
+        if settings.selects(node.name, node.class_name):
+            result, numpy_out = _compare_node(
+                index, node, keras_in, numpy_in, keras_out, settings, public
+            )
+            result.repeat_max_ulp = _repeat_ulp(node, keras_in, keras_out, settings.repeat)
+        else:
+            result, numpy_out = None, keras_out
         for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
             keras_values[key] = k_val
             numpy_values[key] = n_val
         _release(node, graph, remaining, keras_values, numpy_values)
-        yield result
+        if result is not None:
+            yield result
+            if settings.stop_at_first and result.status == "divergent":
+                return
+
+
+def _numpy_inputs(graph: Graph, inputs: Sequence[np.ndarray], settings: Settings):
+    """The NumPy side's model inputs: the recording's where one stands in for it."""
+    if settings.reference is None:
+        return list(inputs)
+    recorded = settings.reference.inputs
+    return [recorded.get(n, x) for n, x in zip(graph.input_names, inputs, strict=True)]
 
 
 def _repeat_ulp(
@@ -178,6 +244,12 @@ def _compare_node(
     )
     kernel = find_kernel(type(node.layer), public)
     impl = find_impl(settings.impls, node.name, node.class_name)
+    if settings.reference is not None:
+        recorded = settings.reference.layers.get(node.name)
+        if recorded is None:
+            result.reason = f"not in the recording {settings.reference.path}"
+            return result, keras_out
+        impl = _RecordedOutput(recorded, settings.reference.path)
     if kernel is None and impl is None:
         result.reason = f"no NumPy kernel for {node.class_name}"
         return result, keras_out
@@ -186,7 +258,7 @@ def _compare_node(
         result.reason = f"{node.class_name} has {count} outputs; only single outputs are compared"
         return result, keras_out
     spec = layer_spec(node.layer)
-    result.impl = impl.source if impl else None
+    result.impl = impl.source if isinstance(impl, UserImpl) else None
     try:
         run = run_kernel(
             kernel,
@@ -211,16 +283,31 @@ def _compare_node(
     return result, [output]
 
 
+@dataclass(frozen=True)
+class _RecordedOutput:
+    """A recorded output standing in for the NumPy side (``--reference``)."""
+
+    output: np.ndarray
+    source: str
+
+    @property
+    def label(self) -> str:
+        return f"the recorded output in {self.source}"
+
+    def __call__(self, inputs, weights, config) -> np.ndarray:
+        return self.output
+
+
 def _candidate(impl: UserImpl, spec) -> Callable[[list[np.ndarray]], np.ndarray]:
     weights = list(spec.weights.values())
     return lambda inputs: impl(inputs, weights, spec.config)
 
 
 def _conform(
-    output: np.ndarray, keras_out: np.ndarray, impl: UserImpl | None
+    output: np.ndarray, keras_out: np.ndarray, impl: UserImpl | _RecordedOutput | None
 ) -> tuple[np.ndarray | None, str | None]:
     """Check the NumPy side's shape, round another dtype to Keras's (with a note)."""
-    who = f"your implementation {impl.source}" if impl else "the NumPy kernel"
+    who = impl.label if impl else "the NumPy kernel"
     if output.shape != keras_out.shape:
         return None, (
             f"{who} returned shape {tuple(output.shape)}; Keras's output has shape "
@@ -259,7 +346,9 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
         exact = round_to(run.reference, keras_out.dtype)
         result.keras_vs_exact_ulp = compare(exact, keras_out).max_ulp
         result.numpy_vs_exact_ulp = compare(exact, output).max_ulp
-    result.over_budget = settings.max_ulp is not None and c.max_ulp > settings.max_ulp
+    result.budget_violations = settings.budget.check(
+        result.name, result.class_name, keras_out, output
+    )
 
 
 def _join(*parts: str | None) -> str | None:

@@ -73,6 +73,8 @@ def _message(report: Report, failing: list[LayerResult]) -> str:
     ]
     if first.reason:
         lines.append(f"  reason: {first.reason}")
+    if first.traceback:
+        lines += ["  " + line for line in first.traceback.splitlines()]
     worst = first.comparison.worst if first.comparison is not None else None
     if worst is not None:
         lines.append(
@@ -81,7 +83,7 @@ def _message(report: Report, failing: list[LayerResult]) -> str:
         )
     others = failing[1:]
     if others:
-        names = ", ".join(f"{r.name} ({_verdict(r)})" for r in others[:5])
+        names = ", ".join(f"{r.name}: {_verdict(r)}" for r in others[:5])
         more = f" and {len(others) - 5} more" if len(others) > 5 else ""
         lines.append(f"  {len(others)} later layer(s) failed too: {names}{more}")
     settings = report.settings
@@ -103,10 +105,7 @@ def _figures(r: LayerResult, report: Report) -> str:
     if c is None:
         return "not compared"
     parts = [f"max {c.max_ulp:,} ULP"]
-    if r.over_budget:
-        violations = getattr(r, "budget_violations", None)
-        limit = report.settings.get("max_ulp")
-        parts += list(violations) if violations else [f"budget {limit} ULP"]
+    parts += r.budget_violations
     if c.bound_ratio is not None:
         ratio = "inf" if math.isinf(c.bound_ratio) else f"{c.bound_ratio:.3g}"
         parts.append(f"{ratio}x the rounding bound")

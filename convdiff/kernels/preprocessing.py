@@ -1,4 +1,4 @@
-"""Preprocessing kernels: Rescaling, Normalization (inference), CenterCrop.
+"""Preprocessing kernels: Rescaling, Normalization (inference), CenterCrop, Resizing.
 
 None of them reduces anything; each is a short chain of elementwise steps, each rounded to the
 layer's dtype as TensorFlow rounds it:
@@ -9,6 +9,11 @@ layer's dtype as TensorFlow rounds it:
   ``mean + x * maximum(sqrt(variance), epsilon)``; mean and variance cast to the compute dtype
   before any arithmetic.
 - CenterCrop: a slice (exact) when the target fits in the image.
+- Resizing: ``tf.image.resize`` with half-pixel centres. 'nearest' gathers pixels (exact);
+  'bilinear' is TF's CPU ``ResizeBilinear``: weights in float32, then three rounded lerps per
+  output, computed in float32 whatever the input (float16/bfloat16 results are rounded once
+  more, as Keras's saturating cast does). ``crop_to_aspect_ratio`` slices and
+  ``pad_to_aspect_ratio`` pads with ``fill_value`` first (exact), sizes computed as TF does.
 
 Keras reads two process-wide settings these kernels cannot see: ``keras.config.epsilon()``
 (1e-7 is assumed) and, for a Rescaling with a per-channel ``scale``,
@@ -23,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from convdiff.kernels import LayerSpec, Unsupported, register
+from convdiff.kernels.normalization import narrow, widen
+from convdiff.kernels.reshaping import _bilinear_weights, _lerp
 
 # keras.config.epsilon() at its default: the floor of Normalization's standard deviation.
 _EPSILON = 1e-7
@@ -126,3 +133,119 @@ def center_crop(spec: LayerSpec, inputs: list, nx: Any) -> Any:
     index[h_axis] = slice(h_diff // 2, h_diff // 2 + height)
     index[h_axis + 1] = slice(w_diff // 2, w_diff // 2 + width)
     return nx.move(lambda v: v[tuple(index)], x)
+
+
+# --------------------------------------------------------------------------- Resizing
+
+
+def _f32_int(numerator: int, denominator: int) -> int:
+    """``int32(float32(numerator) / denominator)``: TF's aspect-ratio arithmetic, truncated."""
+    return int(np.float32(numerator) / np.float32(denominator))
+
+
+def _crop_to_aspect(x: Any, nx: Any, target: tuple[int, int]) -> Any:
+    """The central crop with the target's aspect ratio (Keras's TF ``resize``, exact slice)."""
+    _, height, width, _ = nx.value(x).shape
+    crop_h = max(min(height, _f32_int(width * target[0], target[1])), 1)
+    crop_w = max(min(width, _f32_int(height * target[1], target[0])), 1)
+    top, left = _f32_int(height - crop_h, 2), _f32_int(width - crop_w, 2)
+    return nx.move(lambda v: v[:, top : top + crop_h, left : left + crop_w, :], x)
+
+
+def _pad_to_aspect(x: Any, nx: Any, target: tuple[int, int], fill_value: float) -> Any:
+    """Bands of ``fill_value`` on both sides of the short axis (Keras's TF ``resize``: the same
+    band height before and after, so an odd difference loses a row)."""
+    batch, height, width, channels = nx.value(x).shape
+    pad_h = max(height, _f32_int(width * target[0], target[1]))
+    pad_w = max(width, _f32_int(height * target[1], target[0]))
+    top, left = _f32_int(pad_h - height, 2), _f32_int(pad_w - width, 2)
+    for axis, band in ((1, top), (2, left)):
+        if band > 0:
+            shape = [batch, height, width, channels]
+            shape[axis] = band
+            # ones(dtype) * fill_value: fill_value rounded to the image's dtype
+            fill = nx.const(np.full(shape, fill_value))
+            x = nx.move(
+                lambda v, f, axis=axis: np.concatenate(
+                    [f.astype(v.dtype), v, f.astype(v.dtype)], axis
+                ),
+                x,
+                fill,
+            )
+            height, width = nx.value(x).shape[1:3]
+    return x
+
+
+def _resize_nearest(x: Any, nx: Any, size: tuple[int, int]) -> Any:
+    """TF's ``ResizeNearestNeighbor`` (half-pixel centres): source index
+    ``min(floor((i + 0.5) * (in / out)), in - 1)``, all in float32 (exact gather)."""
+    _, height, width, _ = nx.value(x).shape
+
+    def source(in_size: int, out_size: int) -> np.ndarray:
+        scale = np.float32(in_size) / np.float32(out_size)
+        index = np.floor((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale)
+        return np.clip(index.astype(np.int64), 0, in_size - 1)
+
+    rows, cols = source(height, size[0]), source(width, size[1])
+    return nx.move(lambda v: v[:, rows][:, :, cols], x)
+
+
+def _resize_bilinear(x: Any, nx: Any, size: tuple[int, int]) -> Any:
+    """TF's ``ResizeBilinear`` (half-pixel centres) of channels_last ``x`` to ``size``."""
+    _, height, width, _ = nx.value(x).shape
+    y_lo, y_hi, y_w = _bilinear_weights(height, size[0])
+    x_lo, x_hi, x_w = _bilinear_weights(width, size[1])
+
+    def corner(rows: np.ndarray, cols: np.ndarray) -> Any:
+        return nx.move(lambda v: v[:, rows][:, :, cols], x)
+
+    # The weights are computed identically by both sides: exact constants.
+    wx, wy = nx.const(x_w[None, None, :, None]), nx.const(y_w[None, :, None, None])
+    top = _lerp(corner(y_lo, x_lo), corner(y_lo, x_hi), wx, nx)
+    bottom = _lerp(corner(y_hi, x_lo), corner(y_hi, x_hi), wx, nx)
+    return _lerp(top, bottom, wy, nx)
+
+
+def _check_resizing(spec: LayerSpec, x: Any, nx: Any) -> str:
+    """The interpolation, after refusing what the kernel does not implement."""
+    cfg = spec.config
+    interpolation = str(cfg.get("interpolation", "bilinear")).lower()
+    if interpolation not in ("bilinear", "nearest"):
+        raise Unsupported(f"Resizing interpolation={interpolation!r}")
+    if interpolation == "bilinear" and cfg.get("antialias", False):
+        raise Unsupported("Resizing antialias=True (TF's ScaleAndTranslate)")
+    if interpolation == "bilinear" and nx.value(x).dtype.kind in "iub":
+        raise Unsupported(f"bilinear Resizing of {nx.value(x).dtype} images (Keras rounds)")
+    if interpolation == "bilinear" and np.dtype(spec.dtype) == np.float64:
+        raise Unsupported("bilinear Resizing in float64 (TF computes in float32)")
+    if nx.value(x).ndim not in (3, 4):
+        raise Unsupported(f"Resizing of a rank-{nx.value(x).ndim} input")
+    return interpolation
+
+
+@register("Resizing")
+def resizing(spec: LayerSpec, inputs: list, nx: Any) -> Any:
+    """Resizing to ``(height, width)``: optional aspect-ratio crop or pad (exact), then
+    'nearest' (exact gather) or 'bilinear' (no reduction; three float32 lerps per output)."""
+    cfg = spec.config
+    x = inputs[0]
+    interpolation = _check_resizing(spec, x, nx)
+    unbatched = nx.value(x).ndim == 3
+    channels_first = cfg.get("data_format", "channels_last") == "channels_first"
+    if unbatched:
+        x = nx.move(lambda v: v[None], x)
+    if channels_first:
+        x = nx.move(lambda v: np.moveaxis(v, 1, -1), x)
+    size = (int(cfg["height"]), int(cfg["width"]))
+    if cfg.get("crop_to_aspect_ratio", False):
+        x = _crop_to_aspect(x, nx, size)
+    elif cfg.get("pad_to_aspect_ratio", False):
+        x = _pad_to_aspect(x, nx, size, float(cfg.get("fill_value", 0.0)))
+    if interpolation == "nearest":
+        y = _resize_nearest(x, nx, size)
+    else:
+        wide = widen(nx)
+        y = narrow(nx, wide, _resize_bilinear(x, wide, size))
+    if channels_first:
+        y = nx.move(lambda v: np.moveaxis(v, -1, 1), y)
+    return nx.move(lambda v: v[0], y) if unbatched else y
