@@ -78,7 +78,7 @@ def test_layers_filter_and_stop_at_first(deep, tmp_path, examples):
         run(
             *deep,
             "--impl",
-            f"Conv2D={tmp_path / 'wrong.py'}:f",
+            f"conv1={tmp_path / 'wrong.py'}:f",
             "--mode",
             "propagated",
             "--stop-at-first",
