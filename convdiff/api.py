@@ -62,8 +62,11 @@ def compare(
     atol: float | str | Sequence[str] | None = None,
     rtol: float | str | Sequence[str] | None = None,
     quantile: float | None = None,
+    ulp_metric: str = "raw",
     layers: str | Sequence[str] = (),
     stop_at_first: bool = False,
+    histogram: bool = False,
+    show_worst: int = 0,
     reference: str | os.PathLike | None = None,
     save_outputs: str | os.PathLike | None = None,
     seed: int | None = None,
@@ -91,8 +94,12 @@ def compare(
         max_ulp, atol, rtol: budgets: a number, or ``"PATTERN=N"`` strings for per-layer
             overrides (globs on layer names or classes; the last match wins).
         quantile: budget the Q-quantile of the ULP distribution instead of the maximum.
+        ulp_metric: ``raw`` ULPs of each output, or ``scaled``: ULPs of the magnitude of the
+            terms it was summed from (a small difference of large terms reads as rounding).
         layers: glob patterns on layer names or classes: compare only those.
         stop_at_first: stop after the first divergent layer.
+        histogram: record each compared layer's ULP distribution.
+        show_worst: record the K worst elements of each compared layer.
         reference: a recording (``save_outputs`` of another run) whose outputs are compared
             with this machine's Keras outputs instead of the NumPy side.
         save_outputs: record every layer's Keras output, the inputs and the environment here.
@@ -122,11 +129,13 @@ def compare(
     settings = Settings(
         order=order if isinstance(order, Order) else parse_order(order, fma, accumulate, tap_order),
         mode=mode,
-        budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile),
+        budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile, ulp_metric),
         impls=tuple(parse_impls(impls)),
         repeat=repeat,
         layers=tuple(_texts(layers)),
         stop_at_first=stop_at_first,
+        histogram=histogram,
+        show_worst=show_worst,
         reference=load_recording(reference) if reference is not None else None,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
@@ -230,6 +239,7 @@ def compare_runs(
     atol: float | str | Sequence[str] | None = None,
     rtol: float | str | Sequence[str] | None = None,
     quantile: float | None = None,
+    ulp_metric: str = "raw",
     layers: str | Sequence[str] = (),
     unsafe: bool = False,
     custom_objects: dict[str, Any] | None = None,
@@ -245,7 +255,7 @@ def compare_runs(
     first, second = load_recording(recording_a), load_recording(recording_b)
     settings = Settings(
         mode="propagated",
-        budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile),
+        budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile, ulp_metric),
         layers=tuple(_texts(layers)),
         reference=second,
     )

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from convdiff.errors import OptionError
-from convdiff.metrics import ulp_distance
+from convdiff.metrics import scaled_ulp, ulp_distance
 
 __all__ = ["Budget", "LayerLimits", "Rule", "parse_budget", "ulp_quantile"]
 
@@ -92,12 +92,15 @@ class Budget:
         atol: rules for the absolute tolerance.
         rtol: rules for the relative tolerance.
         quantile: Q in (0, 1]: budget the Q-quantile instead of the maximum; None means the max.
+        metric: ``raw`` ULPs of the output, or ``scaled``: ULPs of the magnitude of the terms
+            each output was summed from (see :func:`convdiff.metrics.scaled_ulp`).
     """
 
     max_ulp: tuple[Rule, ...] = ()
     atol: tuple[Rule, ...] = ()
     rtol: tuple[Rule, ...] = ()
     quantile: float | None = None
+    metric: str = "raw"
 
     @property
     def active(self) -> bool:
@@ -120,7 +123,12 @@ class Budget:
         )
 
     def check(
-        self, name: str, class_name: str, reference: np.ndarray, candidate: np.ndarray
+        self,
+        name: str,
+        class_name: str,
+        reference: np.ndarray,
+        candidate: np.ndarray,
+        scale: np.ndarray | None = None,
     ) -> list[str]:
         """The limits this layer's output violates, as sentences (empty: within budget).
 
@@ -130,6 +138,8 @@ class Budget:
             reference: Keras's output.
             candidate: the NumPy side's output, same shape and dtype (integer outputs are
                 compared as float64, like the runner does).
+            scale: per-element magnitude of the summed terms, for the ``scaled`` metric (the
+                raw metric is used where it is None).
 
         Returns:
             One human-readable string per violated limit, e.g. ``"max ULP 12 > 8 (--max-ulp
@@ -140,7 +150,11 @@ class Budget:
         violations = []
         ulp_rule = _resolve(self.max_ulp, name, class_name)
         if ulp_rule is not None and ulp_rule.value is not None:
-            violations += self._check_ulp(ref, cand, finite, ulp_rule)
+            if self.metric == "scaled" and scale is not None and reference.dtype.kind == "f":
+                scaled = scaled_ulp(reference, candidate, scale, reference.dtype)[finite]
+                violations += self._check_scaled(scaled, ulp_rule)
+            else:
+                violations += self._check_ulp(ref, cand, finite, ulp_rule)
         atol_rule = _resolve(self.atol, name, class_name)
         rtol_rule = _resolve(self.rtol, name, class_name)
         if _value(atol_rule) is not None or _value(rtol_rule) is not None:
@@ -157,6 +171,14 @@ class Budget:
             return []
         what = "max ULP" if q >= 1.0 else f"{_fmt_q(q)} ULP quantile"
         return [f"{what} {measured:,} > {int(rule.value):,} ({rule.label('--max-ulp')})"]
+
+    def _check_scaled(self, scaled: np.ndarray, rule: Rule) -> list[str]:
+        q = 1.0 if self.quantile is None else self.quantile
+        measured = _quantile_of(scaled, q, exact=False)
+        if measured <= float(rule.value):
+            return []
+        what = "max scaled ULP" if q >= 1.0 else f"{_fmt_q(q)} scaled ULP quantile"
+        return [f"{what} {measured:.3g} > {int(rule.value):,} ({rule.label('--max-ulp')})"]
 
     def _check_tolerance(
         self,
@@ -212,6 +234,7 @@ class Budget:
             "atol": rules(self.atol),
             "rtol": rules(self.rtol),
             "quantile": self.quantile,
+            "ulp_metric": self.metric,
         }
 
 
@@ -245,16 +268,18 @@ def ulp_quantile(reference: np.ndarray, candidate: np.ndarray, q: float) -> int:
     return _quantile_of(ulp_distance(ref, cand)[finite], q)
 
 
-def _quantile_of(ulp: np.ndarray, q: float) -> int:
-    """Inverted-CDF quantile of a flat uint64 array, in integers (no float rounding of ULPs)."""
+def _quantile_of(ulp: np.ndarray, q: float, exact: bool = True) -> Any:
+    """Inverted-CDF quantile of a flat array: an int for ULP counts (no float rounding of
+    ULPs), a float for scaled ULPs (``exact=False``)."""
+    convert = int if exact else float
     n = int(ulp.size)
     if n == 0:
-        return 0
+        return convert(0)
     if q >= 1.0:
-        return int(ulp.max())
+        return convert(ulp.max())
     # The k-th smallest value (1-based) with k = ceil(q * n), computed exactly in decimal.
     k = max(1, math.ceil(Fraction(repr(q)) * n))
-    return int(np.partition(ulp, k - 1)[k - 1])
+    return convert(np.partition(ulp, k - 1)[k - 1])
 
 
 def _permitted_outside(n: int, quantile: float | None) -> int:
@@ -272,6 +297,7 @@ def parse_budget(
     atol: Sequence[str] = (),
     rtol: Sequence[str] = (),
     quantile: float | None = None,
+    metric: str = "raw",
 ) -> Budget:
     """Build a :class:`Budget` from CLI-style values.
 
@@ -281,6 +307,7 @@ def parse_budget(
         atol: each ``A`` or ``PATTERN=A``, A a finite number >= 0 or ``off``.
         rtol: each ``R`` or ``PATTERN=R``, likewise.
         quantile: Q in (0, 1], or None for the maximum.
+        metric: ``raw`` or ``scaled`` ULPs for ``max_ulp``.
 
     Raises:
         OptionError: for a malformed value, a negative or non-finite limit, two global values
@@ -291,11 +318,14 @@ def parse_budget(
             f"--quantile must be in (0, 1], e.g. 0.999 for the 99.9th percentile; "
             f"received {quantile!r}"
         )
+    if metric not in ("raw", "scaled"):
+        raise OptionError(f"--ulp-metric must be raw or scaled; received {metric!r}")
     budget = Budget(
         max_ulp=_parse_rules("--max-ulp", "N", max_ulp, _whole, "a whole number >= 0"),
         atol=_parse_rules("--atol", "A", atol, _tolerance, "a finite number >= 0"),
         rtol=_parse_rules("--rtol", "R", rtol, _tolerance, "a finite number >= 0"),
         quantile=None if quantile is None else float(quantile),
+        metric=metric,
     )
     if quantile is not None and not budget.active:
         raise OptionError(

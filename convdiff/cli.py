@@ -67,6 +67,13 @@ def _budget_options(fn: Callable) -> Callable:
                 help="Budget the Q-quantile of the ULP distribution instead of the max.",
             ),
             click.option(
+                "--ulp-metric",
+                type=click.Choice(["raw", "scaled"]),
+                default="raw",
+                show_default=True,
+                help="Budget raw ULPs of each output, or ULPs of its terms' magnitude.",
+            ),
+            click.option(
                 "--layers",
                 multiple=True,
                 metavar="PATTERN",
@@ -107,6 +114,14 @@ def _budget_options(fn: Callable) -> Callable:
 )
 @_budget_options
 @click.option("--stop-at-first", is_flag=True, help="Stop after the first divergent layer.")
+@click.option("--histogram", is_flag=True, help="Print each layer's ULP distribution.")
+@click.option(
+    "--show-worst",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="K",
+    help="Print the K worst elements of each compared layer.",
+)
 @click.option("--save-outputs", default=None, help="Record every layer's Keras output (.npz).")
 @click.option("--reference", default=None, help="Compare with a recording instead of NumPy.")
 @click.option(

@@ -43,6 +43,7 @@ def run_kernel(
     *,
     reference_inputs: Sequence[np.ndarray] | None = None,
     candidate: Candidate | None = None,
+    bound: bool = True,
 ) -> KernelRun:
     """Evaluate ``kernel`` with rounded arithmetic and with bounded float64 arithmetic.
 
@@ -56,6 +57,7 @@ def run_kernel(
             inputs' uncertainty.
         candidate: computes the NumPy side instead of the kernel (a user's implementation);
             the kernel, if any, still gives the float64 reference and the bound.
+        bound: run the bounded pass (False: only the NumPy side's output is wanted).
     """
     order = order or Order()
     # Keras casts floating inputs to the layer's compute dtype before ``call`` (mixed precision).
@@ -67,7 +69,7 @@ def run_kernel(
         numpy_out = candidate(list(inputs))
     else:
         numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
-    if kernel is None:
+    if kernel is None or not bound:
         return KernelRun(np.asarray(numpy_out), None, None)
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer
     # dtype's gamma_n covers both.

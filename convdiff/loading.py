@@ -289,16 +289,24 @@ def _zip_config_text(archive: zipfile.ZipFile, path: Path) -> bytes:
 
 
 def _check_weights_member(archive: zipfile.ZipFile, path: Path) -> None:
-    """Read the archive's weights file the way Keras opens it (h5py on the zip member)."""
+    """Read the archive's weights file whole with h5py, from a temporary copy (h5py seeking
+    inside a zip member is slow: ~6 s for ResNet50's 100 MB, against 0.2 s from a file)."""
+    import shutil
+    import tempfile
+
     import h5py
 
-    try:
-        with archive.open("model.weights.h5") as member, h5py.File(member, "r") as f:
-            _read_every_object(f, h5py)
-    except _H5_ERRORS as exc:
-        raise ModelLoadError(
-            f"{str(path)!r} holds a corrupt model.weights.h5 ({_one_line(exc)})"
-        ) from None
+    with tempfile.TemporaryDirectory(prefix="convdiff-") as tmp:
+        copy = Path(tmp) / "model.weights.h5"
+        with archive.open("model.weights.h5") as member, open(copy, "wb") as out:
+            shutil.copyfileobj(member, out, _READ_CHUNK)
+        try:
+            with h5py.File(copy, "r") as f:
+                _read_every_object(f, h5py)
+        except _H5_ERRORS as exc:
+            raise ModelLoadError(
+                f"{str(path)!r} holds a corrupt model.weights.h5 ({_one_line(exc)})"
+            ) from None
 
 
 def _h5_config(path: Path) -> dict[str, Any]:

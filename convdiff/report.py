@@ -197,11 +197,15 @@ def _layer_notes(r: LayerResult, lines: Text) -> None:
         return
     if r.status == "error":
         lines.append(f"Error in {r.name}: {r.reason}\n", style="bold magenta")
+        if r.likely_cause:
+            lines.append(f"Likely cause: {r.name}: {r.likely_cause}\n", style="bold")
         if r.traceback:
             lines.append("    " + r.traceback.replace("\n", "\n    ") + "\n", style="magenta")
         return
     if r.reason:
         lines.append(f"Note: {r.name}: {r.reason}\n")
+    if r.likely_cause:
+        lines.append(f"Likely cause: {r.name}: {r.likely_cause}\n", style="bold")
     if r.impl and r.keras_vs_exact_ulp is not None:
         lines.append(
             f"Three-way: {r.name}: Keras max {r.keras_vs_exact_ulp:,} ULP from the correctly "
@@ -209,9 +213,85 @@ def _layer_notes(r: LayerResult, lines: Text) -> None:
         )
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One character per value, on a log scale (errors grow by orders of magnitude)."""
+    logs = [math.log10(1 + v) for v in values]
+    top = max(logs, default=0.0) or 1.0
+    return "".join(
+        SPARKS[min(len(SPARKS) - 1, int(x / top * (len(SPARKS) - 1) + 0.5))] for x in logs
+    )
+
+
+def render_growth(report: Report) -> Text | None:
+    """Propagated mode: how the difference grows over depth, and where it is amplified."""
+    rows = [r for r in report.layers if r.comparison is not None]
+    if report.settings.get("mode") != "propagated" or not rows:
+        return None
+    scaled = [r.comparison.max_ulp_scaled or 0.0 for r in rows]
+    text = Text("Growth over depth (max ULP of the terms' scale per layer): ")
+    text.append(sparkline(scaled), style="cyan")
+    text.append(f" {scaled[0]:.3g} -> {scaled[-1]:.3g}\n")
+    amplified = [r for r in rows if r.amplification is not None]
+    if amplified:
+        worst = max(amplified, key=lambda r: r.amplification)
+        text.append(
+            f"Largest amplification: {worst.name} x{worst.amplification:.3g} of its incoming "
+            f"difference (own contribution {worst.own_ulp_scaled or 0:.3g} ULP of its scale)\n"
+        )
+    return text
+
+
+def render_histograms(report: Report) -> Table | None:
+    """``--histogram``: each compared layer's ULP distribution as counts and bars."""
+    rows = [r for r in report.layers if r.histogram]
+    if not rows:
+        return None
+    table = Table(title="ULP distribution", title_justify="left", box=box.SIMPLE_HEAD)
+    for header in ("layer", "ULP", "count", ""):
+        table.add_column(header, justify="right" if header == "count" else "left")
+    for r in rows:
+        total = max(sum(count for _, count in r.histogram), 1)
+        for i, (bucket, count) in enumerate(r.histogram):
+            bar = "█" * max(int(40 * count / total + 0.5), 1 if count else 0)
+            table.add_row(r.name if i == 0 else "", bucket, f"{count:,}", bar)
+    return table
+
+
+def render_worst(report: Report) -> Table | None:
+    """``--show-worst K``: the worst elements with both values, the exact value and bound."""
+    rows = [r for r in report.layers if r.worst_elements]
+    if not rows:
+        return None
+    table = Table(title="Worst elements", title_justify="left", box=box.SIMPLE_HEAD)
+    for header in ("layer", "index", "Keras", "NumPy", "exact", "ULP", "bound"):
+        table.add_column(header, justify="left" if header in ("layer", "index") else "right")
+    for r in rows:
+        for i, w in enumerate(r.worst_elements):
+            table.add_row(
+                r.name if i == 0 else "",
+                str(tuple(w["index"])),
+                _fmt_float(w["reference"], ".9g"),
+                _fmt_float(w["candidate"], ".9g"),
+                _fmt_float(w.get("exact"), ".9g"),
+                _fmt_int(w.get("ulp")),
+                _fmt_float(w.get("bound"), ".3g"),
+            )
+    return table
+
+
 def render(report: Report) -> Group:
-    """Table and summary, ready for ``Console.print``."""
-    return Group(render_table(report), render_summary(report))
+    """Table, optional views (histograms, worst elements, growth) and summary."""
+    parts = [
+        render_table(report),
+        render_histograms(report),
+        render_worst(report),
+        render_growth(report),
+        render_summary(report),
+    ]
+    return Group(*(p for p in parts if p is not None))
 
 
 # --------------------------------------------------------------------------- files

@@ -23,10 +23,19 @@ import numpy as np
 
 from convdiff.budget import Budget
 from convdiff.evaluate import KernelRun, run_kernel
+from convdiff.explain import likely_cause
 from convdiff.graph import Graph, GraphNode, build_graph, layer_spec
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
-from convdiff.metrics import Comparison, compare, is_identical, within_bound
+from convdiff.metrics import (
+    Comparison,
+    compare,
+    is_identical,
+    scaled_ulp,
+    ulp_histogram,
+    within_bound,
+    worst_elements,
+)
 from convdiff.orders import Order, round_to
 from convdiff.recording import Recording
 
@@ -48,6 +57,8 @@ class Settings:
         layers: glob patterns on layer names or classes; only matching layers are compared.
         stop_at_first: stop after the first divergent layer.
         reference: a recording whose outputs take the NumPy side's place (``--reference``).
+        histogram: record each compared layer's ULP distribution.
+        show_worst: record the K worst elements of each compared layer.
     """
 
     order: Order = field(default_factory=Order)
@@ -58,6 +69,8 @@ class Settings:
     layers: tuple[str, ...] = ()
     stop_at_first: bool = False
     reference: Recording | None = None
+    histogram: bool = False
+    show_worst: int = 0
 
     @property
     def candidate_label(self) -> str:
@@ -83,6 +96,8 @@ class Settings:
             "layers": list(self.layers),
             "stop_at_first": self.stop_at_first,
             "reference": self.reference.path if self.reference else None,
+            "histogram": self.histogram,
+            "show_worst": self.show_worst,
         }
 
 
@@ -104,6 +119,11 @@ class LayerResult:
     keras_vs_exact_ulp: int | None = None
     numpy_vs_exact_ulp: int | None = None
     repeat_max_ulp: int | None = None
+    likely_cause: str | None = None
+    amplification: float | None = None
+    own_ulp_scaled: float | None = None
+    histogram: list[tuple[str, int]] | None = None
+    worst_elements: list[dict[str, Any]] | None = None
 
     @property
     def over_budget(self) -> bool:
@@ -142,6 +162,12 @@ class LayerResult:
             "impl": self.impl,
             "traceback": self.traceback,
             "repeat_max_ulp": self.repeat_max_ulp,
+            "max_ulp_scaled": c.get("max_ulp_scaled"),
+            "likely_cause": self.likely_cause,
+            "amplification": self.amplification,
+            "own_ulp_scaled": self.own_ulp_scaled,
+            "histogram": None if self.histogram is None else [list(b) for b in self.histogram],
+            "worst_elements": self.worst_elements,
         }
 
 
@@ -169,6 +195,8 @@ def run_layers(
     public = vars(keras.layers)
     keras_values: dict[int, np.ndarray] = dict(zip(graph.inputs, inputs, strict=True))
     numpy_values = dict(zip(graph.inputs, _numpy_inputs(graph, inputs, settings), strict=True))
+    # The magnitude of the terms behind each tensor (|x| for model inputs), for growth figures.
+    scale_values: dict[int, np.ndarray | None] = {k: None for k in graph.inputs}
     remaining = graph.consumers()
     propagated = settings.mode == "propagated" or settings.reference is not None
     for index, node in enumerate(graph.nodes):
@@ -182,17 +210,18 @@ def run_layers(
         if on_output is not None:
             on_output(node.name, keras_out[0])
         numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
+        scale = None
         if settings.selects(node.name, node.class_name):
-            result, numpy_out = _compare_node(
-                index, node, keras_in, numpy_in, keras_out, settings, public
+            in_scales = [scale_values.get(k) for k in node.inputs]
+            result, numpy_out, scale = _compare_node(
+                index, node, (keras_in, numpy_in, in_scales), keras_out, settings, public
             )
             result.repeat_max_ulp = _repeat_ulp(node, keras_in, keras_out, settings.repeat)
         else:
             result, numpy_out = None, keras_out
         for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
-            keras_values[key] = k_val
-            numpy_values[key] = n_val
-        _release(node, graph, remaining, keras_values, numpy_values)
+            keras_values[key], numpy_values[key], scale_values[key] = k_val, n_val, scale
+        _release(node, graph, remaining, keras_values, numpy_values, scale_values)
         if result is not None:
             yield result
             if settings.stop_at_first and result.status == "divergent":
@@ -230,14 +259,21 @@ def _repeat_ulp(
 def _compare_node(
     index: int,
     node: GraphNode,
-    keras_in: list[np.ndarray],
-    numpy_in: list[np.ndarray],
+    inputs: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]],
     keras_out: list[np.ndarray],
     settings: Settings,
     public: dict[str, Any],
-) -> tuple[LayerResult, list[np.ndarray]]:
-    """Run the node's kernel (or the user's implementation) and judge it; return the result and
-    the NumPy side's outputs (Keras's own where the layer was not computed)."""
+) -> tuple[LayerResult, list[np.ndarray], np.ndarray | None]:
+    """Run the node's kernel (or the user's implementation) and judge it.
+
+    Args:
+        inputs: Keras's inputs, the NumPy side's inputs, and the terms' scale of each input.
+
+    Returns:
+        The result, the NumPy side's outputs (Keras's own where the layer was not computed),
+        and the output's terms' scale (None where unknown).
+    """
+    keras_in, numpy_in, in_scales = inputs
     first = keras_out[0]
     result = LayerResult(
         index, node.name, node.class_name, tuple(first.shape), str(first.dtype), "skipped"
@@ -248,15 +284,15 @@ def _compare_node(
         recorded = settings.reference.layers.get(node.name)
         if recorded is None:
             result.reason = f"not in the recording {settings.reference.path}"
-            return result, keras_out
+            return result, keras_out, None
         impl = _RecordedOutput(recorded, settings.reference.path)
     if kernel is None and impl is None:
         result.reason = f"no NumPy kernel for {node.class_name}"
-        return result, keras_out
+        return result, keras_out, None
     if len(keras_out) != 1:
         count = len(keras_out)
         result.reason = f"{node.class_name} has {count} outputs; only single outputs are compared"
-        return result, keras_out
+        return result, keras_out, None
     spec = layer_spec(node.layer)
     result.impl = impl.source if isinstance(impl, UserImpl) else None
     try:
@@ -265,22 +301,80 @@ def _compare_node(
             spec,
             numpy_in,
             settings.order,
-            reference_inputs=keras_in if settings.mode == "propagated" else None,
+            reference_inputs=keras_in,
             candidate=_candidate(impl, spec) if impl else None,
         )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
-        return result, keras_out
+        return result, keras_out, None
     except ImplFailure as exc:
         result.status, result.reason, result.traceback = "error", str(exc), exc.traceback
-        return result, keras_out
+        return result, keras_out, None
     output, notes = _conform(run.output, first, impl)
     if output is None:
         result.status, result.reason = ("error" if impl else "divergent"), notes
-        return result, keras_out
+        result.likely_cause = _explain(kernel, spec, numpy_in, run.output, impl, settings)
+        return result, keras_out, None
     result.reason = notes
     _judge(result, first, output, run, settings)
-    return result, [output]
+    if result.status == "divergent":
+        result.likely_cause = _explain(kernel, spec, numpy_in, run.output, impl, settings)
+    if settings.mode == "propagated" and settings.reference is None and kernel is not None:
+        sides = (keras_in, numpy_in, in_scales)
+        _growth(result, kernel, spec, sides, first, output, run, impl, settings)
+    return result, [output], run.scale
+
+
+def _explain(kernel, spec, inputs, output, impl, settings: Settings) -> str | None:
+    """For a user's implementation that diverges, the usual mistake that explains it."""
+    if kernel is None or not isinstance(impl, UserImpl):
+        return None
+    return likely_cause(kernel, spec, inputs, output, settings.order)
+
+
+def _growth(
+    result: LayerResult,
+    kernel,
+    spec,
+    sides,
+    keras_out,
+    output,
+    run: KernelRun,
+    impl,
+    settings: Settings,
+) -> None:
+    """Propagated mode: the layer's own contribution (its NumPy side fed Keras's input) and
+    the amplification of the incoming difference, each in units of the terms' scale (the
+    scale of the terms each input was itself computed from; its magnitude for model inputs)."""
+    keras_in, numpy_in, in_scales = sides
+    alone = run_kernel(
+        kernel,
+        spec,
+        keras_in,
+        settings.order,
+        bound=False,
+        candidate=_candidate(impl, spec) if impl else None,
+    ).output
+    if alone.shape != keras_out.shape or keras_out.dtype.kind != "f":
+        return
+    alone = alone.astype(keras_out.dtype)
+    result.own_ulp_scaled = _max_finite(scaled_ulp(keras_out, alone, run.scale, keras_out.dtype))
+    incoming = max(
+        (
+            _max_finite(scaled_ulp(k, n.astype(k.dtype), np.abs(k) if s is None else s, k.dtype))
+            for k, n, s in zip(keras_in, numpy_in, in_scales, strict=True)
+            if k.dtype.kind == "f"
+        ),
+        default=0.0,
+    )
+    outgoing = _max_finite(scaled_ulp(keras_out, output, run.scale, keras_out.dtype))
+    if incoming > 0:
+        result.amplification = outgoing / incoming
+
+
+def _max_finite(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else 0.0
 
 
 @dataclass(frozen=True)
@@ -326,7 +420,7 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
     floating = keras_out.dtype.kind == "f"
     bound = run.bound if floating else None
     result.comparison = (
-        compare(keras_out, output, bound)
+        compare(keras_out, output, bound, scale=run.scale)
         if floating
         else compare(keras_out.astype(np.float64), output.astype(np.float64), None)
     )
@@ -342,13 +436,20 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
         )
     else:
         result.status = "rounding" if within_bound(c) else "divergent"
+    exact = None
     if floating and run.reference is not None:
         exact = round_to(run.reference, keras_out.dtype)
         result.keras_vs_exact_ulp = compare(exact, keras_out).max_ulp
         result.numpy_vs_exact_ulp = compare(exact, output).max_ulp
     result.budget_violations = settings.budget.check(
-        result.name, result.class_name, keras_out, output
+        result.name, result.class_name, keras_out, output, scale=run.scale
     )
+    if settings.histogram:
+        result.histogram = ulp_histogram(keras_out, output)
+    if settings.show_worst:
+        result.worst_elements = worst_elements(
+            keras_out, output, settings.show_worst, bound=bound, exact=exact
+        )
 
 
 def _join(*parts: str | None) -> str | None:

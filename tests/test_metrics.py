@@ -15,10 +15,13 @@ from convdiff.metrics import (
     Comparison,
     compare,
     is_identical,
+    scaled_ulp,
     ulp_distance,
+    ulp_histogram,
     ulp_of,
     unit_roundoff,
     within_bound,
+    worst_elements,
 )
 
 # Any RuntimeWarning (overflow, divide by zero, invalid) from the metrics is a failure.
@@ -388,9 +391,11 @@ def test_float64_extremes_do_not_warn() -> None:
 def test_to_dict_is_json_ready() -> None:
     ref = np.array([[1.0, 0.0], [np.nan, 2.0]], dtype=ml_dtypes.bfloat16)
     cand = np.array([[1.0, 1.0], [np.nan, 2.0]], dtype=ml_dtypes.bfloat16)
-    c = compare(ref, cand, bound=np.float64(0.5))
+    c = compare(ref, cand, bound=np.float64(0.5), scale=np.float64(4.0))
     d = c.to_dict()
     assert set(d) == set(Comparison.__dataclass_fields__)
+    assert d["max_ulp_scaled"] == 32.0  # |1 - 0| over the bfloat16 spacing at 4, 2**-5
+    assert compare(ref, cand).to_dict()["max_ulp_scaled"] is None
     assert d["worst"]["index"] == [0, 1]
     assert d["max_rel"] == float("inf")
     assert d["bound_ratio"] == 2.0
@@ -440,3 +445,199 @@ def test_ulp_of_rounds_to_dtype_first() -> None:
     # 2 - 2**-30 rounds to 2.0 in float32, where the spacing is 2**-22, not 2**-23.
     assert ulp_of(np.array([2.0 - 2.0**-30]), np.float32).tolist() == [2.0**-22]
     assert ulp_of(np.array([0.0, -1.0]), ml_dtypes.bfloat16).tolist() == [2.0**-133, 2.0**-7]
+
+
+# --- ulp_histogram -------------------------------------------------------------------------------
+
+
+def _bucket(d: int) -> str:
+    """Independent reference: the label of the power-of-two bucket holding distance d."""
+    d = int(d)
+    if d <= 1:
+        return str(d)
+    lo = 1 << (d.bit_length() - 1)
+    return f"{lo}-{2 * lo - 1}"
+
+
+def test_histogram_buckets_are_powers_of_two_with_empty_ones_listed() -> None:
+    ref = np.ones(9, dtype=np.float32)
+    cand = _step(ref, np.array([0, 1, 2, 3, 4, 7, 8, 100, 0]))
+    assert ulp_histogram(ref, cand) == [
+        ("0", 2),
+        ("1", 1),
+        ("2-3", 2),
+        ("4-7", 2),
+        ("8-15", 1),
+        ("16-31", 0),
+        ("32-63", 0),
+        ("64-127", 1),
+    ]
+
+
+def test_histogram_of_equal_and_empty_arrays() -> None:
+    x = np.array([0.0, -0.0, 1.0, np.inf, np.nan], dtype=np.float16)
+    y = np.array([-0.0, 0.0, 1.0, np.inf, np.nan], dtype=np.float16)
+    assert ulp_histogram(x, y) == [("0", 5)]
+    empty = np.zeros((0, 2), dtype=np.float32)
+    assert ulp_histogram(empty, empty) == [("0", 0)]
+
+
+def test_histogram_counts_nonfinite_mismatches_apart() -> None:
+    ref = np.array([np.nan, np.inf, np.nan, np.inf, 1.0, 1.0], dtype=np.float32)
+    cand = np.array([1.0, -np.inf, np.nan, np.inf, np.nan, 1.0], dtype=np.float32)
+    hist = ulp_histogram(ref, cand)
+    assert hist == [("0", 3), ("nan/inf", 3)]
+    assert sum(n for _, n in hist) == ref.size
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_histogram_matches_python_int_reference(rng: np.random.Generator, dtype: type) -> None:
+    a = _sample(rng, dtype)
+    b = rng.permutation(a)  # distances up to the full range, both signs, zeros, max
+    counts: dict[str, int] = {}
+    for d in _ulp_reference(a, b):
+        counts[_bucket(d)] = counts.get(_bucket(d), 0) + 1
+    hist = ulp_histogram(a, b)
+    assert {label: n for label, n in hist if n} == counts
+    assert hist[-1][1] > 0  # the last bucket is the one holding the maximum
+    edges = [0, 1, *(1 << i for i in range(1, 64))]
+    assert [label for label, _ in hist] == [_bucket(d) for d in edges][: len(hist)]
+
+
+def test_histogram_bucket_edges_beyond_float64_precision() -> None:
+    # Distances 2**k - 1 and 2**k for k > 53 are not exact in float64: bit lengths must be exact.
+    big = np.finfo(np.float64).max
+    a = np.array([-big, -big, 1.0], dtype=np.float64)
+    b = np.array([big, 0.0, 1.0], dtype=np.float64)
+    d = _ulp_reference(a, b)
+    hist = dict(ulp_histogram(a, b))
+    assert hist[_bucket(d[0])] == 1 and hist[_bucket(d[1])] == 1
+    assert _bucket(d[0]) == "9223372036854775808-18446744073709551615"
+
+
+def test_histogram_rejects_mismatched_arrays() -> None:
+    with pytest.raises(ValueError, match="ulp_histogram needs equal shapes"):
+        ulp_histogram(np.zeros(2, np.float32), np.zeros(3, np.float32))
+
+
+# --- worst_elements ------------------------------------------------------------------------------
+
+
+def test_worst_elements_order_ties_and_fields() -> None:
+    ref = np.ones((3, 4), dtype=np.float32)
+    cand = ref.copy()
+    cand[0, 3] = _step(ref[0, 3:4], 5)[0]
+    cand[1, 2] = _step(ref[1, 2:3], 9)[0]
+    cand[2, 0] = _step(ref[2, 0:1], 9)[0]  # tie with (1, 2): C order first
+    bound = np.full((3, 4), 2**-21)
+    exact = np.full((3, 4), 1.0, dtype=np.float32)
+    worst = worst_elements(ref, cand, 2, bound=bound, exact=exact)
+    assert [w["index"] for w in worst] == [[1, 2], [2, 0]]
+    assert worst[0] == {
+        "index": [1, 2],
+        "reference": 1.0,
+        "candidate": float(cand[1, 2]),
+        "ulp": 9,
+        "abs_err": 9 * 2.0**-23,
+        "bound": 2**-21,
+        "bound_ratio": 9 / 4,
+        "exact": 1.0,
+    }
+    # Same keys as the Worst record, plus exact and bound_ratio; same first element.
+    first = compare(ref, cand, bound).worst
+    assert first is not None
+    assert {k: worst[0][k] for k in first.to_dict()} == first.to_dict()
+    json.loads(json.dumps(worst))
+
+
+def test_worst_elements_lists_only_differences() -> None:
+    ref = np.arange(6, dtype=np.float64)
+    cand = ref.copy()
+    cand[4] = np.nextafter(cand[4], 10.0)
+    assert [w["index"] for w in worst_elements(ref, cand, 10)] == [[4]]
+    assert worst_elements(ref, ref, 3) == []
+    assert worst_elements(ref, cand, 0) == []
+    w = worst_elements(ref, cand, 1)[0]
+    assert w["bound"] is None and w["bound_ratio"] is None and w["exact"] is None
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        worst_elements(ref, cand, -1)
+
+
+def test_worst_elements_nonfinite_mismatches_first() -> None:
+    ref = np.array([1.0, np.nan, 2.0, np.inf, np.nan], dtype=np.float16)
+    cand = np.array([1.5, 1.0, 2.0, -np.inf, np.nan], dtype=np.float16)
+    worst = worst_elements(ref, cand, 5, bound=np.float64(0.0))
+    assert [(w["index"], w["ulp"]) for w in worst] == [([1], None), ([3], None), ([0], 512)]
+    assert worst[0]["abs_err"] == np.inf and worst[0]["bound_ratio"] == np.inf
+    assert worst[2]["bound_ratio"] == np.inf  # x / 0
+
+
+def test_worst_elements_top_k_matches_full_sort(rng: np.random.Generator) -> None:
+    ref = rng.standard_normal((50, 40)).astype(np.float32)
+    cand = _step(ref, rng.integers(0, 6, ref.shape))  # many ties
+    ulp = _ulp_reference(ref, cand)
+    expected = sorted((i for i in range(ref.size) if ulp[i]), key=lambda i: (-ulp[i], i))[:37]
+    got = worst_elements(ref, cand, 37)
+    assert [np.ravel_multi_index(w["index"], ref.shape) for w in got] == expected
+    assert [w["ulp"] for w in got] == [ulp[i] for i in expected]
+
+
+# --- scaled_ulp ----------------------------------------------------------------------------------
+
+
+def test_scaled_ulp_of_a_small_difference_of_large_terms() -> None:
+    # NUMERICS.md: 0.0071908 vs 0.0071906 is hundreds of float32 ULPs at 0.0072, but less than
+    # one ULP of terms of magnitude ~3.
+    ref = np.array([0.0071908], dtype=np.float32)
+    cand = np.array([0.0071906], dtype=np.float32)
+    raw = compare(ref, cand).max_ulp
+    scaled = scaled_ulp(ref, cand, np.array([3.0]), np.float32)
+    assert raw > 200
+    assert scaled[0] == pytest.approx(abs(float(ref[0]) - float(cand[0])) / 2.0**-22)
+    assert scaled[0] < 1
+
+
+def test_scaled_ulp_is_raw_ulp_within_a_binade_without_scale() -> None:
+    ref = np.array([1.0, 1.5, -3.0], dtype=np.float32)
+    cand = _step(ref, np.array([3, 0, 2]))
+    np.testing.assert_array_equal(scaled_ulp(ref, cand, 0.0, np.float32), [3.0, 0.0, 2.0])
+    # A scale smaller than the values does not inflate the result (values set the minimum).
+    np.testing.assert_array_equal(scaled_ulp(ref, cand, 1e-30, np.float32), [3.0, 0.0, 2.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_scaled_ulp_edge_cases(dtype: type) -> None:
+    tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+    big = float(ml_dtypes.finfo(dtype).max)
+    ref = np.array([0.0, tiny, 1.0, np.nan, np.inf, 1.0, 1.0, -big], dtype=dtype)
+    cand = np.array([-0.0, -tiny, 1.0, np.nan, 1.0, 2.0, 2.0, big], dtype=dtype)
+    beyond = big * 4 if dtype is not np.float64 else big  # no float64 beyond float64's max
+    scale = np.array([0.0, 0.0, np.nan, 1.0, 1.0, np.inf, beyond, 0.0])
+    got = scaled_ulp(ref, cand, scale, dtype)
+    assert got.dtype == np.float64 and got.shape == ref.shape
+    assert got[0] == 0.0
+    assert got[1] == 2.0  # two subnormal steps
+    assert np.isnan(got[2])  # NaN scale
+    assert np.isnan(got[3]) and np.isnan(got[4])  # a side not finite
+    assert got[5] == 0.0  # finite difference over an infinite scale
+    # Beyond the dtype's range the spacing keeps growing instead of becoming inf.
+    nmant = ml_dtypes.finfo(dtype).nmant
+    assert got[6] == 1.0 / 2.0 ** (np.frexp(beyond)[1] - 1 - nmant)
+    if dtype is np.float64:
+        assert got[7] == np.inf  # the float64 difference itself overflows, as in compare()
+    else:
+        assert got[7] == 2 * big / 2.0 ** (np.frexp(big)[1] - 1 - nmant)
+
+
+def test_compare_scale_fills_max_ulp_scaled() -> None:
+    ref = np.array([0.0071908, 1.0, np.nan], dtype=np.float32)
+    cand = np.array([0.0071906, 1.0, 5.0], dtype=np.float32)
+    c = compare(ref, cand, scale=np.array([3.0, 1.0, 1.0]))
+    expected = scaled_ulp(ref, cand, np.array([3.0, 1.0, 1.0]), np.float32)[0]
+    assert c.max_ulp_scaled == expected  # the NaN position is left out
+    assert compare(ref, cand).max_ulp_scaled is None
+    assert compare(ref[:0], cand[:0], scale=1.0).max_ulp_scaled == 0.0
+    with pytest.raises(ValueError, match="scale must be non-negative"):
+        compare(ref, cand, scale=-1.0)
+    with pytest.raises(ValueError, match="scale must be non-negative"):
+        compare(ref, cand, scale=np.nan)

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from convdiff.kernels import LayerSpec, Unsupported, register
-from convdiff.kernels.normalization import narrow, widen
 from convdiff.kernels.reshaping import _bilinear_weights, _lerp
 
 # keras.config.epsilon() at its default: the floor of Normalization's standard deviation.
@@ -244,8 +243,10 @@ def resizing(spec: LayerSpec, inputs: list, nx: Any) -> Any:
     if interpolation == "nearest":
         y = _resize_nearest(x, nx, size)
     else:
-        wide = widen(nx)
-        y = narrow(nx, wide, _resize_bilinear(x, wide, size))
+        # TF interpolates in float32 whatever the input; Keras casts the result back.
+        wide = nx.widened(np.float32)
+        y = _resize_bilinear(x, wide, size)
+        y = y if wide.dtype == nx.dtype else nx.round(y)
     if channels_first:
         y = nx.move(lambda v: np.moveaxis(v, -1, 1), y)
     return nx.move(lambda v: v[0], y) if unbatched else y
