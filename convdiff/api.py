@@ -277,7 +277,7 @@ def compare_runs(
 def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
     """Without a model: each layer both recordings hold, compared bit for bit, no bound."""
     from convdiff.metrics import compare as compare_arrays
-    from convdiff.metrics import is_identical
+    from convdiff.metrics import is_float, is_identical
 
     matched, _, _ = match_layers(second, list(first.layers))
     results = []
@@ -290,7 +290,7 @@ def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
         else:
             result.comparison = (
                 compare_arrays(a, b)
-                if a.dtype.kind == "f"
+                if is_float(a.dtype)
                 else compare_arrays(a.astype(np.float64), b.astype(np.float64))
             )
             if is_identical(result.comparison):

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from convdiff.errors import OptionError
-from convdiff.metrics import scaled_ulp, ulp_distance
+from convdiff.metrics import is_float, scaled_ulp, ulp_distance
 
 __all__ = ["Budget", "LayerLimits", "Rule", "parse_budget", "ulp_quantile"]
 
@@ -150,7 +150,7 @@ class Budget:
         violations = []
         ulp_rule = _resolve(self.max_ulp, name, class_name)
         if ulp_rule is not None and ulp_rule.value is not None:
-            if self.metric == "scaled" and scale is not None and reference.dtype.kind == "f":
+            if self.metric == "scaled" and scale is not None and is_float(reference.dtype):
                 scaled = scaled_ulp(reference, candidate, scale, reference.dtype)[finite]
                 violations += self._check_scaled(scaled, ulp_rule)
             else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convdiff.kernels import Kernel, LayerSpec
+from convdiff.metrics import is_float
 from convdiff.numerics import Bounded, Rounded
 from convdiff.orders import Order, accumulator_dtype
 
@@ -87,4 +88,4 @@ def run_kernel(
 
 def _autocast(x: np.ndarray, dtype: str) -> np.ndarray:
     x = np.asarray(x)
-    return x.astype(dtype) if x.dtype.kind == "f" and x.dtype != np.dtype(dtype) else x
+    return x.astype(dtype) if is_float(x.dtype) and x.dtype != np.dtype(dtype) else x

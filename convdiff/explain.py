@@ -29,7 +29,7 @@ from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.kernels import Kernel, LayerSpec, Unsupported
 from convdiff.kernels.activations import activate
 from convdiff.kernels.conv import _geometry, _pads
-from convdiff.metrics import compare, is_identical, within_bound
+from convdiff.metrics import compare, is_float, is_identical, within_bound
 from convdiff.numerics import Bounded, Rounded, Tracked
 from convdiff.orders import Order, accumulator_dtype, round_to
 
@@ -113,7 +113,7 @@ def likely_cause(
         the layer's own computation explains the output already, or no hypothesis does.
     """
     candidate = np.asarray(candidate_output)
-    if candidate.dtype.kind != "f":
+    if not is_float(candidate.dtype):
         return None
     order = replace(order or Order(), name="blas", block=0)
     inputs = list(inputs)
@@ -186,7 +186,7 @@ def _explains(candidate: np.ndarray, run: KernelRun | None) -> bool:
     if run is None or run.bound is None or run.output.shape != candidate.shape:
         return False
     output = run.output
-    if output.dtype.kind != "f":
+    if not is_float(output.dtype):
         return False
     if candidate.dtype != output.dtype:
         candidate = round_to(candidate.astype(np.float64), output.dtype)

@@ -42,6 +42,12 @@ _SUPPORTED: dict[np.dtype, type] = {
 }
 
 
+def is_float(dtype: DTypeLike) -> bool:
+    """Whether convdiff compares ``dtype`` as floating point (bfloat16 included, whose NumPy
+    ``kind`` is 'V', not 'f')."""
+    return np.dtype(dtype) in _SUPPORTED
+
+
 def _float_dtype(dtype: DTypeLike) -> np.dtype:
     """Returns ``dtype`` as a supported float dtype, or raises ValueError."""
     dt = np.dtype(dtype)

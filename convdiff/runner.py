@@ -30,6 +30,7 @@ from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import (
     Comparison,
     compare,
+    is_float,
     is_identical,
     scaled_ulp,
     ulp_histogram,
@@ -249,7 +250,7 @@ def _repeat_ulp(
     for _ in range(repeat - 1):
         again = [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
         for a, b in zip(first, again, strict=True):
-            if a.dtype.kind == "f":
+            if is_float(a.dtype):
                 worst = max(worst, compare(a, b).max_ulp)
             elif not np.array_equal(a, b):
                 worst = max(worst, 1)
@@ -355,7 +356,7 @@ def _growth(
         bound=False,
         candidate=_candidate(impl, spec) if impl else None,
     ).output
-    if alone.shape != keras_out.shape or keras_out.dtype.kind != "f":
+    if alone.shape != keras_out.shape or not is_float(keras_out.dtype):
         return
     alone = alone.astype(keras_out.dtype)
     result.own_ulp_scaled = _max_finite(scaled_ulp(keras_out, alone, run.scale, keras_out.dtype))
@@ -363,7 +364,7 @@ def _growth(
         (
             _max_finite(scaled_ulp(k, n.astype(k.dtype), np.abs(k) if s is None else s, k.dtype))
             for k, n, s in zip(keras_in, numpy_in, in_scales, strict=True)
-            if k.dtype.kind == "f"
+            if is_float(k.dtype)
         ),
         default=0.0,
     )
@@ -408,7 +409,7 @@ def _conform(
             f"{tuple(keras_out.shape)}"
         )
     if output.dtype != keras_out.dtype:
-        if output.dtype.kind not in "biuf":
+        if output.dtype.kind not in "biuf" and not is_float(output.dtype):
             return None, f"{who} returned dtype {output.dtype}; expected {keras_out.dtype}"
         note = f"{who} returned {output.dtype}; rounded to {keras_out.dtype} for the comparison"
         return round_to(output.astype(np.float64), keras_out.dtype), note
@@ -417,7 +418,7 @@ def _conform(
 
 def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Settings) -> None:
     """Figures, status and budget of a compared layer (and the three-way figures)."""
-    floating = keras_out.dtype.kind == "f"
+    floating = is_float(keras_out.dtype)
     bound = run.bound if floating else None
     result.comparison = (
         compare(keras_out, output, bound, scale=run.scale)
