@@ -1,0 +1,129 @@
+"""How much a layer-by-layer diff costs compared with running the model: one run, one machine.
+
+    python benchmarks/speed.py              # all cases (several minutes on 2 cores)
+    python benchmarks/speed.py --quick      # the one-layer example and MobileNetV2 only
+
+For each case, in separate processes (so peak memory is each one's own):
+  baseline  import TensorFlow, load the saved model, one forward pass returning every layer's
+            output (a Keras model whose outputs are all layer outputs);
+  convdiff  the same model and input through convdiff with default settings, and with
+            --order blas.
+Prints wall time and peak resident memory, and each convdiff figure as a ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BUILD = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import keras, numpy as np
+    name, batch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    keras.utils.set_random_seed(0)
+    if name == "one_layer":
+        model = keras.saving.load_model(os.path.join(%(root)r, "examples", "one_layer.keras"))
+        shape = (64, 64, 1)
+    else:
+        model = getattr(keras.applications, name)(weights=None, input_shape=(224, 224, 3))
+        shape = (224, 224, 3)
+        rng = np.random.default_rng(1)
+        for layer in model.layers:
+            if type(layer).__name__ == "BatchNormalization":
+                w = layer.get_weights()
+                n = w[0].shape[0]
+                layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n),
+                                   rng.normal(0, 0.2, n), rng.uniform(0.5, 2, n)])
+    model.save(out + ".keras")
+    np.save(out + ".npy", np.random.default_rng(0).standard_normal((batch, *shape)).astype("f4"))
+    """
+) % {"root": str(ROOT)}
+
+BASELINE = textwrap.dedent(
+    """
+    import os, resource, sys, time
+    t0 = time.perf_counter()
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import keras, numpy as np
+    model = keras.saving.load_model(sys.argv[1])
+    x = np.load(sys.argv[2])
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    taps = keras.Model(model.inputs, [l.output for l in layers])
+    outputs = [np.asarray(o) for o in taps(x, training=False)]
+    seconds = time.perf_counter() - t0
+    print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """
+)
+
+CONVDIFF = textwrap.dedent(
+    """
+    import resource, sys, time
+    t0 = time.perf_counter()
+    from convdiff.cli import main
+    try:
+        main(sys.argv[1:] + ["--quiet"])
+    except SystemExit:
+        pass
+    seconds = time.perf_counter() - t0
+    print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+    """
+)
+
+
+def measure(code: str, *args: str, stream: str = "stdout") -> tuple[float, int]:
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    line = (proc.stdout if stream == "stdout" else proc.stderr).strip().splitlines()[-1]
+    seconds, rss = line.split()
+    return float(seconds), int(rss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    cases = [("one_layer", 1), ("MobileNetV2", 1)]
+    if not args.quick:
+        cases += [("ResNet50", 1), ("ResNet50", 8)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, batch in cases:
+            stem = os.path.join(tmp, f"{name}_{batch}")
+            subprocess.run([sys.executable, "-c", BUILD, name, str(batch), stem], check=True)
+            model, inputs = stem + ".keras", stem + ".npy"
+            base_s, base_rss = measure(BASELINE, model, inputs)
+            row = {"model": name, "batch": batch, "baseline_s": base_s, "baseline_rss": base_rss}
+            for label, extra in (("default", []), ("blas", ["--order", "blas"])):
+                seconds, rss = measure(CONVDIFF, model, inputs, *extra, stream="stderr")
+                row[f"{label}_s"], row[f"{label}_rss"] = seconds, rss
+            rows.append(row)
+            print(
+                f"{name:12s} batch {batch}: baseline {base_s:6.1f} s {base_rss / 2**30:5.2f} GiB | "
+                f"convdiff {row['default_s']:6.1f} s (x{row['default_s'] / base_s:4.1f}) "
+                f"{row['default_rss'] / 2**30:5.2f} GiB (x{row['default_rss'] / base_rss:3.1f}) | "
+                f"--order blas {row['blas_s']:6.1f} s (x{row['blas_s'] / base_s:4.1f}) "
+                f"{row['blas_rss'] / 2**30:5.2f} GiB (x{row['blas_rss'] / base_rss:3.1f})",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
