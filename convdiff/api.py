@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from convdiff.device import (
     runtime_environment,
     select_backend,
 )
-from convdiff.errors import OptionError
+from convdiff.errors import InputError, OptionError
 from convdiff.graph import build_graph
 from convdiff.impl import check_impls_match, parse_impls
 from convdiff.loading import (
@@ -313,3 +314,47 @@ def _recording_notes(first, second) -> list[str]:
     if changes:
         notes.append("environments differ: " + "; ".join(changes))
     return notes
+
+
+def expand_inputs(spec: str | os.PathLike) -> list[str]:
+    """INPUT as given: a file, a directory (its .npy/.npz files, sorted) or a glob pattern.
+
+    Raises:
+        InputError: a directory or pattern that names no .npy/.npz file.
+    """
+    import glob
+
+    text = str(spec)
+    if os.path.isdir(text):
+        found = sorted(str(p) for p in Path(text).iterdir() if p.suffix in (".npy", ".npz"))
+        where = f"directory {text!r}"
+    elif glob.has_magic(text):
+        found = sorted(p for p in glob.glob(text) if Path(p).suffix in (".npy", ".npz"))
+        where = f"pattern {text!r}"
+    else:
+        return [text]
+    if not found:
+        raise InputError(f"{where} names no .npy or .npz input file")
+    return found
+
+
+def compare_many(model: Any, inputs: Sequence[str], **options: Any) -> list[Report]:
+    """:func:`compare` over many input files, loading the model once; one report per input,
+    each run's arrays freed before the next (memory stays that of one run)."""
+    if isinstance(model, str | os.PathLike):
+        select_backend(options.get("backend"))
+        configure_tensorflow()
+        label = str(model)
+        model = load_model(
+            model,
+            unsafe=options.pop("unsafe", False),
+            custom_objects=options.pop("custom_objects", None),
+        )
+    else:
+        label = getattr(model, "name", "model")
+    reports = []
+    for path in inputs:
+        report = compare(model, path, **options)
+        report.model = label
+        reports.append(report)
+    return reports

@@ -189,18 +189,16 @@ def _run(
 
     select_backend(options["backend"])
     configure_tensorflow(onednn=onednn)
-    from convdiff.api import compare
+    from convdiff.api import compare, compare_many, expand_inputs
 
+    options["custom_objects"] = load_custom_objects(custom_objects)
+    paths = expand_inputs(input) if input is not None else [None]
     with _progress(quiet or json_path == "-") as on_layer:
-        report = compare(
-            model,
-            input,
-            reference=reference,
-            on_layer=on_layer,
-            custom_objects=load_custom_objects(custom_objects),
-            **options,
-        )
-    return _emit(report, json_path, junit_path, quiet)
+        if len(paths) == 1:
+            report = compare(model, paths[0], reference=reference, on_layer=on_layer, **options)
+            return _emit(report, json_path, junit_path, quiet)
+        reports = compare_many(model, paths, reference=reference, on_layer=on_layer, **options)
+    return _emit_many(reports, json_path, junit_path, quiet)
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -260,6 +258,41 @@ def _emit(report, json_path: str | None, junit_path: str | None, quiet: bool) ->
     if junit_path is not None:
         write_atomic(junit_path, to_junit(report))
     return report.exit_code
+
+
+def _emit_many(reports: list, json_path: str | None, junit_path: str | None, quiet: bool) -> int:
+    """Many inputs: each input's table (or summary line), then one line over all inputs; JSON
+    holds every report under ``runs``; JUnit one test suite per input."""
+    import json
+
+    from convdiff.junit import to_junit
+    from convdiff.report import render, summary_line, to_json, write_atomic
+
+    out = Console(highlight=False, width=_width())
+    err = Console(stderr=True, highlight=False)
+    for report in reports:
+        for note in report.notes:
+            err.print(f"Note: {report.inputs}: {note}")
+        if json_path == "-":
+            continue
+        if quiet:
+            out.print(f"{report.inputs}: ", summary_line(report))
+        else:
+            out.print(render(report))
+    failed = [r for r in reports if not r.passed]
+    document = json.dumps(
+        {"passed": not failed, "runs": [json.loads(to_json(r)) for r in reports]}, indent=2
+    )
+    if json_path == "-":
+        sys.stdout.write(document + "\n")
+    else:
+        overall = f"{len(reports)} inputs: {len(reports) - len(failed)} PASS, {len(failed)} FAIL"
+        out.print(overall, style="bold red" if failed else "bold green")
+    if json_path not in (None, "-"):
+        write_atomic(json_path, (document + "\n").encode())
+    if junit_path is not None:
+        write_atomic(junit_path, to_junit(reports))
+    return 1 if failed else 0
 
 
 class _progress:

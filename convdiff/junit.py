@@ -37,53 +37,71 @@ _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]
 
 
 def to_junit(
-    report: Report,
+    report: Report | Sequence[Report],
     *,
     durations: Sequence[float] | None = None,
     timestamp: datetime | None = None,
 ) -> bytes:
-    """The report as a UTF-8 JUnit XML document.
+    """The report (or several, one per input) as a UTF-8 JUnit XML document: one
+    ``<testsuite>`` per report, one ``<testcase>`` per layer.
 
     Args:
-        report: the run's report.
-        durations: seconds per layer call, aligned with ``report.layers``; 0 when not given.
+        report: the run's report, or the reports of a run over many inputs.
+        durations: seconds per layer call, aligned with ``report.layers`` (a single report
+            only); 0 when not given.
         timestamp: when the run started (default: now, UTC).
 
     Returns:
         The XML document, with its declaration, as bytes.
     """
-    if durations is not None and len(durations) != len(report.layers):
-        raise ValueError(f"durations has {len(durations)} entries for {len(report.layers)} layers")
+    reports = [report] if isinstance(report, Report) else list(report)
+    if durations is not None and len(reports) != 1:
+        raise ValueError("durations are for a single report")
+    if durations is not None and len(durations) != len(reports[0].layers):
+        raise ValueError(
+            f"durations has {len(durations)} entries for {len(reports[0].layers)} layers"
+        )
+    stamp = (timestamp or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S")
+    suites = [_suite(r, durations, stamp, len(reports) > 1) for r in reports]
+    totals = {k: sum(int(s.get(k)) for s in suites) for k in ("tests", "failures", "errors")}
+    total = _fmt_time(sum(float(s.get("time")) for s in suites))
+    # Jenkins' schema has no "skipped" on <testsuites>: only on <testsuite>.
+    root = ET.Element("testsuites", name="convdiff", time=total, **_str_values(totals))
+    root.extend(suites)
+    ET.indent(root)
+    body = ET.tostring(root, encoding="unicode")
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode()
+
+
+def _suite(report: Report, durations, stamp: str, per_input: bool) -> ET.Element:
+    """One report as a ``<testsuite>``."""
     seconds = list(durations) if durations is not None else [0.0] * len(report.layers)
     classname = PurePath(str(report.model)).name or str(report.model)
-    pairs = zip(report.layers, seconds, strict=True)
-    cases = [_testcase(r, classname, report, s) for r, s in pairs]
+    cases = [
+        _testcase(r, classname, report, t) for r, t in zip(report.layers, seconds, strict=True)
+    ]
     counts = {
         "tests": len(cases),
         "failures": sum(c.find("failure") is not None for c in cases),
         "errors": sum(c.find("error") is not None for c in cases),
         "skipped": sum(c.find("skipped") is not None for c in cases),
     }
-    total = _fmt_time(sum(seconds))
-    # Jenkins' schema has no "skipped" on <testsuites>: only on <testsuite>.
-    totals = {k: v for k, v in counts.items() if k != "skipped"}
-    root = ET.Element("testsuites", name="convdiff", time=total, **_str_values(totals))
-    suite = ET.SubElement(
-        root,
+    name = f"convdiff {classname}" + (
+        f" on {PurePath(str(report.inputs)).name}" if per_input else ""
+    )
+    suite = ET.Element(
         "testsuite",
-        name=f"convdiff {classname}",
-        timestamp=(timestamp or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S"),
+        name=name,
+        timestamp=stamp,
         hostname=_clean(socket.gethostname()) or "localhost",
-        time=total,
+        time=_fmt_time(sum(seconds)),
         **_str_values(counts),
     )
     suite.append(_properties(report))
     suite.extend(cases)
     if report.notes:
         ET.SubElement(suite, "system-out").text = _clean("\n".join(report.notes))
-    ET.indent(root)
-    body = ET.tostring(root, encoding="unicode")
-    return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode()
+    return suite
 
 
 def _testcase(r: LayerResult, classname: str, report: Report, seconds: float) -> ET.Element:

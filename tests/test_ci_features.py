@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_junit import SCHEMA, assert_valid_junit
 
 from convdiff.cli import cli
-from test_junit import SCHEMA, assert_valid_junit
 
 
 def run(*args):
@@ -158,3 +158,39 @@ def test_compare_runs(deep, tmp_path):
     assert layers["conv2"]["status"] == "rounding" and layers["conv1"]["status"] == "identical"
     bad = CliRunner().invoke(cli, ["compare-runs", str(a), str(tmp_path / "missing.npz")])
     assert bad.exit_code == 2 and bad.stderr.startswith("Error: ")
+
+
+def test_many_inputs_directory_and_glob(deep, tmp_path, schema):
+    model, x = deep
+    for i in range(3):
+        data = np.load(x) if i == 0 else np.random.default_rng(i).standard_normal((1, 32, 32, 3))
+        np.save(tmp_path / f"in{i}.npy", data.astype("float32"))
+    (tmp_path / "notes.txt").write_text("not an input")
+    result = run(model, tmp_path, "--quiet")
+    lines = result.stdout.strip().splitlines()
+    assert result.exit_code == 0 and lines[-1] == "3 inputs: 3 PASS, 0 FAIL"
+    assert [line.split(":")[0] for line in lines[:3]] == [
+        str(tmp_path / f"in{i}.npy") for i in range(3)
+    ]
+    document = json.loads(run(model, str(tmp_path / "in[12].npy"), "--json", "-").stdout)
+    assert document["passed"] is True and [r["inputs"] for r in document["runs"]] == [
+        str(tmp_path / "in1.npy"),
+        str(tmp_path / "in2.npy"),
+    ]
+    out = tmp_path / "many.xml"
+    run(model, tmp_path, "--junit", out, "--no-fma", "--max-ulp", "0")
+    suites = assert_valid_junit_many(out.read_bytes(), schema)
+    assert len(suites) == 3
+    missing = run(model, str(tmp_path / "*.npz"))
+    assert missing.exit_code == 2 and "names no .npy or .npz input file" in missing.stderr
+
+
+def assert_valid_junit_many(data: bytes, schema) -> list:
+    import xml.etree.ElementTree as ET
+
+    schema.validate(data.decode())
+    root = ET.fromstring(data)
+    suites = root.findall("testsuite")
+    assert int(root.get("tests")) == sum(int(s.get("tests")) for s in suites)
+    assert int(root.get("failures")) == sum(int(s.get("failures")) for s in suites)
+    return suites
