@@ -69,21 +69,27 @@ def run_kernel(
     if candidate is not None:
         numpy_out = candidate(list(inputs))
     else:
-        numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
+        # NaN and inf are data here: IEEE arithmetic on them is the result, not an accident.
+        with np.errstate(all="ignore"):
+            numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
     if kernel is None or not bound:
         return KernelRun(np.asarray(numpy_out), None, None)
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer
     # dtype's gamma_n covers both.
     bounded = Bounded(spec.dtype, (spec.dtype, accumulator_dtype(order, spec.dtype)))
-    tracked = [
-        bounded.track(r, np.abs(np.asarray(x, np.float64) - np.asarray(r, np.float64)))
-        for x, r in zip(inputs, refs, strict=True)
-    ]
+    tracked = [bounded.track(r, _input_difference(x, r)) for x, r in zip(inputs, refs, strict=True)]
     with np.errstate(all="ignore"):
         ref = kernel(spec, tracked, bounded)
     return KernelRun(
         np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err), np.asarray(ref.magnitude)
     )
+
+
+def _input_difference(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``|x - r|``, 0 where equal (the same infinity included), NaN where a NaN is involved."""
+    x64, r64 = np.asarray(x, np.float64), np.asarray(r, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(x64 == r64, 0.0, np.abs(x64 - r64))
 
 
 def _autocast(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -270,13 +270,18 @@ def _max_or_zero(values: np.ndarray) -> float:
 def _prepare_bound(
     bound: np.ndarray | None, shape: tuple[int, ...], name: str = "bound"
 ) -> np.ndarray | None:
-    """Broadcasts ``bound`` to ``shape`` as float64, rejecting negative or NaN values."""
+    """Broadcasts ``bound`` to ``shape`` as float64, rejecting negative values.
+
+    A NaN (NaN inputs reached the bounded evaluation, e.g. 0 * inf) bounds nothing: it counts
+    as 0, so that any difference there fails and only an exact match passes. NaN must never
+    turn into a pass.
+    """
     if bound is None:
         return None
     bound64 = np.broadcast_to(np.asarray(bound, dtype=np.float64), shape)
-    if np.any(np.isnan(bound64) | (bound64 < 0)):
-        raise ValueError(f"{name} must be non-negative and not NaN")
-    return bound64
+    if np.any(bound64 < 0):
+        raise ValueError(f"{name} must be non-negative")
+    return np.where(np.isnan(bound64), 0.0, bound64)
 
 
 def _pair(reference: Any, candidate: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -331,6 +336,9 @@ def compare(
     reference, candidate = _pair(reference, candidate, "compare")
     bound64 = _prepare_bound(bound, reference.shape)
     scale64 = _prepare_bound(scale, reference.shape, "scale")
+    if np.array_equal(reference, candidate, equal_nan=True):
+        # Most layers of a good run: every position equal (+0 == -0) or NaN on both sides.
+        return _identical(int(reference.size), bound is not None, scale is not None)
     ulp = ulp_distance(reference, candidate)
     # Every value of the supported dtypes is exact in float64.
     ref64 = reference.astype(np.float64)
@@ -346,14 +354,22 @@ def compare(
     abs_finite = abs_err[finite]
 
     size = int(reference.size)
+    percentiles = (
+        [float(v) for v in np.percentile(ulp_float, [50, 99])]
+        if ulp_float.size
+        else [
+            0.0,
+            0.0,
+        ]
+    )
     mismatch_count = int(np.count_nonzero(ulp_finite)) + nan_mismatch + inf_mismatch
     max_ulp = int(ulp_finite.max()) if ulp_finite.size else 0
     return Comparison(
         size=size,
         max_ulp=max_ulp,
         mean_ulp=float(ulp_float.mean()) if ulp_float.size else 0.0,
-        median_ulp=float(np.percentile(ulp_float, 50)) if ulp_float.size else 0.0,
-        p99_ulp=float(np.percentile(ulp_float, 99)) if ulp_float.size else 0.0,
+        median_ulp=percentiles[0],
+        p99_ulp=percentiles[1],
         max_abs=_max_or_zero(abs_finite),
         max_rel=_max_or_zero(_safe_ratio(abs_finite, np.abs(ref64[finite]))),
         mismatch_count=mismatch_count,
@@ -368,6 +384,36 @@ def compare(
         if scale is None
         else _max_or_zero(scaled_ulp(reference, candidate, scale64, reference.dtype)[finite]),
     )
+
+
+def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
+    """The comparison of two arrays equal at every position."""
+    return Comparison(
+        size=size,
+        max_ulp=0,
+        mean_ulp=0.0,
+        median_ulp=0.0,
+        p99_ulp=0.0,
+        max_abs=0.0,
+        max_rel=0.0,
+        mismatch_count=0,
+        mismatch_fraction=0.0,
+        nan_mismatch=0,
+        inf_mismatch=0,
+        bound_ratio=0.0 if bounded else None,
+        worst=None,
+        max_ulp_scaled=0.0 if scaled else None,
+    )
+
+
+def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
+    """The largest ULP distance over positions where both sides are finite (0 if none)."""
+    reference, candidate = _pair(reference, candidate, "max_ulp_distance")
+    if np.array_equal(reference, candidate, equal_nan=True):
+        return 0
+    finite = np.isfinite(reference.astype(np.float64)) & np.isfinite(candidate.astype(np.float64))
+    ulp = ulp_distance(reference, candidate)[finite]
+    return int(ulp.max()) if ulp.size else 0
 
 
 def _abs_err(ref64: np.ndarray, cand64: np.ndarray) -> np.ndarray:
@@ -455,8 +501,8 @@ def scaled_ulp(
         dtype: The precision the ULP is taken in (usually the arrays' dtype).
 
     Returns:
-        A float64 array of the arrays' shape: 0 where equal, NaN where a side is not finite or
-        the scale is NaN.
+        A float64 array of the arrays' shape: 0 where equal, NaN where a side is not finite; a
+        NaN scale counts as 0 (no credit for the terms' size).
 
     Raises:
         ValueError: On mismatched arrays or an unsupported dtype.
@@ -468,6 +514,8 @@ def scaled_ulp(
     finite = np.isfinite(ref64) & np.isfinite(cand64)
     with np.errstate(invalid="ignore"):
         scale64 = np.broadcast_to(np.asarray(scale, dtype=np.float64), reference.shape)
+        # A NaN magnitude (NaN inputs) gives no credit for large terms: the value's own ULP.
+        scale64 = np.where(np.isnan(scale64), 0.0, scale64)
         mag = np.maximum(np.abs(scale64), np.abs(ref64))
         mag = np.maximum(mag, np.abs(cand64))
     mag = np.where(finite, mag, 0.0)
