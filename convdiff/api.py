@@ -32,8 +32,11 @@ from convdiff.loading import (
     input_specs,
     load_inputs,
     load_model,
+    named_inputs,
     random_inputs,
 )
+from convdiff.memory import check_memory
+from convdiff.memory import estimate as estimate_memory
 from convdiff.orders import Order, parse_order
 from convdiff.recording import (
     RecordingWriter,
@@ -151,6 +154,7 @@ def compare(
     if inputs is None and settings.reference is not None:
         inputs = dict(settings.reference.inputs)
     fitted, input_label = _inputs(model, inputs, seed)
+    check_memory(estimate_memory(model, fitted.arrays, settings.order, settings.mode))
     env = {**environment(), **runtime_environment(runtime)}
     report = Report(label, input_label, settings.to_dict(), env, notes=fitted.notes)
     with device_scope(runtime), _recorder(save_outputs, fitted, model, env, settings) as record:
@@ -223,7 +227,7 @@ def _inputs(model: Any, inputs: Any, seed: int | None) -> tuple[Inputs, str]:
     if isinstance(inputs, str | os.PathLike):
         return load_inputs(inputs, specs), str(inputs)
     if isinstance(inputs, Mapping):
-        arrays = [np.asarray(inputs[s.name]) for s in specs]
+        arrays = [np.asarray(a) for a in named_inputs(inputs, specs, "the given dict")]
     elif isinstance(inputs, np.ndarray):
         arrays = [inputs]
     else:

@@ -98,7 +98,7 @@ def _budget_options(fn: Callable) -> Callable:
     default="sequential",
     show_default=True,
     help="NumPy summation order: sequential, reverse, pairwise, kahan, blocked:K, blas, "
-    "float64, exact.",
+    "float64, exact, eigen.",
 )
 @click.option("--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
 @click.option(

@@ -22,5 +22,9 @@ class OptionError(ConvdiffError):
     """An option value is invalid or options contradict each other."""
 
 
+class ResourceError(ConvdiffError):
+    """The run needs more memory than is available (a smaller batch or fewer layers fit)."""
+
+
 class OutputError(ConvdiffError):
     """An output path (--json, --junit, --save-outputs) cannot be written."""

@@ -2,9 +2,16 @@
 at its top level of use (every import of them is inside a function, so that ``convdiff --help``
 and the metric tests never pay for TensorFlow).
 
-Before Keras sees a model file, its stored configuration is read with h5py/zipfile and checked:
-a Lambda layer (stored Python bytecode) is refused unless ``unsafe`` is set, and a custom class
-that nobody supplied is named, instead of surfacing as Keras's deserialization traceback.
+Before Keras sees a model file, the whole file is read and checked in a child process with a
+time limit (h5py and zipfile only: libhdf5 can loop forever or crash on a damaged file) and its
+stored configuration is checked: a Lambda layer (stored Python bytecode) is refused unless
+``unsafe`` is set, and a custom class that nobody supplied is named, instead of surfacing as
+Keras's deserialization traceback.
+
+Input files are read without ``np.load``: pickles are refused before anything is unpickled, and
+a header's shape is checked against the bytes that follow before anything is allocated. Every
+damaged file gives a :class:`~convdiff.errors.ConvdiffError` (tests/test_fuzz.py mutates files to
+check it).
 """
 
 from __future__ import annotations
@@ -183,7 +190,7 @@ def read_model_config(path: Path, isolated: bool = True) -> dict[str, Any]:
         ModelLoadError: a missing, empty, unreadable, damaged, weights-only or misnamed file.
     """
     _check_file(path, "model file", ModelLoadError)
-    if not isolated:
+    if not isolated or not sys.executable:  # embedded interpreters cannot start a child
         return _inspect_model_file(path)
     return _probe(path)
 
@@ -200,13 +207,22 @@ def _probe(path: Path) -> dict[str, Any]:
     import subprocess
 
     timeout = PROBE_TIMEOUT_S + PROBE_SECONDS_PER_GB * path.stat().st_size / 1e9
+    # the child imports this very package, wherever it was imported from here
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+    }
     try:
         done = subprocess.run(
             [sys.executable, "-c", _PROBE_CODE, str(path)],
             capture_output=True,
             timeout=timeout,
             check=False,
+            env=env,
         )
+    except OSError:  # no child can be started (process limit, memory): read it here
+        return _inspect_model_file(path)
     except subprocess.TimeoutExpired:
         raise ModelLoadError(
             f"{str(path)!r} could not be read within {timeout:.0f} s (HDF5 loops on some "
@@ -214,15 +230,18 @@ def _probe(path: Path) -> dict[str, Any]:
         ) from None
     if done.returncode < 0:
         raise ModelLoadError(
-            f"{str(path)!r} made the HDF5 library crash (signal {-done.returncode}) while "
-            "reading it; the file is corrupt"
+            f"{str(path)!r} made the HDF5 or zip library crash (signal {-done.returncode}) "
+            "while reading it; the file is corrupt"
         )
-    if done.returncode != 0:  # an exception the probe does not expect: a bug in convdiff
+    try:
+        answer = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):  # an exception the probe does not expect: a bug
         raise RuntimeError(
-            f"reading {str(path)!r} in a child process failed:\n"
+            f"reading {str(path)!r} in a child process failed (exit status {done.returncode}):\n"
             + done.stderr.decode("utf-8", "replace")
         )
-    answer = json.loads(done.stdout)
     if "error" in answer:
         raise ModelLoadError(answer["error"])
     return answer["config"]

@@ -21,16 +21,18 @@ order and takes, over all layers, the largest sum of:
     magnitudes in float64);
   - the Rounded pass and TensorFlow: ``itemsize * (P + in + out)`` (the rounded patch buffer,
     TensorFlow's own im2col workspace and temporaries);
-  - the ``float64`` and ``exact`` orders form every product before adding: ``8 * n * out``
-    bytes (``16`` for ``exact``), ``n`` the reduction length (``prod(kernel_size) *
-    in_channels / groups`` for a convolution, the input features for a Dense).
+  - the ``exact`` order holds the float64 products of a block of outputs before adding:
+    ``8 * min(n * out, max(n, 2**22))`` bytes, ``n`` the reduction length
+    (``prod(kernel_size) * in_channels / groups`` for a convolution, the input features for a
+    Dense); :mod:`convdiff.orders` cuts its blocks at about 2**22 terms.
 
 The constants were measured with ``tracemalloc`` on the NumPy side of Conv1D/2D,
 DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, pooling, BatchNormalization,
 LayerNormalization, Softmax and ReLU (peak 1.9 to 4.5 times ``8 P`` for patch layers, at most
-16 times ``8 in`` for elementwise ones) and rounded up: the estimate is meant to be an upper
-bound on the arrays convdiff allocates, not on TensorFlow's own runtime (already loaded when the
-estimate is checked, so already outside ``MemAvailable``).
+16 times ``8 in`` for elementwise ones) and rounded up; tests/test_memory.py keeps the estimate
+between 1 and 6 times a layer's measured peak and 1 and 3 times a small ResNet's run. It is an
+upper bound on the arrays convdiff allocates, not on TensorFlow's own runtime (already loaded
+when the estimate is checked, so already outside ``MemAvailable``).
 
 The memory available is ``MemAvailable`` of ``/proc/meminfo``, or the environment variable
 ``CONVDIFF_MEMORY_LIMIT`` (bytes) when it is set.
@@ -47,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from convdiff.errors import ConvdiffError, OptionError
+from convdiff.errors import OptionError, ResourceError
 
 ENV_LIMIT = "CONVDIFF_MEMORY_LIMIT"
 _MEMINFO = Path("/proc/meminfo")
@@ -56,11 +58,10 @@ _MEMINFO = Path("/proc/meminfo")
 BOUNDED_PATCH = 8 * 4
 BOUNDED_ELEMENTWISE = 8 * 10
 BOUNDED_WEIGHT = 8 * 4
-PRODUCT_ORDERS = {"float64": 8, "exact": 16}
-
-
-class ResourceError(ConvdiffError):
-    """The run needs more memory than is available (a smaller batch or fewer layers fit)."""
+# Orders that hold float64 products of a block of outputs, bytes per product, and the block
+# size in terms (orders.py's _EXACT_BLOCK_TERMS).
+PRODUCT_ORDERS = {"exact": 8}
+PRODUCT_BLOCK_TERMS = 2**22
 
 
 # --------------------------------------------------------------------------- available memory
@@ -323,7 +324,8 @@ def _working(
         + BOUNDED_WEIGHT * sum(math.prod(s) for s in weights)
         + itemsize * (patch + in_elements + out_elements)
     )
-    return working + PRODUCT_ORDERS.get(order, 0) * reduction * out_elements
+    products = min(reduction * out_elements, max(reduction, PRODUCT_BLOCK_TERMS))
+    return working + PRODUCT_ORDERS.get(order, 0) * products
 
 
 def _config(layer: Any) -> dict[str, Any]:

@@ -284,6 +284,10 @@ class Bounded:
         """A result rounded once per side: add ``u (|z| + e)`` for each side."""
         with np.errstate(all="ignore"):
             err = prop + self.u_sum * (np.abs(value) + prop) + self.eta_sum
+            # An infinity computed from exactly known operands (a -inf mask) is the same on
+            # both sides: rounding leaves it as it is, and u * inf would make every later use
+            # of it unbounded.
+            err = np.where(np.isinf(value) & (prop == 0), 0.0, err)
         return Tracked(value, err, scale)
 
     # Reductions ---------------------------------------------------------------------------

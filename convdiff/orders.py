@@ -9,6 +9,15 @@ every output element and loops (in Python) only over the ``K`` terms, so its cos
 Unless an order says otherwise, products and partial sums are rounded to the accumulator dtype
 after every step, the way a scalar loop in that dtype would. With ``fma=True`` a product and the
 addition that consumes it are rounded once, as a fused multiply-add instruction does.
+
+The orders that TensorFlow's CPU kernels use (measured on x86-64 with AVX-512, see the README's
+"What summation order does TensorFlow use?"): oneDNN's convolutions accumulate the taps in
+(kernel row, kernel column, input channel) order, one FMA each (``sequential``), except that its
+1x1 convolutions split the input channels into chunks whose size comes from an L2-cache
+heuristic, each chunk summed from zero and added to the output (``blocked:K`` with that chunk
+size). TensorFlow's Eigen path (oneDNN off) slices a matrix product's reduction into
+near-equal slices of at most 320 terms, and runs depthwise convolutions and matrix-vector
+products without FMA (``eigen`` models all three).
 """
 
 from __future__ import annotations
@@ -24,7 +33,19 @@ import numpy as np
 
 from convdiff.errors import OptionError
 
-ORDER_NAMES = ("sequential", "reverse", "pairwise", "kahan", "blocked", "blas", "float64", "exact")
+ORDER_NAMES = (
+    "sequential",
+    "reverse",
+    "pairwise",
+    "kahan",
+    "blocked",
+    "eigen",
+    "blas",
+    "float64",
+    "exact",
+)
+# Orders built from fused (or, with fma=False, unfused) multiply-add steps.
+FMA_ORDERS = ("sequential", "reverse", "pairwise", "kahan", "blocked")
 ACCUMULATOR_DTYPES = {
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -39,7 +60,8 @@ class Order:
 
     Attributes:
         name: one of :data:`ORDER_NAMES`.
-        fma: fuse each multiply with the add that consumes it (one rounding instead of two).
+        fma: fuse each multiply with the add that consumes it (one rounding instead of two);
+            ``eigen`` fixes that itself and ignores it.
         block: terms per block for ``blocked``.
         accumulate: accumulator dtype name, or None for the layer's compute dtype.
         tap_order: nesting of labelled reduction axes (e.g. ``"hwc"``), or None for the kernel's.
@@ -55,7 +77,7 @@ class Order:
     def label(self) -> str:
         """Human-readable name, e.g. ``sequential+fma`` or ``blocked:16``."""
         base = f"blocked:{self.block}" if self.name == "blocked" else self.name
-        if self.name in ("sequential", "reverse", "pairwise", "kahan", "blocked"):
+        if self.name in FMA_ORDERS:
             base += "+fma" if self.fma else "-fma"
         if self.accumulate:
             base += f" acc={self.accumulate}"
@@ -82,9 +104,8 @@ def parse_order(
     """
     name, _, arg = text.partition(":")
     if name not in ORDER_NAMES:
-        raise OptionError(
-            f"unknown order {text!r}; valid choices are {', '.join(ORDER_NAMES)} (blocked:K)"
-        )
+        choices = ", ".join("blocked:K" if n == "blocked" else n for n in ORDER_NAMES)
+        raise OptionError(f"unknown order {text!r}; valid choices are {choices}")
     block = 0
     if name == "blocked":
         if not arg.isdigit() or int(arg) < 1:
@@ -146,7 +167,7 @@ def _quantum_log2(x: np.ndarray) -> float:
     that power shrinks with ``|v|``: the smallest magnitude decides.
     """
     mags = np.abs(x.astype(np.float64))
-    smallest = np.min(mags, where=mags != 0, initial=np.inf)
+    smallest = np.min(mags, where=(mags != 0) & np.isfinite(mags), initial=np.inf)
     if not np.isfinite(smallest):
         return math.inf
     return float(np.frexp(smallest)[1] - 1 - _mantissa_bits(x.dtype))
@@ -323,6 +344,7 @@ class _Layout:
 
 
 def _arrange(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) -> _Layout:
+    """Copy the operands into the :class:`_Layout` of the output ``shape`` (in their dtype)."""
     d = len(shape)
     ops = [
         x.reshape((x.shape[0], *([1] * (d + 1 - x.ndim)), *x.shape[1:]))
@@ -352,23 +374,26 @@ def _arrange(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) -> _La
     return _Layout(put(ops[0]), put(ops[1]) if b is not None else None, dims, perm, shape)
 
 
-def _blocks(dims: tuple[int, int, int]):
-    """Slices ``(g0, g1, l0, l1)`` of the output, each about :data:`_BLOCK_ELEMENTS`."""
+def _blocks(dims: tuple[int, int, int], target: int | None = None):
+    """Slices ``(g0, g1, l0, l1)`` of the output, each about ``target`` elements
+    (:data:`_BLOCK_ELEMENTS` by default)."""
+    target = target or _BLOCK_ELEMENTS
     groups, small, large = dims
-    if small * large >= _BLOCK_ELEMENTS:
-        step = min(large, max(_MIN_INNER, _BLOCK_ELEMENTS // max(small, 1)))
+    if small * large >= target:
+        step = min(large, max(_MIN_INNER, target // max(small, 1)))
         step = -(-large // -(-large // step))  # equal blocks, no small remainder
         for g in range(groups):
             for l0 in range(0, large, step):
                 yield g, g + 1, l0, min(l0 + step, large)
     else:
-        step = max(1, _BLOCK_ELEMENTS // max(small * large, 1))
+        step = max(1, target // max(small * large, 1))
         step = -(-groups // -(-groups // step))
         for g0 in range(0, groups, step):
             yield g0, min(g0 + step, groups), 0, large
 
 
 def _slice(x: np.ndarray, g0: int, g1: int, l0: int, l1: int) -> np.ndarray:
+    """An operand's part of an output block (all of an axis it broadcasts along)."""
     gs = slice(g0, g1) if x.shape[1] != 1 else slice(None)
     ls = slice(l0, l1) if x.shape[3] != 1 else slice(None)
     return x[:, gs, :, ls]
@@ -377,17 +402,24 @@ def _slice(x: np.ndarray, g0: int, g1: int, l0: int, l1: int) -> np.ndarray:
 Program = Callable[[_Engine], np.ndarray]
 
 
-def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> np.ndarray:
-    """Run an order's ``program`` on each output block; the result in ``dtype``."""
+def _map_blocks(a, b, shape, dtype: np.dtype, fn, target: int | None = None) -> np.ndarray:
+    """``fn(a_block, b_block)`` for each output block (operands shaped ``(K, G, S, L)``, with
+    1 where they broadcast); the results assembled in ``dtype`` and the output's shape."""
     layout = _arrange(a, b, shape)
     out = np.empty(layout.dims, dtype)
-    for g0, g1, l0, l1 in _blocks(layout.dims):
+    for g0, g1, l0, l1 in _blocks(layout.dims, target):
         a_blk = _slice(layout.a, g0, g1, l0, l1)
         b_blk = None if layout.b is None else _slice(layout.b, g0, g1, l0, l1)
-        engine = _Engine(a_blk, b_blk, dtype, fma)
-        result = program(engine)
-        out[g0:g1, :, l0:l1] = np.broadcast_to(round_to(result, dtype), out[g0:g1, :, l0:l1].shape)
+        view = out[g0:g1, :, l0:l1]
+        view[...] = np.broadcast_to(fn(a_blk, b_blk), view.shape)
     return layout.restore(out)
+
+
+def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> np.ndarray:
+    """Run an order's ``program`` on each output block; the result in ``dtype``."""
+    return _map_blocks(
+        a, b, shape, dtype, lambda ab, bb: round_to(program(_Engine(ab, bb, dtype, fma)), dtype)
+    )
 
 
 # --------------------------------------------------------------------------- orders as programs
@@ -454,6 +486,103 @@ def _blocked(eng: _Engine, block: int) -> np.ndarray:
     return total
 
 
+# --------------------------------------------------------------------------- TensorFlow's Eigen
+
+# Eigen's largest inner-dimension block for a multi-threaded float contraction
+# (evaluateProductBlockingSizesHeuristic caps kc at 320; TensorFlow passes num_threads=2).
+_EIGEN_MAX_KC = 320
+# TensorFlow rounds its slices up to 8 terms and its column blocks up to 24 (its oneDNN
+# contraction kernel, eigen_contraction_kernel.h: kUnrollN); Eigen's nr is 4.
+_EIGEN_SLICE_ROUND = 8
+_EIGEN_UNROLL_N = 24
+_EIGEN_NR = 4
+# Eigen's matrix-vector kernel adds blocks of 16 terms (measured: batch-1 Dense layers).
+_EIGEN_GEMV = 16
+
+
+def eigen_slice(terms: int) -> int:
+    """Terms per slice of TensorFlow's Eigen contraction: the reduction is cut into
+    ``ceil(K / 320)`` near-equal slices, each rounded up to a multiple of 8 (the last one
+    shorter). ``eigen_contraction_kernel.h``: ``divup(k / divup(k, kc), 8) * 8``."""
+    slices = -(-terms // _EIGEN_MAX_KC)
+    size = -(-(terms // slices) // _EIGEN_SLICE_ROUND) * _EIGEN_SLICE_ROUND
+    return max(1, min(terms, size))
+
+
+def _eigen_lone_row(rows: int) -> bool:
+    """Whether the last of ``rows`` output positions is a column block of its own, which
+    TensorFlow's contraction kernel hands to oneDNN as a matrix-vector product.
+
+    Columns (output positions) are blocked per thread: half of them (TensorFlow asks for two
+    threads) rounded up to Eigen's nr = 4, then up to 24. Eigen's cache cap on the block is
+    not modelled: it only matters for large position counts. A single position (a whole
+    matrix-vector product) goes another way, not modelled either.
+    """
+    if rows <= 1:
+        return False
+    half = -(-rows // 2)
+    per_thread = -(-half // _EIGEN_NR) * _EIGEN_NR
+    block = min(rows, -(-per_thread // _EIGEN_UNROLL_N) * _EIGEN_UNROLL_N)
+    return rows % block == 1
+
+
+def _eigen(a, b, shape, dtype: np.dtype) -> np.ndarray:
+    """TensorFlow's CPU kernels with oneDNN off, by the shape of the reduction.
+
+    - A matrix product (the operands vary on disjoint output axes: positions for ``a``,
+      channels for ``b``; Conv2D, Dense) is Eigen's contraction with TensorFlow's oneDNN sgemm
+      kernel: each slice of :func:`eigen_slice` terms is summed from zero with one FMA per
+      term and added to the output. A last position that is a column block of its own is a
+      matrix-vector product whose kernel carries the running sum through every slice
+      (``sequential``). A single position (a matrix times a vector) is Eigen's own GEMV, built
+      without FMA: blocks of 16 terms, each product and sum rounded (``blocked:16``, no FMA).
+    - Where both operands vary along an output axis (depthwise convolutions) TensorFlow's
+      depthwise kernel adds the taps in order, multiply and add rounded apart (``sequential``,
+      no FMA).
+    - Plain sums are not modelled: index order, as ``sequential``.
+
+    The order fixes where FMA is used, so ``--no-fma`` does not apply.
+    """
+    if b is None:
+        return _run_blocked(a, b, shape, dtype, False, _sequential)
+    rows, cols, shared = _operand_extents(a, b, shape)
+    if shared > 1:
+        return _run_blocked(a, b, shape, dtype, False, _sequential)
+    if rows == 1 and cols > 1:
+        return _run_blocked(a, b, shape, dtype, False, lambda eng: _blocked(eng, _EIGEN_GEMV))
+    kc = eigen_slice(a.shape[0])
+    out = np.asarray(_run_blocked(a, b, shape, dtype, True, lambda eng: _blocked(eng, kc)))
+    if _eigen_lone_row(rows):
+        a_sel, out_sel = _last_row(a, b, shape)
+        row = _run_blocked(a[a_sel], b, out[out_sel].shape, dtype, True, _sequential)
+        out = np.array(out)
+        out[out_sel] = row
+    return out
+
+
+def _operand_extents(a, b, shape) -> tuple[int, int, int]:
+    """Output elements along the axes where only ``a`` varies (rows), only ``b`` varies
+    (columns), and both vary."""
+    d = len(shape)
+    sa = (1,) * (d + 1 - a.ndim) + a.shape[1:]
+    sb = (1,) * (d + 1 - b.ndim) + b.shape[1:]
+    rows = math.prod(n for n, x, y in zip(shape, sa, sb, strict=True) if x != 1 and y == 1)
+    cols = math.prod(n for n, x, y in zip(shape, sa, sb, strict=True) if x == 1 and y != 1)
+    shared = math.prod(n for n, x, y in zip(shape, sa, sb, strict=True) if x != 1 and y != 1)
+    return rows, cols, shared
+
+
+def _last_row(a, b, shape):
+    """Index tuples into ``a`` and the output selecting the last row (position)."""
+    d = len(shape)
+    sa = (1,) * (d + 1 - a.ndim) + a.shape[1:]
+    sb = (1,) * (d + 1 - b.ndim) + b.shape[1:]
+    out_sel = tuple(
+        slice(n - 1, n) if sa[i] != 1 and sb[i] == 1 else slice(None) for i, n in enumerate(shape)
+    )
+    return (slice(None), *out_sel[d + 1 - a.ndim :]), out_sel
+
+
 def _blas(a, b, dtype, shape):
     """One matrix product; the order is whatever the BLAS library picks."""
     if b is None:
@@ -472,10 +601,17 @@ def _blas(a, b, dtype, shape):
 
 
 def _float64(a, b, dtype, shape):
-    """Accumulate in float64 (products of float32 are exact there), round once."""
-    a64 = a.astype(np.float64)
-    terms = a64 if b is None else a64 * b.astype(np.float64)
-    return round_to(np.add.reduce(terms, axis=0).reshape(shape), dtype)
+    """Accumulate in float64 in index order (products of float32 are exact there), round
+    once."""
+
+    def block(ab, bb):
+        return round_to(_sequential(_Engine(ab, bb, np.dtype(np.float64), True)), dtype)
+
+    return _map_blocks(a, b, shape, np.dtype(dtype), block)
+
+
+# exact_sum holds every term of a block in float64 several times: keep blocks to ~4M terms.
+_EXACT_BLOCK_TERMS = 1 << 22
 
 
 def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
@@ -515,6 +651,10 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
     for i in np.flatnonzero(unsure):
         out.flat[i] = _round_rational(sum(Fraction(float(v)) for v in flat_terms[:, i]), dtype)
     return out.reshape(res.shape)
+
+
+def _exact_block(dtype):
+    return lambda ab, bb: exact_sum(ab, bb, np.dtype(dtype))
 
 
 def _round_rational(value: Fraction, dtype: np.dtype) -> np.ndarray:
@@ -576,10 +716,13 @@ def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dt
     }
     if order.name in programs:
         out = _run_blocked(a, b, shape, acc_dtype, fma, programs[order.name])
+    elif order.name == "eigen":
+        out = _eigen(a, b, shape, acc_dtype)
     elif order.name == "blas":
         out = _blas(a, b, acc_dtype, shape)
     elif order.name == "float64":  # its accumulator is float64 by definition: one rounding
         out = _float64(a, b, np.dtype(dtype), shape)
     else:  # correctly rounded to the output dtype, whatever the accumulator
-        out = exact_sum(a, b, np.dtype(dtype))
+        target = max(1, _EXACT_BLOCK_TERMS // a.shape[0])
+        out = _map_blocks(a, b, shape, np.dtype(dtype), _exact_block(dtype), target)
     return round_to(np.asarray(out).reshape(shape), dtype)

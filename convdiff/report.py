@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -298,7 +299,11 @@ def render(report: Report) -> Group:
 
 
 def check_writable(path: str) -> None:
-    """Fail before any work starts if ``path`` cannot be written (``-`` is stdout)."""
+    """Fail before any work starts if ``path`` cannot be written (``-`` is stdout).
+
+    A temporary file is created and removed beside it: ``os.access`` says yes to root even on a
+    read-only or immutable directory.
+    """
     if path == "-":
         return
     target = Path(path)
@@ -307,7 +312,15 @@ def check_writable(path: str) -> None:
         raise OutputError(f"output path {path!r} is a directory; expected a file name")
     if not parent.is_dir():
         raise OutputError(f"cannot write {path!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        why = f"permission denied ({exc.strerror})" if denied else (exc.strerror or str(exc))
+        raise OutputError(f"cannot write {path!r}: {why}") from None
+    if target.exists() and not os.access(target, os.W_OK):
         raise OutputError(f"cannot write {path!r}: permission denied")
 
 

@@ -9,6 +9,7 @@ no rounding code with NumPy or with :mod:`convdiff.orders`: a fused multiply-add
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -16,7 +17,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convdiff.orders import Order, reduce_terms
+from convdiff import orders
+from convdiff.errors import OptionError
+from convdiff.orders import Order, parse_order, reduce_terms
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
@@ -136,6 +139,36 @@ def _ref_blocked(block: int) -> Callable[[Terms, bool, np.dtype], Fraction]:
     return blocked
 
 
+# TensorFlow's Eigen slices (terms per slice) for reduction lengths, worked out by hand from
+# eigen_contraction_kernel.h: ceil(K / 320) slices of floor(K / slices) terms rounded up to 8.
+EIGEN_SLICES = {
+    1: 1,
+    147: 147,
+    300: 300,
+    320: 320,
+    321: 160,
+    576: 288,
+    700: 240,
+    1024: 256,
+    2048: 296,
+    2304: 288,
+    4608: 312,
+}
+
+
+def _ref_eigen_gemm(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    """Eigen's matrix-product path: slices summed from zero with FMA, each added to the output
+    (one slice up to 320 terms)."""
+    n = len(terms)
+    return _ref_blocked(EIGEN_SLICES[n] if n > 320 else max(n, 1))(terms, True, dt)
+
+
+def _ref_eigen_elementwise(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
+    """``eigen`` where both operands vary on the output (depthwise), and plain sums: index
+    order, multiply and add rounded apart."""
+    return _ref_sequential(terms, False, dt)
+
+
 def _ref_float64(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
     """Python floats are IEEE float64: accumulate there in index order, round once."""
     acc = 0.0
@@ -156,6 +189,8 @@ REFERENCES = {
     "blocked": _ref_blocked(4),
     "float64": _ref_float64,
     "exact": _ref_exact,
+    # the (K, n) operands of these tests vary on the same axis: the depthwise case
+    "eigen": _ref_eigen_elementwise,
 }
 FMA_ORDERS = ("sequential", "reverse", "pairwise", "kahan", "blocked")
 
@@ -379,3 +414,174 @@ def test_round_to_bfloat16_is_correctly_rounded():
     x = np.array([1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8 - 2.0**-40, -(1 + 2.0**-8 + 2.0**-40)])
     want = [_round(Fraction(float(v)), BF16) for v in x]
     assert [Fraction(float(v)) for v in round_to(x, BF16)] == want
+
+
+# --------------------------------------------------------------------------- layouts and blocks
+
+# (a's trailing shape, b's trailing shape): the operand layouts the kernels pass. Conv-like
+# (positions x channels), depthwise-like (channels on both, multiplier on b), b varying on the
+# leading axis, elementwise, a scalar b per term, and an operand with fewer axes.
+BROADCASTS = [
+    ((2, 5, 1), (1, 1, 4)),
+    ((3, 1, 4, 1), (1, 2, 4, 3)),
+    ((1, 7), (5, 1)),
+    ((6,), (6,)),
+    ((4, 1), ()),
+    ((3, 2), (2,)),
+]
+
+
+def _flatten(a: np.ndarray, b: np.ndarray):
+    """Broadcasting operands as ``(K, outputs)`` pairs, and the output shape."""
+    shape = np.broadcast_shapes(a.shape[1:], b.shape[1:])
+    k = a.shape[0]
+
+    def full(x):
+        x = x.reshape(k, *((1,) * (len(shape) + 1 - x.ndim)), *x.shape[1:])
+        return np.broadcast_to(x, (k, *shape)).reshape(k, -1)
+
+    return full(a), full(b), shape
+
+
+def _flat_reference(a, b, name, fma, dt):
+    """Scalar reference per output element of broadcasting operands, in the output's shape."""
+    a_full, b_full, shape = _flatten(a, b)
+    return _reference(a_full, b_full, name, fma, dt).reshape(shape)
+
+
+def _layout_cases(names=tuple(REFERENCES)):
+    for name in names:
+        for fma in (True, False) if name in FMA_ORDERS else (True,):
+            yield pytest.param(name, fma, id=f"{name}{'+fma' if fma else '-fma'}")
+
+
+@pytest.mark.parametrize(
+    ("name", "fma"), list(_layout_cases([n for n in REFERENCES if n != "eigen"]))
+)
+@pytest.mark.parametrize(("a_tail", "b_tail"), BROADCASTS)
+def test_broadcast_layouts_in_many_blocks(a_tail, b_tail, name, fma, rng, monkeypatch):
+    """Operands that broadcast, computed in many small output blocks (the block size shrunk
+    so that every layout is cut several ways), still match the scalar loop element by
+    element."""
+    monkeypatch.setattr(orders, "_BLOCK_ELEMENTS", 4)
+    monkeypatch.setattr(orders, "_MIN_INNER", 2)
+    for k in (3, 19):
+        a = _operands(rng, k, math.prod(a_tail), F32).reshape(k, *a_tail)
+        b = _operands(rng, k, math.prod(b_tail), F32).reshape(k, *b_tail)
+        order = Order(name=name, fma=fma, block=4)
+        _assert_same(reduce_terms(a, b, order, F32), _flat_reference(a, b, name, fma, F32))
+
+
+def test_blocks_split_evenly():
+    """Output blocks cover the output once, without a sliver of a remainder."""
+    blocks = list(orders._blocks((2, 30, 5000)))
+    assert {(g0, g1) for g0, g1, _, _ in blocks} == {(0, 1), (1, 2)}
+    widths = {l1 - l0 for _, _, l0, l1 in blocks}
+    assert max(widths) - min(widths) <= 1
+    assert sum(l1 - l0 for _, _, l0, l1 in blocks) == 2 * 5000
+
+
+def test_exact_zero_products_take_the_fast_path(rng):
+    """ReLU zeros make exact-zero sums, which need no round-to-odd correction (they used to be
+    flagged as below the smallest normal number); tiny nonzero operands still are checked."""
+    a = np.maximum(_operands(rng, 8, 6, F32), 0)
+    eng = orders._Engine(a, _operands(rng, 8, 6, F32), F32, fma=True)
+    assert eng._fast and not eng._tiny
+    tiny = np.full((8, 6), 2.0**-70, F32)
+    assert orders._Engine(tiny, tiny, F32, fma=True)._tiny
+
+
+# --------------------------------------------------------------------------- TensorFlow's Eigen
+
+
+@pytest.mark.parametrize(("terms", "size"), sorted(EIGEN_SLICES.items()))
+def test_eigen_slice_sizes(terms, size):
+    assert orders.eigen_slice(terms) == size
+
+
+@pytest.mark.parametrize(
+    ("rows", "lone"),
+    [(1, False), (2, False), (25, True), (26, False), (49, True), (50, False), (121, False)],
+)
+def test_eigen_lone_position_is_a_matrix_vector_product(rows, lone, rng):
+    """``eigen`` adds 320-term-or-less slices (partials from zero), except for an output
+    position that is a column block of its own: TensorFlow runs it as a matrix-vector product
+    that accumulates through every slice (sequential). 49 positions (ResNet50's 7x7 stage)
+    were measured; the others follow the block rule (half the positions, rounded up to 4 and
+    then 24). A single position is not a lone block of a larger product."""
+    k, channels = 700, 2
+    a = _operands(rng, k, rows, F32)[:, :, None]
+    b = _operands(rng, k, channels, F32)[:, None, :]
+    got = reduce_terms(a, b, Order(name="eigen"), F32)
+    assert orders._eigen_lone_row(rows) == lone
+    if rows == 1:
+        return  # a matrix-vector product: test_eigen_layouts
+    for p in range(rows) if rows < 30 else (0, rows - 2, rows - 1):
+        a_p = np.repeat(a[:, p], channels, axis=1)
+        if lone and p == rows - 1:
+            want = _reference(a_p, b[:, 0], "sequential", True, F32)
+        else:
+            want = _reference_with(_ref_eigen_gemm, a_p, b[:, 0], F32)
+        _assert_same(got[p], want)
+
+
+def _reference_with(ref, a: np.ndarray, b: np.ndarray, dt) -> np.ndarray:
+    fa, fb = _fractions(a), _fractions(b)
+    terms = [[(fa[k][j], fb[k][j]) for k in range(a.shape[0])] for j in range(a.shape[1])]
+    return _to_array([ref(t, True, dt) for t in terms], dt)
+
+
+# (a's trailing shape, b's trailing shape, K, what eigen does there)
+EIGEN_LAYOUTS = [
+    ((2, 5, 1), (1, 1, 4), 400, "gemm"),  # positions x channels: 200-term slices, FMA
+    ((3, 1, 4, 1), (1, 2, 4, 3), 40, "elementwise"),  # depthwise-like: no FMA
+    ((6,), (6,), 40, "elementwise"),
+    ((1, 1), (1, 5), 40, "gemv"),  # one position: Eigen's GEMV, 16-term blocks, no FMA
+]
+
+
+@pytest.mark.parametrize(("a_tail", "b_tail", "k", "kind"), EIGEN_LAYOUTS)
+def test_eigen_layouts(a_tail, b_tail, k, kind, rng):
+    """What ``eigen`` does depends on how the operands broadcast (which TensorFlow kernel)."""
+    a = _operands(rng, k, math.prod(a_tail), F32).reshape(k, *a_tail)
+    b = _operands(rng, k, math.prod(b_tail), F32).reshape(k, *b_tail)
+    a_full, b_full, shape = _flatten(a, b)
+    if kind == "gemm":
+        want = _reference_with(_ref_blocked(200), a_full, b_full, F32)
+    elif kind == "gemv":
+        want = _reference_with(
+            lambda t, fma, dt: _ref_blocked(16)(t, False, dt), a_full, b_full, F32
+        )
+    else:
+        want = _reference(a_full, b_full, "sequential", False, F32)
+    _assert_same(reduce_terms(a, b, Order(name="eigen"), F32), want.reshape(shape))
+
+
+def test_eigen_differs_from_sequential(rng):
+    """The slices matter: on long reductions ``eigen`` and ``sequential`` disagree somewhere
+    (so the tests above can tell them apart)."""
+    a = _operands(rng, 700, 30, F32)[:, :, None]
+    b = _operands(rng, 700, 4, F32)[:, None, :]
+    eigen = reduce_terms(a, b, Order(name="eigen"), F32)
+    assert np.any(eigen != reduce_terms(a, b, Order(), F32))
+
+
+def test_parse_order_names():
+    assert parse_order("eigen") == Order(name="eigen")
+    assert parse_order("blocked:688").block == 688
+    assert Order(name="eigen").label == "eigen"
+    with pytest.raises(OptionError, match="takes no argument"):
+        parse_order("eigen:4")
+    with pytest.raises(OptionError, match="positive block size"):
+        parse_order("blocked:0")
+
+
+@pytest.mark.parametrize(("name", "fma"), list(_layout_cases()))
+def test_plain_sums_in_many_blocks(name, fma, rng, monkeypatch):
+    """Sums (no second operand) over a multi-axis output, cut into small blocks."""
+    monkeypatch.setattr(orders, "_BLOCK_ELEMENTS", 4)
+    monkeypatch.setattr(orders, "_MIN_INNER", 2)
+    a = _operands(rng, 21, 24, F16).reshape(21, 2, 3, 4)
+    got = reduce_terms(a, None, Order(name=name, fma=fma, block=4, accumulate="float16"), F16)
+    want = _reference(a.reshape(21, -1), None, name, fma, F16).reshape(2, 3, 4)
+    _assert_same(got, want)
