@@ -130,8 +130,14 @@ def compare(
         raise OptionError(f"--repeat must be at least 1; received {repeat}")
     if save_outputs is not None:
         check_writable(str(save_outputs))
+    candidates = candidate_orders(accumulate, tap_order) if order == "all" else ()
     settings = Settings(
-        order=order if isinstance(order, Order) else parse_order(order, fma, accumulate, tap_order),
+        order=candidates[0]
+        if candidates
+        else order
+        if isinstance(order, Order)
+        else parse_order(order, fma, accumulate, tap_order),
+        candidates=candidates,
         mode=mode,
         budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile, ulp_metric),
         impls=tuple(parse_impls(impls)),
@@ -164,6 +170,17 @@ def compare(
                 on_layer(result)
     report.notes += _reference_notes(settings, report, graph_layers)
     return report
+
+
+def candidate_orders(accumulate: str | None = None, tap_order: str | None = None):
+    """The orders ``--order all`` tries on every layer."""
+    names = ["sequential", "reverse", "pairwise", "kahan"]
+    orders = [parse_order(n, fma, accumulate, tap_order) for n in names for fma in (True, False)]
+    orders += [parse_order(f"blocked:{k}", True, accumulate, tap_order) for k in (8, 16, 64, 256)]
+    orders += [
+        parse_order(n, True, accumulate, tap_order) for n in ("eigen", "blas", "float64", "exact")
+    ]
+    return tuple(orders)
 
 
 def _texts(value: Any) -> list[str]:

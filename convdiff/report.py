@@ -207,6 +207,11 @@ def _layer_notes(r: LayerResult, lines: Text) -> None:
         lines.append(f"Note: {r.name}: {r.reason}\n")
     if r.likely_cause:
         lines.append(f"Likely cause: {r.name}: {r.likely_cause}\n", style="bold")
+    if r.orders:
+        exact = [o["order"] for o in r.orders if o["bit_exact"]]
+        rest = ", ".join(f"{o['order']} {o['max_ulp']:,}" for o in r.orders if not o["bit_exact"])
+        head = f"bit-exact: {', '.join(exact)}" if exact else "no order is bit-exact"
+        lines.append(f"Orders: {r.name}: {head}; max ULP of the others: {rest}\n")
     if r.impl and r.keras_vs_exact_ulp is not None:
         lines.append(
             f"Three-way: {r.name}: Keras max {r.keras_vs_exact_ulp:,} ULP from the correctly "

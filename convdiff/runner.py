@@ -61,6 +61,7 @@ class Settings:
         reference: a recording whose outputs take the NumPy side's place (``--reference``).
         histogram: record each compared layer's ULP distribution.
         show_worst: record the K worst elements of each compared layer.
+        candidates: ``--order all``: orders tried on every layer, the best one compared.
     """
 
     order: Order = field(default_factory=Order)
@@ -73,6 +74,7 @@ class Settings:
     reference: Recording | None = None
     histogram: bool = False
     show_worst: int = 0
+    candidates: tuple[Order, ...] = ()
 
     @property
     def candidate_label(self) -> str:
@@ -89,7 +91,7 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.order.to_dict(),
-            "order_label": self.order.label,
+            "order_label": "all (best per layer)" if self.candidates else self.order.label,
             "mode": self.mode,
             "max_ulp": self.budget.global_max_ulp,
             "budget": self.budget.to_dict(),
@@ -99,6 +101,7 @@ class Settings:
             "stop_at_first": self.stop_at_first,
             "reference": self.reference.path if self.reference else None,
             "histogram": self.histogram,
+            "candidates": [o.label for o in self.candidates],
             "show_worst": self.show_worst,
         }
 
@@ -126,6 +129,7 @@ class LayerResult:
     own_ulp_scaled: float | None = None
     histogram: list[tuple[str, int]] | None = None
     worst_elements: list[dict[str, Any]] | None = None
+    orders: list[dict[str, Any]] | None = None
 
     @property
     def over_budget(self) -> bool:
@@ -170,6 +174,7 @@ class LayerResult:
             "own_ulp_scaled": self.own_ulp_scaled,
             "histogram": None if self.histogram is None else [list(b) for b in self.histogram],
             "worst_elements": self.worst_elements,
+            "orders": self.orders,
         }
 
 
@@ -297,12 +302,16 @@ def _compare_node(
         return result, keras_out, None
     spec = layer_spec(node.layer)
     result.impl = impl.source if isinstance(impl, UserImpl) else None
+    order = settings.order
     try:
+        if settings.candidates and kernel is not None and impl is None:
+            result.orders = _rank_orders(kernel, spec, numpy_in, first, settings.candidates)
+            order = next(o for o in settings.candidates if o.label == result.orders[0]["order"])
         run = run_kernel(
             kernel,
             spec,
             numpy_in,
-            settings.order,
+            order,
             reference_inputs=keras_in,
             candidate=_candidate(impl, spec) if impl else None,
         )
@@ -325,6 +334,39 @@ def _compare_node(
         sides = (keras_in, numpy_in, in_scales)
         _growth(result, kernel, spec, sides, first, output, run, impl, settings)
     return result, [output], run.scale
+
+
+def _rank_orders(kernel, spec, inputs, keras_out: np.ndarray, candidates) -> list[dict]:
+    """``--order all``: every candidate order's figures against Keras, best first (bit-exact
+    ones first, then by max ULP and share of differing elements)."""
+    ranked = []
+    for order in candidates:
+        try:
+            output = run_kernel(kernel, spec, inputs, order, bound=False).output
+        except Unsupported:
+            continue
+        if output.shape != keras_out.shape:
+            continue
+        output = (
+            output
+            if output.dtype == keras_out.dtype
+            else round_to(output.astype(np.float64), keras_out.dtype)
+        )
+        floating = is_float(keras_out.dtype)
+        c = (
+            compare(keras_out, output)
+            if floating
+            else compare(keras_out.astype(np.float64), output.astype(np.float64))
+        )
+        ranked.append(
+            {
+                "order": order.label,
+                "bit_exact": is_identical(c),
+                "max_ulp": c.max_ulp,
+                "mismatch_fraction": c.mismatch_fraction,
+            }
+        )
+    return sorted(ranked, key=lambda r: (not r["bit_exact"], r["max_ulp"], r["mismatch_fraction"]))
 
 
 def _explain(kernel, spec, inputs, output, impl, settings: Settings) -> str | None:

@@ -299,3 +299,18 @@ def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
     assert [entry["status"] for entry in data["layers"]][2] in ("identical", "rounding")
     monkeypatch.setitem(kernels.REGISTRY, key, lambda spec, inputs, nx: nx.mul(inputs[0], 2.0))
     assert run(*args).exit_code == 0
+
+
+def test_order_all_ranks_every_candidate(examples):
+    result = run(examples / "deep8.keras", examples / "deep8_input.npy", "--order", "all",
+                 "--layers", "conv0", "--json", "-")
+    report = json.loads(result.stdout)
+    layer = report["layers"][0]
+    assert report["settings"]["order_label"] == "all (best per layer)"
+    names = [o["order"] for o in layer["orders"]]
+    assert len(names) == len(set(names)) >= 16 and "eigen" in names and "exact" in names
+    keys = [(not o["bit_exact"], o["max_ulp"], o["mismatch_fraction"]) for o in layer["orders"]]
+    assert keys == sorted(keys)  # best first
+    assert layer["status"] in ("identical", "rounding")
+    # the layer's own figures are those of the best order
+    assert layer["max_ulp"] == layer["orders"][0]["max_ulp"]
