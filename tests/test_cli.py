@@ -302,8 +302,16 @@ def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
 
 
 def test_order_all_ranks_every_candidate(examples):
-    result = run(examples / "deep8.keras", examples / "deep8_input.npy", "--order", "all",
-                 "--layers", "conv0", "--json", "-")
+    result = run(
+        examples / "deep8.keras",
+        examples / "deep8_input.npy",
+        "--order",
+        "all",
+        "--layers",
+        "conv0",
+        "--json",
+        "-",
+    )
     report = json.loads(result.stdout)
     layer = report["layers"][0]
     assert report["settings"]["order_label"] == "all (best per layer)"
@@ -314,3 +322,35 @@ def test_order_all_ranks_every_candidate(examples):
     assert layer["status"] in ("identical", "rounding")
     # the layer's own figures are those of the best order
     assert layer["max_ulp"] == layer["orders"][0]["max_ulp"]
+
+
+def test_histogram_worst_and_growth(examples):
+    args = [
+        examples / "deep8.keras",
+        examples / "deep8_input.npy",
+        "--mode",
+        "propagated",
+        "--no-fma",
+        "--layers",
+        "conv[67]",
+    ]
+    table = run(*args, "--histogram", "--show-worst", "3").stdout
+    assert "ULP distribution" in table and "Worst elements" in table
+    assert "Growth over depth" in table and "Largest amplification" in table
+    report = json.loads(run(*args, "--histogram", "--show-worst", "3", "--json", "-").stdout)
+    for layer in report["layers"][1:]:  # the first layer receives no difference to amplify
+        counts = dict((bucket, n) for bucket, n in layer["histogram"])
+        assert sum(counts.values()) == 1 * 32 * 32 * 16 and counts["0"] > 0
+        worst = layer["worst_elements"]
+        assert len(worst) == 3 and worst[0]["ulp"] == layer["max_ulp"]
+        assert {"index", "reference", "candidate", "exact", "bound"} <= set(worst[0])
+        assert layer["amplification"] is not None and layer["amplification"] > 0
+        assert 0 < layer["max_ulp_scaled"] < layer["max_ulp"]
+
+
+def test_scaled_ulp_metric_budget(examples):
+    args = [examples / "deep8.keras", examples / "deep8_input.npy", "--no-fma", "--json", "-"]
+    raw = json.loads(run(*args, "--max-ulp", "100").stdout)
+    scaled = json.loads(run(*args, "--max-ulp", "100", "--ulp-metric", "scaled").stdout)
+    # raw ULPs explode where outputs are small differences of large terms; scaled ones do not
+    assert raw["passed"] is False and scaled["passed"] is True
