@@ -28,7 +28,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from convdiff.orders import ACCUMULATOR_DTYPES, Order, reduce_terms, round_to
+from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms, round_to
 
 # Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
 # evaluation rounded once) in units in the last place of its result, per implementation.
@@ -304,15 +304,15 @@ class Bounded:
             else:
                 b = self._lift(b)
                 bv, be = (np.reshape(v, (k, *v.shape[n:])) for v in (b.value, b.err))
-                value = _contract(av, bv)
-                mag_exact = _contract(np.abs(av), np.abs(bv))
+                value = contract(av, bv)
+                mag_exact = contract(np.abs(av), np.abs(bv))
                 # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b); exact inputs (isolated mode,
                 # weights) skip the work.
                 prop = np.zeros_like(mag_exact)
                 if be.any():
-                    prop = prop + _contract(np.abs(av), be)
+                    prop = prop + contract(np.abs(av), be)
                 if ae.any():
-                    prop = prop + _contract(ae, np.abs(bv) + be)
+                    prop = prop + contract(ae, np.abs(bv) + be)
                 mag = mag_exact + prop
             # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
             # evaluation's own error, plus k underflows.
@@ -421,21 +421,6 @@ class Bounded:
             spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
             ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
             return Tracked(value, spread + ulps)
-
-
-def _contract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``sum_k a[k] * b[k]`` in float64 for arrays that broadcast on their other axes: one GEMM
-    (BLAS) when ``a`` and ``b`` vary on disjoint output axes (convolutions, Dense), else einsum."""
-    rest_a, rest_b = a.shape[1:], b.shape[1:]
-    if len(rest_a) == len(rest_b):
-        ia = [i for i, m in enumerate(rest_a) if m != 1]
-        ib = [i for i, m in enumerate(rest_b) if m != 1]
-        if not set(ia) & set(ib):
-            gemm = a.reshape(a.shape[0], -1).T @ b.reshape(b.shape[0], -1)
-            gemm = gemm.reshape([rest_a[i] for i in ia] + [rest_b[i] for i in ib])
-            shape = np.broadcast_shapes(rest_a, rest_b)
-            return gemm.transpose(np.argsort(ia + ib)).reshape(shape)
-    return np.einsum("k...,k...->...", a, b)
 
 
 def _gamma(n: int, u: float) -> float:

@@ -587,17 +587,24 @@ def _blas(a, b, dtype, shape):
     """One matrix product; the order is whatever the BLAS library picks."""
     if b is None:
         return np.sum(a.astype(dtype), axis=0, dtype=dtype)
-    a2, b2 = a.astype(dtype), b.astype(dtype)
-    a_rest, b_rest = a2.shape[1:], b2.shape[1:]
-    if len(a_rest) == len(b_rest):
-        ia = [i for i, n in enumerate(a_rest) if n != 1]
-        ib = [i for i, n in enumerate(b_rest) if n != 1]
+    return contract(a.astype(dtype), b.astype(dtype)).astype(dtype).reshape(shape)
+
+
+def contract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_k a[k] * b[k]`` for arrays that broadcast on their other axes, in their dtype: one
+    GEMM (BLAS) when ``a`` and ``b`` vary on disjoint output axes (convolutions, Dense), else
+    einsum."""
+    rest_a, rest_b = a.shape[1:], b.shape[1:]
+    if len(rest_a) == len(rest_b):
+        ia = [i for i, n in enumerate(rest_a) if n != 1]
+        ib = [i for i, n in enumerate(rest_b) if n != 1]
         if not set(ia) & set(ib):
             # a varies on some output axes, b on the others: one GEMM (K contracted).
-            gemm = a2.reshape(a2.shape[0], -1).T @ b2.reshape(b2.shape[0], -1)
-            gemm = gemm.reshape([a_rest[i] for i in ia] + [b_rest[i] for i in ib])
+            gemm = a.reshape(a.shape[0], -1).T @ b.reshape(b.shape[0], -1)
+            gemm = gemm.reshape([rest_a[i] for i in ia] + [rest_b[i] for i in ib])
+            shape = np.broadcast_shapes(rest_a, rest_b)
             return gemm.transpose(np.argsort(ia + ib)).reshape(shape)
-    return np.einsum("k...,k...->...", a2, b2, optimize=True).astype(dtype)
+    return np.einsum("k...,k...->...", a, b, optimize=True)
 
 
 def _float64(a, b, dtype, shape):
