@@ -1,7 +1,8 @@
 """Hand-written NumPy versions of the one-layer model's Conv2D (32 filters, 3x3, 'same', ReLU),
 as a user writes them. Plug one in with
 
-    convdiff examples/one_layer.h5 examples/one_layer_input.npy --impl conv2d=examples/my_conv2d.py:forward_loop
+    convdiff examples/one_layer.h5 examples/one_layer_input.npy \\
+        --impl conv2d=examples/my_conv2d.py:forward_loop
 
 Each is called as ``forward(inp, filter_weights, filter_biases)`` with the layer's input
 (N, H, W, C), its kernel (kh, kw, C, F) and its bias (F,), and returns the layer's output.

@@ -19,33 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from convdiff import loading
-from convdiff.cli import cli
 from convdiff.errors import ConvdiffError, InputError, ModelLoadError, OutputError, ResourceError
 from convdiff.loading import InputSpec, fit_inputs, load_inputs, load_model, named_inputs
 
 MULTI = [InputSpec("a", (None, 4), "float32"), InputSpec("b", (None, 4), "float32")]
+from test_cli import assert_error
+from test_cli import run as run_cli
+
 SINGLE = [InputSpec("x", (None, 4), "float32")]
-
-
-def run_cli(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def assert_error(result, *fragments: str) -> None:
-    """Exit 2, exactly one line on stderr starting 'Error: ', no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def flip(data: bytes, start: int, n: int = 32) -> bytes:
