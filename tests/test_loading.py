@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import assert_error
+from test_cli import run as run_cli
 
 from convdiff import loading
 from convdiff.errors import ConvdiffError, InputError, ModelLoadError, OutputError, ResourceError
 from convdiff.loading import InputSpec, fit_inputs, load_inputs, load_model, named_inputs
 
 MULTI = [InputSpec("a", (None, 4), "float32"), InputSpec("b", (None, 4), "float32")]
-from test_cli import assert_error
-from test_cli import run as run_cli
-
 SINGLE = [InputSpec("x", (None, 4), "float32")]
 
 
