@@ -1,4 +1,10 @@
-"""Keras 2 (tf-keras) .h5 model files, loaded by Keras 3.
+""".h5 model files (Keras 2 from tf-keras, and Keras 3's own), loaded by Keras 3.
+
+Keras 3 writes two things to .h5 that its own .h5 loader cannot read back, which
+:func:`mark_operations` bridges: ``keras.ops`` operations recorded in a functional graph
+(``x + 3.0``) are stored as a bare class name (``"Add"``) that the loader resolves to the layer of
+that name, and Keras-internal layers of the applications (ConvNeXt's LayerScale) are stored
+without their module (:mod:`convdiff.loading` supplies them).
 
 Keras 3 reads the legacy .h5 format, but some configurations that Keras 2 writes make it fail
 (keys its constructors reject, removed classes, a different numbering of a nested model's call
@@ -71,9 +77,10 @@ def _text(value: Any) -> str | None:
 
 
 @contextmanager
-def upgraded_h5(path: Path) -> Iterator[Any]:
-    """An in-memory copy of a Keras 2 .h5 model file, open as an ``h5py.File``, whose
-    ``model_config`` went through :func:`upgrade_config`; the weights are the file's own.
+def upgraded_h5(path: Path) -> Iterator[tuple[Any, set[str]]]:
+    """An in-memory copy of an .h5 model file, open as an ``h5py.File``, whose ``model_config``
+    went through :func:`upgrade_config` (a Keras 2 file) and :func:`mark_operations`; with it,
+    the class names of the marked operations. The weights are the file's own.
 
     The whole file is read into memory and opened there, so that the attribute can be replaced
     without writing anything to disk. Keras's legacy .h5 loader (the one
@@ -84,11 +91,37 @@ def upgraded_h5(path: Path) -> Iterator[Any]:
     """
     import h5py
 
+    keras2 = keras2_version(path) is not None
     with h5py.File(io.BytesIO(path.read_bytes()), "r+") as f:
         config = json.loads(_text(f.attrs["model_config"]))
-        upgrade_config(config, path)
+        if keras2:
+            upgrade_config(config, path)
+        operations = mark_operations(config)
         f.attrs["model_config"] = json.dumps(config).encode("utf8")
-        yield f
+        yield f, operations
+
+
+# A prefix no Keras class name has: the loader resolves marked entries only through the custom
+# objects convdiff.loading passes, never to a layer of the same name.
+OPERATION_PREFIX = "__keras_operation__"
+
+
+def mark_operations(config: Any) -> set[str]:
+    """Rename every ``keras.ops`` operation entry of a functional configuration to
+    ``OPERATION_PREFIX + name`` (in place); return the operation names found.
+
+    Keras 3 stores an operation (``x + 3.0`` while building a model) with a bare class name and
+    a config that holds nothing but its ``name``: no ``module``, unlike every layer, and none of
+    the ``trainable`` and ``dtype`` every layer's config has.
+    """
+    names = set()
+    for entry in _layer_entries(config):
+        inner = entry["config"]
+        if "module" in entry or "inbound_nodes" not in entry or set(inner) != {"name"}:
+            continue
+        names.add(entry["class_name"])
+        entry["class_name"] = OPERATION_PREFIX + entry["class_name"]
+    return names
 
 
 def upgrade_config(config: dict[str, Any], path: Path) -> list[str]:

@@ -30,6 +30,7 @@ class GraphNode:
         outputs: keys of the tensors it writes.
         call: runs the Keras layer on a list of input values (one per ``inputs`` key) and
             returns its flattened outputs.
+        keras_node: Keras's own record of the call (its arguments, its output dtypes).
     """
 
     name: str
@@ -37,6 +38,11 @@ class GraphNode:
     inputs: list[int]
     outputs: list[int]
     call: Callable[[Sequence[Any]], list[Any]]
+    keras_node: Any = None
+
+    def spec(self) -> LayerSpec:
+        """The kernel's view of this call (see :func:`layer_spec`)."""
+        return layer_spec(self.layer, self.keras_node)
 
     @property
     def class_name(self) -> str:
@@ -112,6 +118,7 @@ def _walk(model: Any, prefix: str, alias: dict[int, int], graph: Graph) -> None:
                     inputs=in_keys,
                     outputs=[id(t) for t in node.outputs],
                     call=_caller(node),
+                    keras_node=node,
                 )
             )
 
@@ -144,8 +151,14 @@ def _number_shared_calls(nodes: list[GraphNode]) -> None:
             node.name = f"{node.name}#{seen[node.name]}"
 
 
-def layer_spec(layer: Any) -> LayerSpec:
-    """The kernel's view of a Keras layer: class, config, weights by short name, dtype."""
+def layer_spec(layer: Any, keras_node: Any = None) -> LayerSpec:
+    """The kernel's view of a Keras layer: class, config, weights by short name, dtype.
+
+    A ``keras.ops`` operation recorded in a functional graph (``x + 3.0``) has no weights and
+    an empty config; what its kernel needs comes from the call, ``keras_node``: its positional
+    arguments as ``config["call_args"]`` (each tensor replaced by None, constants as they
+    are), and its output's dtype as the compute dtype.
+    """
     weights: dict[str, np.ndarray] = {}
     for variable in getattr(layer, "weights", []):
         key = variable.name if variable.name not in weights else variable.path
@@ -155,10 +168,30 @@ def layer_spec(layer: Any) -> LayerSpec:
     except NotImplementedError:
         config = {}
     dtype = getattr(layer, "compute_dtype", None) or "float32"
+    if keras_node is not None and not _is_layer(layer):
+        config = {**config, "call_args": _call_args(keras_node)}
+        dtype = getattr(keras_node.outputs[0], "dtype", None) or dtype
     return LayerSpec(
         name=layer.name,
         class_name=type(layer).__name__,
         config=config,
         weights=weights,
         dtype=str(dtype),
+    )
+
+
+def _is_layer(op: Any) -> bool:
+    import keras  # only reached once a model is loaded
+
+    return isinstance(op, keras.layers.Layer)
+
+
+def _call_args(keras_node: Any) -> list[Any]:
+    """The node's positional arguments, each symbolic tensor replaced by None."""
+    import keras
+    from keras import tree
+
+    return tree.map_structure(
+        lambda a: None if isinstance(a, keras.KerasTensor) else a,
+        list(keras_node.arguments.args),
     )

@@ -505,8 +505,9 @@ def load_custom_objects(path: str | None) -> dict[str, Any]:
 def load_model(path: str | os.PathLike, unsafe: bool = False, custom_objects: dict | None = None):
     """Load a .keras or .h5 (Keras 3 or Keras 2) model in Keras safe mode.
 
-    An .h5 file written by Keras 2 (tf-keras) is loaded from an in-memory copy whose
-    configuration :mod:`convdiff.compat` brought to Keras 3; the file itself is never written.
+    An .h5 file is loaded from an in-memory copy whose configuration :mod:`convdiff.compat`
+    brought to Keras 3 (a Keras 2 file's fix-ups, Keras 3's own ``keras.ops`` nodes); the file
+    itself is never written.
 
     Raises:
         ModelLoadError: missing, empty, corrupt, weights-only, unsafe or incomplete files, and
@@ -522,19 +523,56 @@ def load_model(path: str | os.PathLike, unsafe: bool = False, custom_objects: di
     from convdiff import compat
 
     try:
-        if compat.keras2_version(path) is None:
+        if _head(path, len(HDF5_MAGIC), "model file", ModelLoadError) != HDF5_MAGIC:
             return keras.saving.load_model(
                 path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
             )
-        with compat.upgraded_h5(path) as h5_file:
+        with compat.upgraded_h5(path) as (h5_file, operations):
+            known = {**h5_builtin_objects(operations), **custom_objects}
             # the loader keras.saving.load_model uses for .h5 paths; it also takes an open file
             return legacy_h5_format.load_model_from_hdf5(
-                h5_file, custom_objects=custom_objects, compile=False, safe_mode=not unsafe
+                h5_file, custom_objects=known, compile=False, safe_mode=not unsafe
             )
     except ModelLoadError:
         raise
     except Exception as exc:  # Keras raises many types for a file it cannot rebuild
         raise ModelLoadError(f"Keras could not load {str(path)!r}: {_one_line(exc)}") from None
+
+
+def h5_builtin_objects(operations: set[str]) -> dict[str, Any]:
+    """Keras's own classes that its .h5 loader cannot find by the name the file stores:
+    the applications' internal layers, and the marked ``keras.ops`` operations
+    (see :func:`convdiff.compat.mark_operations`)."""
+    import keras
+    from keras.src import ops
+
+    from convdiff import compat
+
+    objects = {}
+    for module, names in _APPLICATION_LAYERS:
+        try:
+            source = importlib.import_module(module)
+        except ImportError:  # an older or newer Keras: the file will name what is missing
+            continue
+        objects.update({n: getattr(source, n) for n in names if hasattr(source, n)})
+    for name in operations:
+        for module in (ops.numpy, ops.nn, ops.math, ops.core):
+            cls = getattr(module, name, None)
+            if _is_operation(cls, ops.Operation, keras.layers.Layer):
+                objects[compat.OPERATION_PREFIX + name] = cls
+                break
+    return objects
+
+
+def _is_operation(cls: Any, operation: type, layer: type) -> bool:
+    return isinstance(cls, type) and issubclass(cls, operation) and not issubclass(cls, layer)
+
+
+# Layers defined inside keras.applications modules, which Keras 3 saves to .h5 without a module.
+_APPLICATION_LAYERS = (
+    ("keras.src.applications.convnext", ("LayerScale", "StochasticDepth")),
+    ("keras.src.applications.inception_resnet_v2", ("CustomScaleLayer",)),
+)
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -10,9 +10,12 @@ arithmetic steps, each of which Keras rounds to the layer's dtype. It runs twice
   summation order, can end up apart. One "side" is Keras, the other the NumPy side; their unit
   roundoffs can differ (e.g. a float16 accumulator on the NumPy side).
 
-For a rounded operation ``z = op(x, y)`` the bound grows by what the inputs' own uncertainty
-propagates (``|y| e_x + |x| e_y`` for a product) plus each side's rounding error ``u |z|`` (and an
-absolute ``eta`` for results in the subnormal range). A reduction of ``n`` terms contributes
+The invariant of a :class:`Tracked` ``(v, e)``: each side's value lies within ``e`` of ``v``, and
+the two sides lie within ``e`` of each other. Neither side need sit at ``v``, so each step bounds
+the worst pair of operands allowed by both. For a rounded operation ``z = op(x, y)`` the bound
+grows by what the inputs' own uncertainty propagates (``|y| e_x + |x| e_y + e_x e_y`` for a
+product) plus each side's rounding error ``u |z|`` (and an absolute ``eta`` for results in the
+subnormal range). A reduction of ``n`` terms contributes
 ``gamma_n = n u / (1 - n u)`` times ``sum |terms|`` per side (Higham, ch. 3), valid for every
 order and with or without FMA. Library functions (exp, tanh, erf, ...) are allowed
 :data:`FUNCTION_ULPS` units in the last place per side beyond the propagated error.
@@ -288,6 +291,9 @@ class Bounded:
             # both sides: rounding leaves it as it is, and u * inf would make every later use
             # of it unbounded.
             err = np.where(np.isinf(value) & (prop == 0), 0.0, err)
+            # A NaN from uncertain operands (0 * inf where the zero is only known to within e)
+            # may be anything on either side: unbounded, not undefined.
+            err = np.where(np.isnan(err) & (prop != 0), np.inf, err)
         return Tracked(value, err, scale)
 
     # Reductions ---------------------------------------------------------------------------
@@ -306,8 +312,8 @@ class Bounded:
                 bv, be = (np.reshape(v, (k, *v.shape[n:])) for v in (b.value, b.err))
                 value = contract(av, bv)
                 mag_exact = contract(np.abs(av), np.abs(bv))
-                # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b); exact inputs (isolated mode,
-                # weights) skip the work.
+                # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b) per term (see :meth:`mul`); exact
+                # inputs (isolated mode, weights) skip the work.
                 prop = np.zeros_like(mag_exact)
                 if be.any():
                     prop = prop + contract(np.abs(av), be)
@@ -340,14 +346,17 @@ class Bounded:
     def mul(self, x, y):
         x, y = self._lift(x), self._lift(y)
         with np.errstate(all="ignore"):
-            prop = np.abs(x.value) * y.err + np.abs(y.value) * x.err + x.err * y.err
+            # The largest |x1 y1 - x2 y2| with both pairs within e of (x, y) and of each other:
+            # x1 = x + e_x, y1 = y + e_y against x2 = x, y2 = y (for x, y >= 0).
+            prop = _times(np.abs(x.value), y.err) + _times(np.abs(y.value), x.err) + x.err * y.err
             return self._rounded(x.value * y.value, prop, x.magnitude * y.magnitude)
 
     def div(self, x, y):
         x, y = self._lift(x), self._lift(y)
         with np.errstate(all="ignore"):
             value = x.value / y.value
-            margin = np.abs(y.value) - y.err  # smallest |denominator| the other side can have
+            margin = np.abs(y.value) - y.err  # smallest |denominator| either side can have
+            # The largest |x1/y1 - x2/y2|: x1 = x + e_x over y1 = margin against x/y.
             prop = np.where(
                 margin > 0,
                 (np.abs(x.value) * y.err + np.abs(y.value) * x.err) / (np.abs(y.value) * margin),
@@ -401,26 +410,42 @@ class Bounded:
         err = np.where(cond, above.err, below.err)
         with np.errstate(all="ignore"):
             ambiguous = np.abs(x.value - threshold) <= x.err
-            both = np.abs(above.value - below.value) + np.maximum(above.err, below.err)
+            # One side may take ``above`` and the other ``below``, each within its own bound.
+            both = np.abs(above.value - below.value) + above.err + below.err
             err = np.where(ambiguous, np.maximum(err, both), err)
         scale = np.where(cond, above.magnitude, below.magnitude)
         return Tracked(np.asarray(value), np.asarray(err), np.asarray(scale))
 
     # Library functions ---------------------------------------------------------------------
     def apply(self, name: str, x):
-        """A monotonic library function: its float64 value, the spread of its values over the
-        input's uncertainty interval, and FUNCTION_ULPS of the result per side."""
+        """A library function: its float64 value, the width of its image of the input's
+        uncertainty interval, and FUNCTION_ULPS of the result per side.
+
+        Both sides' inputs lie anywhere in ``[x - e, x + e]``, so the whole image of that interval
+        bounds ``|f(x1) - f(x2)|``. The larger of its two halves does not: for tanh at ``x = 0``,
+        ``e = 2``, the inputs -1 and 1 give 1.52 against ``tanh(2) = 0.96``. Every function is
+        monotonic there except the square, whose image is ``[0 or min(f(ends)), max(f(ends))]``.
+        """
         x = self._lift(x)
         fn = FUNCTIONS[name]
         with np.errstate(all="ignore"):
             value = fn(x.value)
-            spread = np.maximum(
-                np.abs(fn(x.value + x.err) - value), np.abs(fn(x.value - x.err) - value)
-            )
+            upper, lower = fn(x.value + x.err), fn(x.value - x.err)
+            if name == "square":
+                bottom = np.where(np.abs(x.value) <= x.err, 0.0, np.minimum(upper, lower))
+                spread = np.maximum(upper, lower) - bottom
+            else:
+                spread = np.abs(upper - lower)
             spread = np.where(x.err == 0, 0.0, spread)
             spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
             ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
             return Tracked(value, spread + ulps)
+
+
+def _times(value: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """``value * err``, 0 where ``err`` is 0: an exactly known operand carries no uncertainty,
+    even times an infinite one."""
+    return np.where(err == 0, 0.0, value * err)
 
 
 def _gamma(n: int, u: float) -> float:

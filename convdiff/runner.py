@@ -24,7 +24,7 @@ import numpy as np
 from convdiff.budget import Budget
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.explain import likely_cause
-from convdiff.graph import Graph, GraphNode, build_graph, layer_spec
+from convdiff.graph import Graph, GraphNode, build_graph
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import (
@@ -300,7 +300,7 @@ def _compare_node(
         count = len(keras_out)
         result.reason = f"{node.class_name} has {count} outputs; only single outputs are compared"
         return result, keras_out, None
-    spec = layer_spec(node.layer)
+    spec = node.spec()
     result.impl = impl.source if isinstance(impl, UserImpl) else None
     order = settings.order
     try:

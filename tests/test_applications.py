@@ -169,34 +169,14 @@ def assert_all_explained(report: dict) -> None:
 
 # --------------------------------------------------------------------------- the zoo, via the CLI
 
-# Keras 3 writes these applications to .h5 in a form its own .h5 loader rejects: Keras-internal
-# classes (LayerScale, CustomScaleLayer) and keras.ops nodes (``x + 3.0``) are stored without
-# their module. convdiff's loader has to bridge it (see issue 4).
-H5_NOT_LOADABLE = {"ConvNeXtTiny", "InceptionResNetV2", "MobileNetV3Small"}
-# ``x + 3.0`` in MobileNetV3's hard sigmoid: the kernel needs the constant, which the graph
-# does not hand to kernels yet (``spec.config["call_args"]``, see issue 4).
-CONSTANT_OPERANDS = {"MobileNetV3Small"}
-
 FAST = ["MobileNetV2", "MobileNetV3Small", "EfficientNetB0", "VGG16", "ResNet50"]
 SLOW = ["ConvNeXtTiny", "DenseNet121", "InceptionResNetV2", "NASNetMobile", "Xception"]
-
-
-def _known_gap(name: str, ext: str) -> list:
-    if ext == "h5" and name in H5_NOT_LOADABLE:
-        reason = f"Keras 3 cannot reload its own .h5 of {name} without a loader bridge"
-    elif name in CONSTANT_OPERANDS:
-        reason = f"{name}'s keras.ops nodes with a constant operand need call_args in the spec"
-    else:
-        return []
-    return [pytest.mark.xfail(reason=reason, strict=True)]
 
 
 def _cases(names: list[str], combos: list[tuple[str, str]], slow: bool) -> list:
     marks = [pytest.mark.slow] if slow else []
     return [
-        pytest.param(
-            name, ext, mode, marks=marks + _known_gap(name, ext), id=f"{name}-{ext}-{mode}"
-        )
+        pytest.param(name, ext, mode, marks=marks, id=f"{name}-{ext}-{mode}")
         for name in names
         for ext, mode in combos
     ]

@@ -293,3 +293,54 @@ def test_compare_runs_on_every_zoo_model_written_by_keras2(keras2_dir, name):
     report = compare(keras2_dir / f"zoo_{name}.h5")
     assert report.layers, "no layer was compared"
     assert {layer.status for layer in report.layers} <= {"identical", "rounding", "skipped"}
+
+
+# --------------------------------------------------------------------------- Keras 3's own .h5
+
+
+def _ops_model():
+    """``keras.ops`` arithmetic on symbolic tensors (MobileNetV3's hard sigmoid, ConvNeXt's
+    residual), which Keras 3 records as operation nodes and writes to .h5 by bare class name."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    x = keras.Input((4, 4, 3), name="x")
+    y = keras.layers.Conv2D(3, 3, padding="same", name="conv")(x)
+    gate = keras.layers.ReLU(6.0, name="relu6")(y + 3.0) * (1.0 / 6.0)
+    return keras.Model(x, x + y * gate - 0.5, name="ops")
+
+
+@pytest.fixture(scope="module")
+def ops_files(tmp_path_factory) -> dict[str, Path]:
+    model = _ops_model()
+    directory = tmp_path_factory.mktemp("ops")
+    files = {ext: directory / f"ops.{ext}" for ext in ("h5", "keras")}
+    for path in files.values():
+        model.save(path)
+    np.save(directory / "x.npy", np.random.default_rng(0).normal(size=(2, 4, 4, 3)))
+    files["expected"] = directory / "expected.npy"
+    np.save(files["expected"], np.asarray(model(np.load(directory / "x.npy").astype("float32"))))
+    return files
+
+
+def test_plain_keras3_cannot_reload_its_own_h5_of_operations(ops_files):
+    with pytest.raises(Exception, match="passed as a keyword argument"):
+        _plain_keras_load(ops_files["h5"])
+
+
+def test_operations_in_keras3_h5_load_and_compute_what_was_saved(ops_files):
+    model = load_model(ops_files["h5"])
+    x = np.load(ops_files["h5"].parent / "x.npy").astype("float32")
+    np.testing.assert_array_equal(np.asarray(model(x)), np.load(ops_files["expected"]))
+
+
+@pytest.mark.parametrize("ext", ["h5", "keras"])
+def test_operation_constants_reach_the_kernels(ops_files, ext):
+    """``y + 3.0``, ``* (1/6)`` and ``- 0.5`` are compared with their constants, not skipped."""
+    from convdiff.api import compare
+
+    report = compare(ops_files[ext], ops_files["h5"].parent / "x.npy")
+    operations = [row for row in report.layers if row.class_name in ("Add", "Multiply", "Subtract")]
+    assert len(operations) == 5
+    assert {row.status for row in report.layers} <= {"identical", "rounding"}
+    assert {row.dtype for row in operations} == {"float32"}
