@@ -113,6 +113,11 @@ class Worker:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+            # close the pipes now: left to the garbage collector, they raise a ResourceWarning
+            # inside whichever later test happens to collect them
+            self.selector.close()
+            for pipe in (self.process.stdin, self.process.stdout):
+                pipe.close()
             self.process = None
 
 
