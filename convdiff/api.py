@@ -26,6 +26,7 @@ from convdiff.graph import build_graph
 from convdiff.impl import check_impls_match, parse_impls
 from convdiff.loading import (
     Inputs,
+    Probe,
     configure_tensorflow,
     environment,
     fit_inputs,
@@ -149,12 +150,18 @@ def compare(
         reference=load_recording(reference) if reference is not None else None,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
-    select_backend(backend)
-    configure_tensorflow()
-    apply_runtime(runtime)
     label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
-    if isinstance(model, str | os.PathLike):
-        model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
+    # the model file is read and checked in a child process while TensorFlow is imported here
+    probe = Probe.start(model) if isinstance(model, str | os.PathLike) else None
+    try:
+        select_backend(backend)
+        configure_tensorflow()
+        apply_runtime(runtime)
+        if probe is not None:
+            model = load_model(model, unsafe=unsafe, custom_objects=custom_objects, probe=probe)
+    finally:
+        if probe is not None:
+            probe.close()
     graph_layers = [(n.name, n.class_name) for n in build_graph(model).nodes]
     _check_patterns(settings, graph_layers)
     if inputs is None and settings.reference is not None:

@@ -23,6 +23,7 @@ import os
 import platform
 import struct
 import sys
+import time
 import tokenize
 import warnings
 import zipfile
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from convdiff import accel
 from convdiff.errors import InputError, ModelLoadError, OptionError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -101,6 +103,8 @@ def environment() -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
+        # compiled FMA chains (same bits as the NumPy engine; recorded to tell runs apart)
+        "numba": accel.version(),
         "python": platform.python_version(),
         "onednn": onednn,
         "cpu": _cpu_model(),
@@ -172,7 +176,9 @@ def _head(path: Path, n: int, what: str, error: type[Exception]) -> bytes:
         raise error(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc})") from None
 
 
-def read_model_config(path: Path, isolated: bool = True) -> dict[str, Any]:
+def read_model_config(
+    path: Path, isolated: bool = True, probe: Probe | None = None
+) -> dict[str, Any]:
     """The stored model configuration of a .keras or .h5 file, without running anything.
 
     The whole file is read and checked first (every .keras member passes its CRC check, every
@@ -185,14 +191,18 @@ def read_model_config(path: Path, isolated: bool = True) -> dict[str, Any]:
     Args:
         path: the model file.
         isolated: read in a child process (False: in this one, for debugging).
+        probe: that child, already started with :meth:`Probe.start` (it reads the file while
+            this process imports TensorFlow).
 
     Raises:
         ModelLoadError: a missing, empty, unreadable, damaged, weights-only or misnamed file.
     """
+    if probe is not None:
+        return probe.result()
     _check_file(path, "model file", ModelLoadError)
     if not isolated or not sys.executable:  # embedded interpreters cannot start a child
         return _inspect_model_file(path)
-    return _probe(path)
+    return Probe.start(path).result()
 
 
 # libhdf5's worst case on a damaged file is an endless loop; a healthy file is read at disk
@@ -202,45 +212,82 @@ PROBE_SECONDS_PER_GB = 60.0
 _PROBE_CODE = "import sys; from convdiff.loading import _probe_main; _probe_main(sys.argv[1])"
 
 
-def _probe(path: Path) -> dict[str, Any]:
-    """:func:`_inspect_model_file` in a child process that is killed if it runs too long."""
-    import subprocess
+@dataclass
+class Probe:
+    """:func:`_inspect_model_file` running in a child process, killed if it runs too long."""
 
-    timeout = PROBE_TIMEOUT_S + PROBE_SECONDS_PER_GB * path.stat().st_size / 1e9
-    # the child imports this very package, wherever it was imported from here
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
-    }
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE_CODE, str(path)],
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-            env=env,
-        )
-    except OSError:  # no child can be started (process limit, memory): read it here
-        return _inspect_model_file(path)
-    except subprocess.TimeoutExpired:
+    path: Path
+    process: Any = None
+    started: float = 0.0
+    fallback: bool = False
+
+    @classmethod
+    def start(cls, path: str | os.PathLike) -> Probe:
+        """Check that the file exists and start reading it in a child process.
+
+        Raises:
+            ModelLoadError: a missing, unreadable or empty file.
+        """
+        import subprocess
+
+        path = Path(path)
+        _check_file(path, "model file", ModelLoadError)
+        # the child imports this very package, wherever it was imported from here
+        package_root = str(Path(__file__).resolve().parent.parent)
+        paths = (package_root, os.environ.get("PYTHONPATH"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _PROBE_CODE, str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+        except OSError:  # no child can be started (process limit, memory): read it here
+            return cls(path, fallback=True)
+        return cls(path, process, time.monotonic())
+
+    def result(self) -> dict[str, Any]:
+        """The configuration the child read (waiting for it), or its one-line error."""
+        import subprocess
+
+        if self.fallback or self.process is None:
+            return _inspect_model_file(self.path)
+        limit = PROBE_TIMEOUT_S + PROBE_SECONDS_PER_GB * self.path.stat().st_size / 1e9
+        remaining = max(0.0, limit - (time.monotonic() - self.started))
+        try:
+            stdout, stderr = self.process.communicate(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+            raise ModelLoadError(
+                f"{str(self.path)!r} could not be read within {limit:.0f} s (HDF5 loops on "
+                "some damaged files); the file is corrupt"
+            ) from None
+        return _probe_answer(self.path, self.process.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        """Stop the child if its answer is no longer wanted (an error elsewhere)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.communicate()
+
+
+def _probe_answer(path: Path, returncode: int, stdout: bytes, stderr: bytes) -> dict[str, Any]:
+    if returncode < 0:
         raise ModelLoadError(
-            f"{str(path)!r} could not be read within {timeout:.0f} s (HDF5 loops on some "
-            "damaged files); the file is corrupt"
-        ) from None
-    if done.returncode < 0:
-        raise ModelLoadError(
-            f"{str(path)!r} made the HDF5 or zip library crash (signal {-done.returncode}) "
+            f"{str(path)!r} made the HDF5 or zip library crash (signal {-returncode}) "
             "while reading it; the file is corrupt"
         )
     try:
-        answer = json.loads(done.stdout) if done.returncode == 0 else None
+        answer = json.loads(stdout) if returncode == 0 else None
     except ValueError:
         answer = None
     if not isinstance(answer, dict):  # an exception the probe does not expect: a bug
         raise RuntimeError(
-            f"reading {str(path)!r} in a child process failed (exit status {done.returncode}):\n"
-            + done.stderr.decode("utf-8", "replace")
+            f"reading {str(path)!r} in a child process failed (exit status {returncode}):\n"
+            + stderr.decode("utf-8", "replace")
         )
     if "error" in answer:
         raise ModelLoadError(answer["error"])
@@ -502,8 +549,14 @@ def load_custom_objects(path: str | None) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if isinstance(v, type) or callable(v)}
 
 
-def load_model(path: str | os.PathLike, unsafe: bool = False, custom_objects: dict | None = None):
-    """Load a .keras or .h5 (Keras 3 or Keras 2) model in Keras safe mode.
+def load_model(
+    path: str | os.PathLike,
+    unsafe: bool = False,
+    custom_objects: dict | None = None,
+    probe: Probe | None = None,
+):
+    """Load a .keras or .h5 (Keras 3 or Keras 2) model in Keras safe mode (``probe``: the
+    file's checks already started, see :func:`read_model_config`).
 
     An .h5 file is loaded from an in-memory copy whose configuration :mod:`convdiff.compat`
     brought to Keras 3 (a Keras 2 file's fix-ups, Keras 3's own ``keras.ops`` nodes); the file
@@ -515,7 +568,7 @@ def load_model(path: str | os.PathLike, unsafe: bool = False, custom_objects: di
     """
     path = Path(path)
     custom_objects = custom_objects or {}
-    config = read_model_config(path)
+    config = read_model_config(path, probe=probe)
     check_model_config(config, path, unsafe, custom_objects)
     import keras
     from keras.src.legacy.saving import legacy_h5_format

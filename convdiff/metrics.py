@@ -11,6 +11,7 @@ All functions are vectorised, never overflow and never emit floating-point warni
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,12 +150,25 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         raise ValueError(f"ulp_distance needs equal dtypes; received {a.dtype} and {b.dtype}")
     _float_dtype(a.dtype)
     a, b = np.broadcast_arrays(a, b)
-    neg_a, mag_a = _sign_magnitude(a)
-    neg_b, mag_b = _sign_magnitude(b)
-    # np.where evaluates both branches; each is written so that it cannot wrap around in uint64.
-    same_sign = np.maximum(mag_a, mag_b) - np.minimum(mag_a, mag_b)
-    dist = np.where(neg_a == neg_b, same_sign, mag_a + mag_b)
-    return np.where(np.isnan(a) | np.isnan(b), np.uint64(0), dist).astype(np.uint64)
+    nan = np.isnan(a) | np.isnan(b)
+    if a.dtype.itemsize <= 4:
+        # ordinals of <= 32-bit floats fit int64 with room for their difference
+        dist = np.abs(_ordinal(a) - _ordinal(b)).astype(np.uint64)
+    else:
+        neg_a, mag_a = _sign_magnitude(a)
+        neg_b, mag_b = _sign_magnitude(b)
+        # np.where evaluates both branches; each is written so it cannot wrap around in uint64.
+        same_sign = np.maximum(mag_a, mag_b) - np.minimum(mag_a, mag_b)
+        dist = np.where(neg_a == neg_b, same_sign, mag_a + mag_b)
+    return np.where(nan, np.uint64(0), dist).astype(np.uint64, copy=False)
+
+
+def _ordinal(x: np.ndarray) -> np.ndarray:
+    """The monotonic signed integer of each <= 32-bit float: its bit pattern as a signed
+    integer for non-negative values, minus its magnitude for negative ones (-0 -> 0)."""
+    width = 8 * x.dtype.itemsize
+    bits = x.view(f"i{x.dtype.itemsize}").astype(np.int64)
+    return np.where(bits < 0, np.int64(-(2 ** (width - 1))) - bits, bits)
 
 
 @dataclass(frozen=True)
@@ -334,42 +348,46 @@ def compare(
             broadcast or holds negative or NaN values. These are programming errors.
     """
     reference, candidate = _pair(reference, candidate, "compare")
-    bound64 = _prepare_bound(bound, reference.shape)
-    scale64 = _prepare_bound(scale, reference.shape, "scale")
+    for name, values in (("bound", bound), ("scale", scale)):
+        if values is not None and np.any(np.less(values, 0)):  # NaN is not negative
+            raise ValueError(f"{name} must be non-negative")
     if np.array_equal(reference, candidate, equal_nan=True):
         # Most layers of a good run: every position equal (+0 == -0) or NaN on both sides.
         return _identical(int(reference.size), bound is not None, scale is not None)
-    ulp = ulp_distance(reference, candidate)
+    # Every figure is 0 where the two sides are equal: the work is done on the positions that
+    # differ (NaN positions included), in C order; equal positions only count as zeros.
+    with np.errstate(invalid="ignore"):
+        where = np.flatnonzero(reference != candidate)
+    at = np.unravel_index(where, reference.shape)
     # Every value of the supported dtypes is exact in float64.
-    ref64 = reference.astype(np.float64)
-    cand64 = candidate.astype(np.float64)
+    ref64 = reference[at].astype(np.float64)
+    cand64 = candidate[at].astype(np.float64)
+    bound64 = _prepare_bound(_gather(bound, reference.shape, at), ref64.shape)
+    scale64 = _prepare_bound(_gather(scale, reference.shape, at), ref64.shape, "scale")
     finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
     nan_mismatch = int(np.count_nonzero(nan_mask))
     inf_mismatch = int(np.count_nonzero(inf_mask))
+    # equal positions holding an infinity are not finite: they count in no statistic
+    equal_infinities = int(np.count_nonzero(np.isinf(reference))) - int(
+        np.count_nonzero(np.isinf(ref64))
+    )
+    equal_finite = int(reference.size) - where.size - equal_infinities
 
-    ulp = np.where(finite, ulp, np.uint64(0))
+    ulp = np.where(finite, ulp_distance(reference[at], candidate[at]), np.uint64(0))
     ulp_finite = ulp[finite]
-    ulp_float = ulp_finite.astype(np.float64)
     abs_err = _abs_err(ref64, cand64)
     abs_finite = abs_err[finite]
-
     size = int(reference.size)
-    percentiles = (
-        [float(v) for v in np.percentile(ulp_float, [50, 99])]
-        if ulp_float.size
-        else [
-            0.0,
-            0.0,
-        ]
-    )
     mismatch_count = int(np.count_nonzero(ulp_finite)) + nan_mismatch + inf_mismatch
     max_ulp = int(ulp_finite.max()) if ulp_finite.size else 0
+    median, p99 = _percentiles_with_zeros(ulp_finite.astype(np.float64), equal_finite, (50, 99))
+    count = equal_finite + ulp_finite.size
     return Comparison(
         size=size,
         max_ulp=max_ulp,
-        mean_ulp=float(ulp_float.mean()) if ulp_float.size else 0.0,
-        median_ulp=percentiles[0],
-        p99_ulp=percentiles[1],
+        mean_ulp=float(ulp_finite.sum(dtype=np.float64)) / count if count else 0.0,
+        median_ulp=median,
+        p99_ulp=p99,
         max_abs=_max_or_zero(abs_finite),
         max_rel=_max_or_zero(_safe_ratio(abs_finite, np.abs(ref64[finite]))),
         mismatch_count=mismatch_count,
@@ -379,11 +397,43 @@ def compare(
         bound_ratio=None
         if bound64 is None
         else _max_or_zero(_safe_ratio(abs_finite, bound64[finite])),
-        worst=_worst(ulp, ref64, cand64, abs_err, bound64) if max_ulp > 0 else None,
+        worst=_worst(ulp, ref64, cand64, abs_err, bound64, where, reference.shape)
+        if max_ulp > 0
+        else None,
         max_ulp_scaled=None
-        if scale is None
-        else _max_or_zero(scaled_ulp(reference, candidate, scale64, reference.dtype)[finite]),
+        if scale64 is None
+        else _max_or_zero(
+            scaled_ulp(reference[at], candidate[at], scale64, reference.dtype)[finite]
+        ),
     )
+
+
+def _gather(values: Any, shape: tuple[int, ...], at: tuple[np.ndarray, ...]) -> Any:
+    """``values`` (broadcastable to ``shape``) at the positions ``at``, or None."""
+    if values is None:
+        return None
+    return np.broadcast_to(np.asarray(values, dtype=np.float64), shape)[at]
+
+
+def _percentiles_with_zeros(values: np.ndarray, zeros: int, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile`` (linear interpolation) of ``values`` together with ``zeros`` more
+    zeros, without building that array. ``values`` are non-negative."""
+    n = zeros + values.size
+    if n == 0:
+        return [0.0 for _ in qs]
+    ordered = np.sort(values)
+
+    def at_rank(r: int) -> float:
+        return 0.0 if r < zeros else float(ordered[r - zeros])
+
+    out = []
+    for q in qs:
+        position = q / 100 * (n - 1)
+        low = math.floor(position)
+        high = min(low + 1, n - 1)
+        fraction = position - low
+        out.append(at_rank(low) + (at_rank(high) - at_rank(low)) * fraction)
+    return out
 
 
 def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
@@ -409,10 +459,11 @@ def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
 def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     """The largest ULP distance over positions where both sides are finite (0 if none)."""
     reference, candidate = _pair(reference, candidate, "max_ulp_distance")
-    if np.array_equal(reference, candidate, equal_nan=True):
-        return 0
-    finite = np.isfinite(reference.astype(np.float64)) & np.isfinite(candidate.astype(np.float64))
-    ulp = ulp_distance(reference, candidate)[finite]
+    with np.errstate(invalid="ignore"):
+        at = np.unravel_index(np.flatnonzero(reference != candidate), reference.shape)
+    ref, cand = reference[at], candidate[at]  # only differing positions have a distance
+    finite = np.isfinite(ref.astype(np.float64)) & np.isfinite(cand.astype(np.float64))
+    ulp = ulp_distance(ref, cand)[finite]
     return int(ulp.max()) if ulp.size else 0
 
 
@@ -431,17 +482,21 @@ def _worst(
     cand64: np.ndarray,
     abs_err: np.ndarray,
     bound64: np.ndarray | None,
+    where: np.ndarray,
+    shape: tuple[int, ...],
 ) -> Worst:
-    """Builds the Worst record at the first (C order) maximum of ``ulp`` (zero where not finite)."""
-    # argmax returns the first occurrence of the maximum in C order.
-    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(ulp)), ulp.shape))
+    """Builds the Worst record at the first (C order) maximum of ``ulp`` (zero where not
+    finite), over the differing positions ``where`` (flat, ascending) of an array of ``shape``."""
+    # argmax returns the first occurrence of the maximum, and ``where`` is in C order.
+    i = int(np.argmax(ulp))
+    index = tuple(int(j) for j in np.unravel_index(int(where[i]), shape))
     return Worst(
         index=index,
-        reference=float(ref64[index]),
-        candidate=float(cand64[index]),
-        ulp=int(ulp[index]),
-        abs_err=float(abs_err[index]),
-        bound=None if bound64 is None else float(bound64[index]),
+        reference=float(ref64[i]),
+        candidate=float(cand64[i]),
+        ulp=int(ulp[i]),
+        abs_err=float(abs_err[i]),
+        bound=None if bound64 is None else float(bound64[i]),
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from convdiff import accel
 from convdiff.errors import OptionError
 
 ORDER_NAMES = (
@@ -199,6 +200,19 @@ class _Engine:
         self.dtype = dtype
         self.fused = fma and b is not None
         self.shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
+        self.size = a.shape[0]
+        self._given = (a, b)
+        ones = np.ones((a.shape[0], 1, 1, 1), a.dtype)  # a plain sum: a[k] * 1, exact
+        # the operands for compiled chains (see chain()), None where they are not compiled
+        self._compiled = accel.operands(a, ones if b is None else b, dtype)
+        self._ready = False
+
+    def _prepare(self) -> None:
+        """The float64 operands and scratch buffers of the NumPy steps (made on first use:
+        compiled chains need none of them)."""
+        a, b = self._given
+        dtype = self.dtype
+        self._ready = True
         self.a = a.astype(np.float64)
         self.b = None if b is None else b.astype(np.float64)
         if b is None:  # the terms themselves, rounded to the accumulator once
@@ -224,15 +238,13 @@ class _Engine:
             self.fused and not self._tiny and dtype in (np.dtype(np.float32), np.dtype(np.float16))
         )
 
-    @property
-    def size(self) -> int:
-        return self.a.shape[0]
-
     def zeros(self) -> np.ndarray:
         return np.zeros(self.shape)
 
     def fma(self, acc: np.ndarray, k: int) -> None:
         """``acc = round(acc + a[k]*b[k])`` (fused or not), or ``round(acc + a[k])``."""
+        if not self._ready:
+            self._prepare()
         if self._fast:  # the common case, six NumPy passes
             np.multiply(self.a[k], self.b[k], out=self._prod)
             np.add(acc, self._prod, out=self._sum)
@@ -255,6 +267,15 @@ class _Engine:
                 self._round_to_odd(acc, self._prod, self._sum)
         self._round_into(self._sum, acc)
 
+    def chain(self, acc: np.ndarray, terms: range) -> None:
+        """:meth:`fma` for each term in ``terms``, in order: compiled when
+        :mod:`convdiff.accel` can (same bits), else one NumPy step per term."""
+        if self._compiled is not None:
+            accel.fma_chain(*self._compiled, acc, terms, self.fused)
+            return
+        for k in terms:
+            self.fma(acc, k)
+
     def fma_from(self, acc: np.ndarray, start: np.ndarray, k: int) -> None:
         """``acc = round(start + a[k]*b[k])`` for a fresh ``start`` array (used by Kahan)."""
         np.copyto(acc, start)
@@ -262,6 +283,8 @@ class _Engine:
 
     def term(self, out: np.ndarray, k: int) -> None:
         """``out = round(a[k]*b[k])`` (or ``round(a[k])``)."""
+        if not self._ready:
+            self._prepare()
         if self.b is None:
             np.copyto(out, self.a[k])
         else:
@@ -270,11 +293,15 @@ class _Engine:
 
     def add(self, acc: np.ndarray, other: np.ndarray) -> None:
         """``acc = round(acc + other)``."""
+        if not self._ready:
+            self._prepare()
         np.add(acc, other, out=self._sum)
         self._round_into(self._sum, acc)
 
     def sub(self, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """``out = round(x - y)``."""
+        if not self._ready:
+            self._prepare()
         np.subtract(x, y, out=self._sum)
         self._round_into(self._sum, out)
 
@@ -416,20 +443,26 @@ def _map_blocks(a, b, shape, dtype: np.dtype, fn, target: int | None = None) -> 
 
 
 def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> np.ndarray:
-    """Run an order's ``program`` on each output block; the result in ``dtype``."""
+    """Run an order's ``program`` on each output block; the result in ``dtype``. Compiled
+    chains take the whole output as one block (they tile it for the cache themselves)."""
+    whole = accel.compiles(a.dtype, a.dtype if b is None else b.dtype, dtype)
     return _map_blocks(
-        a, b, shape, dtype, lambda ab, bb: round_to(program(_Engine(ab, bb, dtype, fma)), dtype)
+        a,
+        b,
+        shape,
+        dtype,
+        lambda ab, bb: round_to(program(_Engine(ab, bb, dtype, fma)), dtype),
+        math.prod(shape) if whole else None,
     )
 
 
 # --------------------------------------------------------------------------- orders as programs
 
 
-def _sequential(eng: _Engine, indices=None, acc: np.ndarray | None = None) -> np.ndarray:
-    """One accumulator from zero, a step per term in index order."""
+def _sequential(eng: _Engine, terms: range | None = None, acc: np.ndarray | None = None):
+    """One accumulator from zero, a step per term in order."""
     acc = eng.zeros() if acc is None else acc
-    for k in range(eng.size) if indices is None else indices:
-        eng.fma(acc, k)
+    eng.chain(acc, range(eng.size) if terms is None else terms)
     return acc
 
 
@@ -448,9 +481,8 @@ def _pairwise(eng: _Engine, lo: int = 0, hi: int | None = None) -> np.ndarray:
     if n <= 128:
         r = [eng.zeros() for _ in range(8)]
         full = n - n % 8
-        for i in range(0, full, 8):
-            for j in range(8):
-                eng.fma(r[j], lo + i + j)
+        for j in range(8):  # accumulator j takes every 8th term
+            eng.chain(r[j], range(lo + j, lo + full, 8))
         for x, y in ((0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (4, 6), (0, 4)):
             eng.add(r[x], r[y])
         return _sequential(eng, range(lo + full, hi), acc=r[0])

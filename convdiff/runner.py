@@ -484,7 +484,11 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
     if floating and run.reference is not None:
         exact = round_to(run.reference, keras_out.dtype)
         result.keras_vs_exact_ulp = max_ulp_distance(exact, keras_out)
-        result.numpy_vs_exact_ulp = max_ulp_distance(exact, output)
+        result.numpy_vs_exact_ulp = (
+            result.keras_vs_exact_ulp
+            if result.status == "identical"
+            else max_ulp_distance(exact, output)
+        )
     result.budget_violations = settings.budget.check(
         result.name, result.class_name, keras_out, output, scale=run.scale
     )

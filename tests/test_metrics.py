@@ -644,3 +644,44 @@ def test_compare_scale_fills_max_ulp_scaled() -> None:
         compare(ref, cand, scale=-1.0)
     nan_scaled = compare(ref, cand, scale=np.nan)  # no credit for the terms: own ULPs
     assert nan_scaled.max_ulp_scaled is not None and not np.isnan(nan_scaled.max_ulp_scaled)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_compare_matches_whole_array_statistics(seed) -> None:
+    """compare() works on the differing positions only; its figures must equal the same
+    statistics taken over the whole arrays (equal positions, equal infinities, NaN on one or
+    both sides, and a bound and scale broadcast from a smaller shape)."""
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((6, 50)).astype(np.float32)
+    cand = ref.copy()
+    differ = rng.random(ref.shape) < rng.choice([0.01, 0.3, 0.9])
+    steps = rng.integers(-40, 40, ref.shape).astype(np.int32)
+    cand[differ] = (ref.view(np.int32) + steps).view(np.float32)[differ]
+    for value, share in ((np.inf, 0.02), (np.nan, 0.02)):
+        both = rng.random(ref.shape) < share
+        ref[both], cand[both] = value, value
+        one = rng.random(ref.shape) < share
+        cand[one] = value
+    bound = rng.uniform(0, 1e-5, (1, 50))
+    scale = rng.uniform(0, 3, (6, 1))
+    c = compare(ref, cand, bound=bound, scale=scale)
+
+    r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
+    finite = np.isfinite(r64) & np.isfinite(c64)
+    ulp = np.where(finite, ulp_distance(ref, cand), 0).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(finite, np.abs(c64 - r64), 0.0)
+    assert c.max_ulp == int(ulp[finite].max())
+    assert c.mean_ulp == pytest.approx(ulp[finite].mean(), rel=1e-12)
+    assert [c.median_ulp, c.p99_ulp] == pytest.approx(np.percentile(ulp[finite], [50, 99]))
+    assert c.max_abs == diff[finite].max()
+    bound_full = np.broadcast_to(bound, ref.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / bound_full)
+    assert c.bound_ratio == pytest.approx(ratio[finite].max())
+    assert c.nan_mismatch == int(np.count_nonzero(np.isnan(r64) != np.isnan(c64)))
+    first = np.unravel_index(int(np.argmax(ulp)), ref.shape)
+    assert c.worst is not None and c.worst.index == tuple(int(i) for i in first)
+    assert c.worst.bound == bound_full[first]
+    whole = scaled_ulp(ref, cand, np.broadcast_to(scale, ref.shape), np.float32)
+    assert c.max_ulp_scaled == pytest.approx(np.nanmax(np.where(finite, whole, 0)))

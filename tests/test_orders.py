@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convdiff import orders
+from convdiff import accel, orders
 from convdiff.errors import OptionError
 from convdiff.orders import Order, parse_order, reduce_terms
 
@@ -486,9 +486,12 @@ def test_exact_zero_products_take_the_fast_path(rng):
     flagged as below the smallest normal number); tiny nonzero operands still are checked."""
     a = np.maximum(_operands(rng, 8, 6, F32), 0)
     eng = orders._Engine(a, _operands(rng, 8, 6, F32), F32, fma=True)
+    eng._prepare()
     assert eng._fast and not eng._tiny
     tiny = np.full((8, 6), 2.0**-70, F32)
-    assert orders._Engine(tiny, tiny, F32, fma=True)._tiny
+    eng = orders._Engine(tiny, tiny, F32, fma=True)
+    eng._prepare()
+    assert eng._tiny
 
 
 # --------------------------------------------------------------------------- TensorFlow's Eigen
@@ -585,3 +588,59 @@ def test_plain_sums_in_many_blocks(name, fma, rng, monkeypatch):
     got = reduce_terms(a, None, Order(name=name, fma=fma, block=4, accumulate="float16"), F16)
     want = _reference(a.reshape(21, -1), None, name, fma, F16).reshape(2, 3, 4)
     _assert_same(got, want)
+
+
+# --------------------------------------------------------------------------- compiled chains
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def engine(request, monkeypatch):
+    """Every test here runs twice: with numba's compiled chains and with the NumPy engine."""
+    if request.param == "compiled" and not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    monkeypatch.setenv("CONVDIFF_NUMBA", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
+# Operand layouts of real reductions: (a shape, b shape), terms first.
+LAYOUTS = {
+    "conv": ((200, 300, 1), (200, 1, 24)),  # positions x channels
+    "conv-wide": ((40, 7, 1), (40, 1, 900)),  # few positions, many channels
+    "depthwise": ((9, 50, 16), (9, 1, 16)),  # both vary along the channels
+    "dense-batch1": ((300, 1, 1), (300, 1, 70)),
+    "elementwise": ((33, 500), (33, 500)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dt_name", ["float32"])
+@pytest.mark.parametrize(
+    "order", ["sequential", "reverse", "pairwise", "blocked:7", "eigen", "sequential/nofma"]
+)
+def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, engine, rng):
+    """The compiled path against the NumPy engine on layouts with every broadcast pattern,
+    including float32 results in the subnormal range (scaled operands)."""
+    if engine == "numpy":
+        pytest.skip("compares the two engines once")
+    dt = np.dtype(dt_name)
+    name, _, nofma = order.partition("/")
+    parsed = parse_order(name, fma=not nofma)
+    (sa, sb) = LAYOUTS[layout]
+    for scale in (0, -64):
+        a = (rng.standard_normal(sa) * 2.0**scale).astype(dt)
+        b = (rng.standard_normal(sb) * 2.0**scale).astype(dt)
+        compiled = reduce_terms(a, b, parsed, dt)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CONVDIFF_NUMBA", "0")
+            plain = reduce_terms(a, b, parsed, dt)
+        assert compiled.dtype == plain.dtype
+        np.testing.assert_array_equal(
+            compiled.view(f"u{dt.itemsize}"), plain.view(f"u{dt.itemsize}")
+        )
+
+
+def test_other_dtypes_are_left_to_the_numpy_engine():
+    a = np.ones((4, 1, 1, 3), np.float64)
+    assert accel.operands(a, a, np.dtype(np.float32)) is None  # wider operands
+    assert accel.operands(a, a, np.dtype(np.float64)) is None  # its FMA is not emulated
+    assert accel.operands(a.astype(np.float16), a.astype(np.float16), np.float16) is None
