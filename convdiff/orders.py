@@ -202,9 +202,10 @@ class _Engine:
         self.shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
         self.size = a.shape[0]
         self._given = (a, b)
-        ones = np.ones((a.shape[0], 1, 1, 1), a.dtype)  # a plain sum: a[k] * 1, exact
+        # a plain sum is a[k] * 1, exact
+        b_compiled = np.ones((a.shape[0], 1, 1, 1), a.dtype) if b is None else b
         # the operands for compiled chains (see chain()), None where they are not compiled
-        self._compiled = accel.operands(a, ones if b is None else b, dtype)
+        self._compiled = accel.operands(a, b_compiled, dtype)
         self._ready = False
 
     def _prepare(self) -> None:
