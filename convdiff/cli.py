@@ -185,10 +185,11 @@ def _run(
         raise OptionError("give either an INPUT file or --random-input (or --reference)")
     _check_outputs(json_path, junit_path)
     from convdiff.device import select_backend
-    from convdiff.loading import configure_tensorflow, load_custom_objects
+    from convdiff.loading import choose_onednn, load_custom_objects
 
     select_backend(options["backend"])
-    configure_tensorflow(onednn=onednn)
+    # TensorFlow is imported inside compare(), while a child process checks the model file
+    choose_onednn(onednn)
     from convdiff.api import compare, compare_many, expand_inputs
 
     options["custom_objects"] = load_custom_objects(custom_objects)
@@ -337,4 +338,7 @@ def _width() -> int | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
+    from convdiff.memory import keep_freed_memory
+
+    keep_freed_memory()
     cli.main(args=argv, prog_name="convdiff")

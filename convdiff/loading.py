@@ -45,20 +45,33 @@ ZIP_MAGIC = b"PK\x03\x04"
 # --------------------------------------------------------------------------- TensorFlow set-up
 
 
-def configure_tensorflow(onednn: bool | None = None, threads: int | None = None) -> None:
-    """Set what must be set before TensorFlow is first imported.
+def choose_onednn(onednn: bool | None) -> None:
+    """Turn TensorFlow's oneDNN path on or off (None: its default) for the import to come.
+
+    Only the environment is set: TensorFlow itself is imported later, by
+    :func:`configure_tensorflow`, so that the model file's checks can run meanwhile.
 
     Raises:
         OptionError: when TensorFlow is already imported and ``onednn`` asks for a change.
     """
-    if onednn is not None:
-        wanted = "1" if onednn else "0"
-        if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != wanted:
-            raise OptionError(
-                "--onednn/--no-onednn must be set before TensorFlow is imported; "
-                "it was already imported in this process"
-            )
-        os.environ["TF_ENABLE_ONEDNN_OPTS"] = wanted
+    if onednn is None:
+        return
+    wanted = "1" if onednn else "0"
+    if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != wanted:
+        raise OptionError(
+            "--onednn/--no-onednn must be set before TensorFlow is imported; "
+            "it was already imported in this process"
+        )
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = wanted
+
+
+def configure_tensorflow(onednn: bool | None = None, threads: int | None = None) -> None:
+    """Import TensorFlow (quietly), after setting what must be set before its first import.
+
+    Raises:
+        OptionError: when TensorFlow is already imported and ``onednn`` asks for a change.
+    """
+    choose_onednn(onednn)
     _import_tensorflow_quietly()
     if threads is not None:
         import tensorflow as tf
@@ -543,6 +556,8 @@ def load_custom_objects(path: str | None) -> dict[str, Any]:
     _check_file(file, "--custom-objects file", OptionError)
     if file.suffix != ".py":
         raise OptionError(f"--custom-objects expects a .py file; received {str(file)!r}")
+    # the file will import Keras: TensorFlow's start-up lines are kept off stderr first
+    _import_tensorflow_quietly()
     spec = importlib.util.spec_from_file_location(f"convdiff_custom_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]

@@ -356,14 +356,12 @@ def compare(
         return _identical(int(reference.size), bound is not None, scale is not None)
     # Every figure is 0 where the two sides are equal: the work is done on the positions that
     # differ (NaN positions included), in C order; equal positions only count as zeros.
-    with np.errstate(invalid="ignore"):
-        where = np.flatnonzero(reference != candidate)
-    at = np.unravel_index(where, reference.shape)
+    where, ref, cand = _differing(reference, candidate)
     # Every value of the supported dtypes is exact in float64.
-    ref64 = reference[at].astype(np.float64)
-    cand64 = candidate[at].astype(np.float64)
-    bound64 = _prepare_bound(_gather(bound, reference.shape, at), ref64.shape)
-    scale64 = _prepare_bound(_gather(scale, reference.shape, at), ref64.shape, "scale")
+    ref64 = ref.astype(np.float64)
+    cand64 = cand.astype(np.float64)
+    bound64 = _prepare_bound(_gather(bound, reference.shape, where), ref64.shape)
+    scale64 = _prepare_bound(_gather(scale, reference.shape, where), ref64.shape, "scale")
     finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
     nan_mismatch = int(np.count_nonzero(nan_mask))
     inf_mismatch = int(np.count_nonzero(inf_mask))
@@ -373,14 +371,14 @@ def compare(
     )
     equal_finite = int(reference.size) - where.size - equal_infinities
 
-    ulp = np.where(finite, ulp_distance(reference[at], candidate[at]), np.uint64(0))
+    ulp = np.where(finite, ulp_distance(ref, cand), np.uint64(0))
     ulp_finite = ulp[finite]
     abs_err = _abs_err(ref64, cand64)
     abs_finite = abs_err[finite]
     size = int(reference.size)
     mismatch_count = int(np.count_nonzero(ulp_finite)) + nan_mismatch + inf_mismatch
     max_ulp = int(ulp_finite.max()) if ulp_finite.size else 0
-    median, p99 = _percentiles_with_zeros(ulp_finite.astype(np.float64), equal_finite, (50, 99))
+    median, p99 = _percentiles_with_zeros(ulp_finite, equal_finite, (50, 99))
     count = equal_finite + ulp_finite.size
     return Comparison(
         size=size,
@@ -402,37 +400,52 @@ def compare(
         else None,
         max_ulp_scaled=None
         if scale64 is None
-        else _max_or_zero(
-            scaled_ulp(reference[at], candidate[at], scale64, reference.dtype)[finite]
-        ),
+        else _max_or_zero(_scaled_ulp64(ref64, cand64, scale64, reference.dtype)[finite]),
     )
 
 
-def _gather(values: Any, shape: tuple[int, ...], at: tuple[np.ndarray, ...]) -> Any:
-    """``values`` (broadcastable to ``shape``) at the positions ``at``, or None."""
+def _differing(
+    reference: np.ndarray, candidate: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The flat (C order) positions where the two arrays differ (NaN included), and both
+    arrays' values there."""
+    flat_ref, flat_cand = reference.reshape(-1), candidate.reshape(-1)
+    with np.errstate(invalid="ignore"):
+        where = np.flatnonzero(flat_ref != flat_cand)
+    return where, flat_ref[where], flat_cand[where]
+
+
+def _gather(values: Any, shape: tuple[int, ...], where: np.ndarray) -> Any:
+    """``values`` (broadcastable to ``shape``) at the flat positions ``where``, or None."""
     if values is None:
         return None
-    return np.broadcast_to(np.asarray(values, dtype=np.float64), shape)[at]
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape == shape:
+        return values.reshape(-1)[where]
+    return np.broadcast_to(values, shape)[np.unravel_index(where, shape)]
 
 
 def _percentiles_with_zeros(values: np.ndarray, zeros: int, qs: tuple[float, ...]) -> list[float]:
     """``np.percentile`` (linear interpolation) of ``values`` together with ``zeros`` more
-    zeros, without building that array. ``values`` are non-negative."""
+    zeros, without building that array. ``values`` are non-negative; only the ranks asked
+    for are selected (``np.partition``), not the whole array sorted."""
     n = zeros + values.size
     if n == 0:
         return [0.0 for _ in qs]
-    ordered = np.sort(values)
-
-    def at_rank(r: int) -> float:
-        return 0.0 if r < zeros else float(ordered[r - zeros])
-
+    ranks = {}
+    for q in qs:
+        low = math.floor(q / 100 * (n - 1))
+        ranks[low] = ranks[min(low + 1, n - 1)] = 0.0
+    wanted = sorted(r - zeros for r in ranks if r >= zeros)
+    if wanted:
+        selected = np.partition(values, wanted)
+        ranks.update({r + zeros: float(selected[r]) for r in wanted})
     out = []
     for q in qs:
         position = q / 100 * (n - 1)
         low = math.floor(position)
         high = min(low + 1, n - 1)
-        fraction = position - low
-        out.append(at_rank(low) + (at_rank(high) - at_rank(low)) * fraction)
+        out.append(ranks[low] + (ranks[high] - ranks[low]) * (position - low))
     return out
 
 
@@ -459,11 +472,9 @@ def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
 def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     """The largest ULP distance over positions where both sides are finite (0 if none)."""
     reference, candidate = _pair(reference, candidate, "max_ulp_distance")
-    with np.errstate(invalid="ignore"):
-        at = np.unravel_index(np.flatnonzero(reference != candidate), reference.shape)
-    ref, cand = reference[at], candidate[at]  # only differing positions have a distance
-    finite = np.isfinite(ref.astype(np.float64)) & np.isfinite(cand.astype(np.float64))
-    ulp = ulp_distance(ref, cand)[finite]
+    _, ref, cand = _differing(reference, candidate)  # only differing positions have a distance
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    ulp = ulp_distance(ref[finite], cand[finite])
     return int(ulp.max()) if ulp.size else 0
 
 
@@ -563,12 +574,17 @@ def scaled_ulp(
         ValueError: On mismatched arrays or an unsupported dtype.
     """
     reference, candidate = _pair(reference, candidate, "scaled_ulp")
+    scale64 = np.broadcast_to(np.asarray(scale, dtype=np.float64), reference.shape)
+    return _scaled_ulp64(reference.astype(np.float64), candidate.astype(np.float64), scale64, dtype)
+
+
+def _scaled_ulp64(
+    ref64: np.ndarray, cand64: np.ndarray, scale64: np.ndarray, dtype: DTypeLike
+) -> np.ndarray:
+    """:func:`scaled_ulp` of arrays already in float64, ``scale64`` of their shape."""
     info = ml_dtypes.finfo(_float_dtype(dtype))
-    ref64 = reference.astype(np.float64)
-    cand64 = candidate.astype(np.float64)
     finite = np.isfinite(ref64) & np.isfinite(cand64)
     with np.errstate(invalid="ignore"):
-        scale64 = np.broadcast_to(np.asarray(scale, dtype=np.float64), reference.shape)
         # A NaN magnitude (NaN inputs) gives no credit for large terms: the value's own ULP.
         scale64 = np.where(np.isnan(scale64), 0.0, scale64)
         mag = np.maximum(np.abs(scale64), np.abs(ref64))

@@ -20,7 +20,12 @@ def _order(name: str):
 
 
 def _peak(fn) -> int:
-    """Peak bytes numpy allocates while ``fn`` runs (numpy reports to tracemalloc)."""
+    """Peak bytes numpy allocates while ``fn`` runs (numpy reports to tracemalloc).
+
+    ``fn`` runs once before the measured run: the first call of a compiled chain
+    (convdiff.accel) loads or compiles it, and numba's own Python objects are no part of a
+    layer's working memory (they are allocated once per process)."""
+    fn()
     tracemalloc.start()
     tracemalloc.reset_peak()
     try:
