@@ -146,17 +146,19 @@ class Budget:
             conv2d_3=8)"``.
         """
         ref, cand = _as_float(reference, candidate)
+        ulp_rule = _resolve(self.max_ulp, name, class_name)
+        atol_rule = _resolve(self.atol, name, class_name)
+        rtol_rule = _resolve(self.rtol, name, class_name)
+        if not any(_value(rule) is not None for rule in (ulp_rule, atol_rule, rtol_rule)):
+            return []  # no limit for this layer: nothing to measure
         finite = np.isfinite(ref) & np.isfinite(cand)
         violations = []
-        ulp_rule = _resolve(self.max_ulp, name, class_name)
         if ulp_rule is not None and ulp_rule.value is not None:
             if self.metric == "scaled" and scale is not None and is_float(reference.dtype):
                 scaled = scaled_ulp(reference, candidate, scale, reference.dtype)[finite]
                 violations += self._check_scaled(scaled, ulp_rule)
             else:
                 violations += self._check_ulp(ref, cand, finite, ulp_rule)
-        atol_rule = _resolve(self.atol, name, class_name)
-        rtol_rule = _resolve(self.rtol, name, class_name)
         if _value(atol_rule) is not None or _value(rtol_rule) is not None:
             violations += self._check_tolerance(ref, cand, finite, atol_rule, rtol_rule)
         return violations

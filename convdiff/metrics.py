@@ -43,6 +43,12 @@ _SUPPORTED: dict[np.dtype, type] = {
 }
 
 
+# bfloat16's ufuncs and casts (ml_dtypes) flag a signalling NaN as an invalid operation; the
+# NaN stays NaN and is counted as one, so the functions that read arrays of any supported
+# dtype run with that flag silenced.
+_quiet_nans = np.errstate(invalid="ignore")
+
+
 def is_float(dtype: DTypeLike) -> bool:
     """Whether convdiff compares ``dtype`` as floating point (bfloat16 included, whose NumPy
     ``kind`` is 'V', not 'f')."""
@@ -77,6 +83,7 @@ def unit_roundoff(dtype: DTypeLike) -> float:
     return 2.0 ** -(ml_dtypes.finfo(_float_dtype(dtype)).nmant + 1)
 
 
+@_quiet_nans
 def ulp_of(x: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     """Spacing of ``dtype`` at ``|x|``, as float64.
 
@@ -122,6 +129,7 @@ def _sign_magnitude(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return negative, magnitude
 
 
+@_quiet_nans
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Elementwise ULP distance: how many representable values separate ``a`` and ``b``.
 
@@ -164,11 +172,18 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _ordinal(x: np.ndarray) -> np.ndarray:
-    """The monotonic signed integer of each <= 32-bit float: its bit pattern as a signed
-    integer for non-negative values, minus its magnitude for negative ones (-0 -> 0)."""
+    """The monotonic signed integer of each <= 32-bit float, as int64: its bit pattern as a
+    signed integer for non-negative values, minus its magnitude for negative ones (-0 -> 0)."""
     width = 8 * x.dtype.itemsize
-    bits = x.view(f"i{x.dtype.itemsize}").astype(np.int64)
-    return np.where(bits < 0, np.int64(-(2 ** (width - 1))) - bits, bits)
+    bits = x.view(f"i{x.dtype.itemsize}")
+    # In the float's own integer width, without a branch: sign = -1 for negative values, 0
+    # otherwise; bits ^ (sign & max) flips the magnitude of a negative value, giving
+    # -1 - magnitude, and subtracting sign adds the 1 back. -magnitude >= -(2**(w-1) - 1):
+    # nothing overflows.
+    sign = bits >> (width - 1)
+    ordinal = bits ^ (sign & np.array(2 ** (width - 1) - 1, dtype=bits.dtype))
+    ordinal -= sign
+    return ordinal.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -323,6 +338,7 @@ def _finite_and_nonfinite_mismatch(
     return finite, nan_mismatch, inf_mismatch
 
 
+@_quiet_nans
 def compare(
     reference: np.ndarray,
     candidate: np.ndarray,
@@ -349,17 +365,17 @@ def compare(
     """
     reference, candidate = _pair(reference, candidate, "compare")
     for name, values in (("bound", bound), ("scale", scale)):
-        if values is not None and np.any(np.less(values, 0)):  # NaN is not negative
+        # np.min is NaN where any value is NaN, and NaN is not negative
+        if values is not None and np.size(values) and np.min(values) < 0:
             raise ValueError(f"{name} must be non-negative")
-    if np.array_equal(reference, candidate, equal_nan=True):
-        # Most layers of a good run: every position equal (+0 == -0) or NaN on both sides.
-        return _identical(int(reference.size), bound is not None, scale is not None)
     # Every figure is 0 where the two sides are equal: the work is done on the positions that
     # differ (NaN positions included), in C order; equal positions only count as zeros.
     where, ref, cand = _differing(reference, candidate)
+    if (np.isnan(ref) & np.isnan(cand)).all():
+        # Most layers of a good run: every position equal (+0 == -0) or NaN on both sides.
+        return _identical(int(reference.size), bound is not None, scale is not None)
     # Every value of the supported dtypes is exact in float64.
-    ref64 = ref.astype(np.float64)
-    cand64 = cand.astype(np.float64)
+    ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
     bound64 = _prepare_bound(_gather(bound, reference.shape, where), ref64.shape)
     scale64 = _prepare_bound(_gather(scale, reference.shape, where), ref64.shape, "scale")
     finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
@@ -469,6 +485,7 @@ def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
     )
 
 
+@_quiet_nans
 def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     """The largest ULP distance over positions where both sides are finite (0 if none)."""
     reference, candidate = _pair(reference, candidate, "max_ulp_distance")
@@ -542,6 +559,7 @@ def within_bound(c: Comparison) -> bool:
     )
 
 
+@_quiet_nans
 def scaled_ulp(
     reference: np.ndarray, candidate: np.ndarray, scale: np.ndarray, dtype: DTypeLike
 ) -> np.ndarray:
@@ -617,6 +635,7 @@ def _bucket_label(bucket: int) -> str:
     return f"{2 ** (bucket - 1)}-{2**bucket - 1}"
 
 
+@_quiet_nans
 def ulp_histogram(reference: np.ndarray, candidate: np.ndarray) -> list[tuple[str, int]]:
     """The distribution of ULP distances in power-of-two buckets.
 
@@ -649,6 +668,7 @@ def ulp_histogram(reference: np.ndarray, candidate: np.ndarray) -> list[tuple[st
     return histogram
 
 
+@_quiet_nans
 def worst_elements(
     reference: np.ndarray,
     candidate: np.ndarray,

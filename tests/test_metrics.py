@@ -104,6 +104,26 @@ def test_signed_zeros_are_equal(dtype: type) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_distance_of_arbitrary_bit_patterns(rng: np.random.Generator, dtype: type) -> None:
+    """Every pattern of the 16-bit formats (random ones for the wider), paired at random,
+    against the Python-int reference: both signs, zeros, subnormals, max, inf; NaN pairs
+    are reported as 0."""
+    width = 8 * np.dtype(dtype).itemsize
+    if width == 16:
+        bits = np.arange(2**16, dtype=np.uint64)
+    else:
+        bits = rng.integers(0, 2**width - 1, size=20_000, dtype=np.uint64, endpoint=True)
+    edges = [0, 1 << (width - 1), 1, (1 << (width - 1)) | 1, (1 << (width - 1)) - 1]
+    bits = np.concatenate([bits, np.array(edges + [2**width - 1], dtype=np.uint64)])
+    a = bits.astype(UINT[width // 8]).view(dtype)
+    b = rng.permutation(a)
+    with np.errstate(invalid="ignore"):
+        nan = np.isnan(a.astype(np.float64)) | np.isnan(b.astype(np.float64))
+    expected = np.where(nan, 0, np.array(_ulp_reference(a, b), dtype=object)).astype(np.uint64)
+    np.testing.assert_array_equal(ulp_distance(a, b), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_adjacent_values_are_one_ulp_apart(rng: np.random.Generator, dtype: type) -> None:
     x = _sample(rng, dtype)
     if dtype is ml_dtypes.bfloat16:
