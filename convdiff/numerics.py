@@ -92,6 +92,25 @@ def _has_scale(x: Any) -> bool:
     return isinstance(x, Tracked) and x.scale is not None
 
 
+def _zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only float64 array of zeros of ``shape`` that occupies one element."""
+    return np.broadcast_to(np.float64(0.0), shape)
+
+
+def _is_zero(err: np.ndarray) -> bool:
+    """True for an error array built by :func:`_zeros` or ``track(x)`` (one element repeated,
+    and it is 0), without reading every element; False says nothing."""
+    err = np.asarray(err)
+    return err.size == 0 or (not any(err.strides) and float(err.reshape(-1)[0]) == 0.0)
+
+
+def _exact(xs: Any) -> bool:
+    """Every leaf of ``xs`` is a Tracked whose error is known to be zero."""
+    if isinstance(xs, list | tuple):
+        return all(_exact(x) for x in xs)
+    return isinstance(xs, Tracked) and _is_zero(xs.err)
+
+
 def _unwrap(xs: Any, field: str) -> Any:
     if isinstance(xs, list | tuple):
         return type(xs)(_unwrap(x, field) for x in xs)
@@ -249,7 +268,12 @@ class Bounded:
     def move(self, fn: Callable[..., np.ndarray], *xs: Any) -> Tracked:
         scaled = any(_has_scale(x) for x in xs)
         scale = fn(*_unwrap(xs, "magnitude")) if scaled else None
-        return Tracked(fn(*_unwrap(xs, "value")), fn(*_unwrap(xs, "err")), scale)
+        value = fn(*_unwrap(xs, "value"))
+        if _exact(xs):
+            # exactly known inputs (isolated mode, weights): the rearranged (padded, windowed)
+            # values are exactly known too; no array of zeros is built for them
+            return Tracked(value, _zeros(np.shape(value)), scale)
+        return Tracked(value, fn(*_unwrap(xs, "err")), scale)
 
     def const(self, x: Any) -> Tracked:
         return self.track(np.asarray(x).astype(self.dtype))
@@ -301,25 +325,29 @@ class Bounded:
         a = self._lift(a)
         n = len(axes)
         k = math.prod(a.shape[:n])
-        av, ae = (np.reshape(v, (k, *v.shape[n:])) for v in (a.value, a.err))
+        av = np.reshape(a.value, (k, *a.value.shape[n:]))
+        # an exactly known operand's zero errors are never reshaped (a copy) or read
+        ae = None if _is_zero(a.err) else np.reshape(a.err, (k, *a.err.shape[n:]))
         with np.errstate(all="ignore"):
             if b is None:
                 value = av.sum(axis=0)
-                prop = ae.sum(axis=0)
-                mag = np.abs(av).sum(axis=0) + prop
+                mag = np.abs(av).sum(axis=0)
+                prop = np.zeros_like(mag) if ae is None else ae.sum(axis=0)
+                mag = mag + prop
             else:
                 b = self._lift(b)
-                bv, be = (np.reshape(v, (k, *v.shape[n:])) for v in (b.value, b.err))
+                bv = np.reshape(b.value, (k, *b.value.shape[n:]))
+                be = None if _is_zero(b.err) else np.reshape(b.err, (k, *b.err.shape[n:]))
                 value = contract(av, bv)
-                mag_exact = contract(np.abs(av), np.abs(bv))
+                mag = contract(np.abs(av), np.abs(bv))
                 # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b) per term (see :meth:`mul`); exact
                 # inputs (isolated mode, weights) skip the work.
-                prop = np.zeros_like(mag_exact)
-                if be.any():
+                prop = np.zeros_like(mag)
+                if be is not None and be.any():
                     prop = prop + contract(np.abs(av), be)
-                if ae.any():
-                    prop = prop + contract(ae, np.abs(bv) + be)
-                mag = mag_exact + prop
+                if ae is not None and ae.any():
+                    prop = prop + contract(ae, np.abs(bv) if be is None else np.abs(bv) + be)
+                mag = mag + prop
             # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
             # evaluation's own error, plus k underflows.
             gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)

@@ -114,7 +114,7 @@ def test_distance_of_arbitrary_bit_patterns(rng: np.random.Generator, dtype: typ
     else:
         bits = rng.integers(0, 2**width - 1, size=20_000, dtype=np.uint64, endpoint=True)
     edges = [0, 1 << (width - 1), 1, (1 << (width - 1)) | 1, (1 << (width - 1)) - 1]
-    bits = np.concatenate([bits, np.array(edges + [2**width - 1], dtype=np.uint64)])
+    bits = np.concatenate([bits, np.array([*edges, 2**width - 1], dtype=np.uint64)])
     a = bits.astype(UINT[width // 8]).view(dtype)
     b = rng.permutation(a)
     with np.errstate(invalid="ignore"):
