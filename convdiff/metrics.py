@@ -416,7 +416,7 @@ def compare(
         else None,
         max_ulp_scaled=None
         if scale64 is None
-        else _max_or_zero(_scaled_ulp64(ref64, cand64, scale64, reference.dtype)[finite]),
+        else _max_or_zero(_scaled_ulp64(ref64, cand64, scale64, reference.dtype, abs_err)[finite]),
     )
 
 
@@ -491,8 +491,13 @@ def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     reference, candidate = _pair(reference, candidate, "max_ulp_distance")
     _, ref, cand = _differing(reference, candidate)  # only differing positions have a distance
     finite = np.isfinite(ref) & np.isfinite(cand)
-    ulp = ulp_distance(ref[finite], cand[finite])
-    return int(ulp.max()) if ulp.size else 0
+    if not finite.all():
+        ref, cand = ref[finite], cand[finite]
+    if ref.size == 0:
+        return 0
+    if ref.dtype.itemsize <= 4:  # no NaN is left: the ordinals' difference is the distance
+        return int(np.abs(_ordinal(ref) - _ordinal(cand)).max())
+    return int(ulp_distance(ref, cand).max())
 
 
 def _abs_err(ref64: np.ndarray, cand64: np.ndarray) -> np.ndarray:
@@ -597,27 +602,33 @@ def scaled_ulp(
 
 
 def _scaled_ulp64(
-    ref64: np.ndarray, cand64: np.ndarray, scale64: np.ndarray, dtype: DTypeLike
+    ref64: np.ndarray,
+    cand64: np.ndarray,
+    scale64: np.ndarray,
+    dtype: DTypeLike,
+    diff: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:func:`scaled_ulp` of arrays already in float64, ``scale64`` of their shape."""
+    """:func:`scaled_ulp` of arrays already in float64 (``diff``: ``|cand64 - ref64|`` when
+    the caller has it)."""
     info = ml_dtypes.finfo(_float_dtype(dtype))
     finite = np.isfinite(ref64) & np.isfinite(cand64)
-    with np.errstate(invalid="ignore"):
-        # A NaN magnitude (NaN inputs) gives no credit for large terms: the value's own ULP.
-        scale64 = np.where(np.isnan(scale64), 0.0, scale64)
-        mag = np.maximum(np.abs(scale64), np.abs(ref64))
-        mag = np.maximum(mag, np.abs(cand64))
-    mag = np.where(finite, mag, 0.0)
-    # frexp: mag = m * 2**e with m in [0.5, 1), so the leading bit weighs 2**(e - 1).
-    _, exp = np.frexp(np.where(np.isfinite(mag), mag, 0.0))
-    leading = np.where(mag > 0, np.maximum(exp.astype(np.int64) - 1, info.minexp), info.minexp)
-    spacing = np.where(np.isinf(mag), np.inf, np.ldexp(1.0, leading - info.nmant))
-    diff = np.where(finite, _abs_err(ref64, cand64), 0.0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        ratio = diff / spacing  # spacing >= the smallest subnormal > 0
-    # A float64 difference overflowing to inf over an infinite scale (inf/inf) stays inf.
-    ratio = np.where(diff == 0, 0.0, np.where(np.isnan(ratio), np.inf, ratio))
-    return np.where(finite & ~np.isnan(mag), ratio, np.nan)
+    with np.errstate(all="ignore"):
+        # fmax skips a NaN: a NaN magnitude (NaN inputs) gives no credit for large terms, the
+        # value's own ULP is used
+        mag = np.fmax(scale64, np.abs(ref64))
+        np.fmax(mag, np.abs(cand64), out=mag)
+        diff = _abs_err(ref64, cand64) if diff is None else diff
+        # frexp: mag = m * 2**e with m in [0.5, 1), so the leading bit weighs 2**(e - 1), and
+        # the spacing 2**(e - 1 - nmant) is never below the subnormal step. Dividing by a
+        # power of two is ldexp (the same rounding); mag = 0 gives e = 0, but then diff = 0.
+        _, exp = np.frexp(mag)
+        ratio = np.ldexp(diff, info.nmant - np.maximum(exp - 1, info.minexp))
+    # An infinite magnitude (an infinite scale) has an infinite spacing: a finite difference
+    # is 0 of it, a float64 difference overflowing to inf stays inf.
+    infinite_mag = np.isinf(mag)
+    if infinite_mag.any():
+        ratio = np.where(infinite_mag, np.where(np.isinf(diff), np.inf, 0.0), ratio)
+    return ratio if finite.all() else np.where(finite, ratio, np.nan)
 
 
 def _bit_length(x: np.ndarray) -> np.ndarray:

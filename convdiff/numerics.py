@@ -309,8 +309,20 @@ class Bounded:
 
     def _rounded(self, value: np.ndarray, prop: np.ndarray, scale=None) -> Tracked:
         """A result rounded once per side: add ``u (|z| + e)`` for each side."""
+        value = np.asarray(value)
+        exact = _is_zero(prop)
         with np.errstate(all="ignore"):
-            err = prop + self.u_sum * (np.abs(value) + prop) + self.eta_sum
+            # prop + u_sum (|z| + prop) + eta_sum, built in one buffer
+            err = np.abs(value) if exact else np.abs(value) + prop
+            err *= self.u_sum
+            if not exact:
+                err += prop
+            err += self.eta_sum
+            # Every term is >= 0 (or NaN): a finite total means no element is inf or NaN, and
+            # neither case below can arise. Otherwise (or if the total overflows) they are
+            # checked element by element.
+            if math.isfinite(np.sum(err)):
+                return Tracked(value, err, scale)
             # An infinity computed from exactly known operands (a -inf mask) is the same on
             # both sides: rounding leaves it as it is, and u * inf would make every later use
             # of it unbounded.
@@ -365,18 +377,22 @@ class Bounded:
     # Elementwise, one rounding each --------------------------------------------------------
     def add(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        return self._rounded(x.value + y.value, x.err + y.err, x.magnitude + y.magnitude)
+        return self._rounded(x.value + y.value, _plus(x.err, y.err), x.magnitude + y.magnitude)
 
     def sub(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        return self._rounded(x.value - y.value, x.err + y.err, x.magnitude + y.magnitude)
+        return self._rounded(x.value - y.value, _plus(x.err, y.err), x.magnitude + y.magnitude)
 
     def mul(self, x, y):
         x, y = self._lift(x), self._lift(y)
         with np.errstate(all="ignore"):
             # The largest |x1 y1 - x2 y2| with both pairs within e of (x, y) and of each other:
             # x1 = x + e_x, y1 = y + e_y against x2 = x, y2 = y (for x, y >= 0).
-            prop = _times(np.abs(x.value), y.err) + _times(np.abs(y.value), x.err) + x.err * y.err
+            prop = _plus(
+                _times(x.value, y.err),
+                _times(y.value, x.err),
+                None if _is_zero(x.err) or _is_zero(y.err) else x.err * y.err,
+            )
             return self._rounded(x.value * y.value, prop, x.magnitude * y.magnitude)
 
     def div(self, x, y):
@@ -470,10 +486,24 @@ class Bounded:
             return Tracked(value, spread + ulps)
 
 
-def _times(value: np.ndarray, err: np.ndarray) -> np.ndarray:
-    """``value * err``, 0 where ``err`` is 0: an exactly known operand carries no uncertainty,
-    even times an infinite one."""
-    return np.where(err == 0, 0.0, value * err)
+def _times(value: np.ndarray, err: np.ndarray) -> np.ndarray | None:
+    """``|value| * err``, 0 where ``err`` is 0: an exactly known operand carries no
+    uncertainty, even times an infinite one (None: ``err`` is known to be zero everywhere)."""
+    if _is_zero(err):
+        return None
+    return np.where(err == 0, 0.0, np.abs(value) * err)
+
+
+def _plus(*errors: np.ndarray | None) -> np.ndarray:
+    """The sum of error terms, leaving out those known to be zero (None or :func:`_zeros`);
+    a one-element zero when all are."""
+    terms = [e for e in errors if e is not None and not _is_zero(e)]
+    if not terms:
+        return _zeros(())
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _gamma(n: int, u: float) -> float:
