@@ -8,7 +8,9 @@ For each case, in separate processes (so peak memory is each one's own):
             output (a Keras model whose outputs are all layer outputs);
   convdiff  the same model and input through convdiff with default settings, and with
             --order blas.
-Prints wall time and peak resident memory, and each convdiff figure as a ratio to the baseline.
+Each measurement runs --repeat times (default 3), the three kinds interleaved, and the median
+wall time and the largest peak resident memory are printed, with each convdiff figure as a
+ratio to the baseline.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,28 +99,44 @@ def measure(code: str, *args: str, stream: str = "stdout") -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each measurement, interleaved; the median is reported (default 3)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     cases = [("one_layer", 1), ("MobileNetV2", 1)]
     if not args.quick:
         cases += [("ResNet50", 1), ("ResNet50", 8)]
+    runs = {
+        "baseline": (BASELINE, [], "stdout"),
+        "default": (CONVDIFF, [], "stderr"),
+        "blas": (CONVDIFF, ["--order", "blas"], "stderr"),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, batch in cases:
             stem = os.path.join(tmp, f"{name}_{batch}")
             subprocess.run([sys.executable, "-c", BUILD, name, str(batch), stem], check=True)
             model, inputs = stem + ".keras", stem + ".npy"
-            base_s, base_rss = measure(BASELINE, model, inputs)
-            row = {"model": name, "batch": batch, "baseline_s": base_s, "baseline_rss": base_rss}
-            for label, extra in (("default", []), ("blas", ["--order", "blas"])):
-                seconds, rss = measure(CONVDIFF, model, inputs, *extra, stream="stderr")
-                row[f"{label}_s"], row[f"{label}_rss"] = seconds, rss
+            # Interleaved rounds: a slow spell of a shared machine hits every label alike.
+            samples: dict[str, list[tuple[float, int]]] = {label: [] for label in runs}
+            for _ in range(args.repeat):
+                for label, (code, extra, stream) in runs.items():
+                    samples[label].append(measure(code, model, inputs, *extra, stream=stream))
+            row: dict = {"model": name, "batch": batch, "repeat": args.repeat}
+            for label, values in samples.items():
+                row[f"{label}_s"] = statistics.median(s for s, _ in values)
+                row[f"{label}_rss"] = max(rss for _, rss in values)
             rows.append(row)
+            base_s, base_rss = row["baseline_s"], row["baseline_rss"]
             print(
                 f"{name:12s} batch {batch}: baseline {base_s:6.1f} s {base_rss / 2**30:5.2f} GiB | "
-                f"convdiff {row['default_s']:6.1f} s (x{row['default_s'] / base_s:4.1f}) "
+                f"convdiff {row['default_s']:6.1f} s (x{row['default_s'] / base_s:4.2f}) "
                 f"{row['default_rss'] / 2**30:5.2f} GiB (x{row['default_rss'] / base_rss:3.1f}) | "
-                f"--order blas {row['blas_s']:6.1f} s (x{row['blas_s'] / base_s:4.1f}) "
+                f"--order blas {row['blas_s']:6.1f} s (x{row['blas_s'] / base_s:4.2f}) "
                 f"{row['blas_rss'] / 2**30:5.2f} GiB (x{row['blas_rss'] / base_rss:3.1f})",
                 flush=True,
             )
