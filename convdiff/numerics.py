@@ -117,6 +117,17 @@ def _unwrap(xs: Any, field: str) -> Any:
     return getattr(xs, field) if isinstance(xs, Tracked) else xs
 
 
+# dtypes whose + - * / NumPy evaluates in the dtype itself, correctly rounded (float16 goes
+# through float32 in some loops and bfloat16 is a user type: both take the float64 route).
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _of_dtype(x: Any, dtype: np.dtype) -> bool:
+    """An array or NumPy scalar of exactly ``dtype`` (a Python number is not: NumPy would
+    round it to the array's dtype before the operation)."""
+    return isinstance(x, np.ndarray | np.generic) and x.dtype == dtype
+
+
 class Rounded:
     """The NumPy side: each step rounded to ``dtype``; reductions in ``order``."""
 
@@ -191,21 +202,28 @@ class Rounded:
 
     # Elementwise, one rounding each --------------------------------------------------------
     def add(self, x, y):
-        return self._round(np.add(x, y, dtype=np.float64))
+        return self._arith(np.add, x, y)
 
     def sub(self, x, y):
-        return self._round(np.subtract(x, y, dtype=np.float64))
+        return self._arith(np.subtract, x, y)
 
     def mul(self, x, y):
-        return self._round(np.multiply(x, y, dtype=np.float64))
+        return self._arith(np.multiply, x, y)
 
     def div(self, x, y):
         with np.errstate(divide="ignore", invalid="ignore"):
-            return self._round(np.divide(x, y, dtype=np.float64))
+            return self._arith(np.divide, x, y)
+
+    def _arith(self, op: np.ufunc, x, y) -> np.ndarray:
+        """``op`` correctly rounded to this dtype. For + - * / on float32 (or narrower)
+        operands, computing in float64 (53 >= 2*24+2 bits) and rounding once more gives the
+        correctly rounded result; operands already in float32 or float64 (the layer's dtype)
+        give the same bits by IEEE arithmetic in that dtype, without the float64 copy."""
+        if self.dtype in _NATIVE and _of_dtype(x, self.dtype) and _of_dtype(y, self.dtype):
+            return op(x, y)
+        return self._round(op(x, y, dtype=np.float64))
 
     def _round(self, x64: np.ndarray) -> np.ndarray:
-        # For + - * / on float32 (or narrower) operands, computing in float64 (53 >= 2*24+2
-        # bits) and rounding once more to float32 gives the correctly rounded result.
         return round_to(np.asarray(x64), self.dtype)
 
     # Exact elementwise ---------------------------------------------------------------------
