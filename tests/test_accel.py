@@ -12,7 +12,6 @@ import pytest
 from convdiff import accel
 from convdiff.orders import parse_order, reduce_terms
 
-
 # Operand layouts of real reductions: (a shape, b shape), terms first.
 LAYOUTS = {
     "conv": ((200, 300, 1), (200, 1, 24)),  # positions x channels
