@@ -10,12 +10,11 @@ product and a sum each rounded once: the IEEE operations the NumPy engine emulat
 same bits. Outputs are visited in cache-sized chunks, each chunk's accumulators held while every
 term of the chain is added, each term's operands read once per chunk.
 
-Only float32 accumulators with float32 operands are compiled (the orders' common case). Not
-float64: the NumPy engine rounds a float64 product before adding it (its products are exact only
-for operands of 24 bits or fewer), where a compiled chain would fuse them, so the bits would
-differ. For anything else, or without numba, or with ``CONVDIFF_NUMBA=0`` in the
-environment, :func:`operands` returns None and the NumPy engine does the work. The tests
-run both paths on the same reductions and require identical bits.
+Only float32 and float64 accumulators with operands of their own dtype are compiled (the
+NumPy engine emulates a float64 fused step with Dekker's exact product and a round-to-odd sum,
+see :func:`convdiff.orders.fma64`). For anything else, or without numba, or with
+``CONVDIFF_NUMBA=0`` in the environment, :func:`operands` returns None and the NumPy engine
+does the work. The tests run both paths on the same reductions and require identical bits.
 """
 
 from __future__ import annotations
@@ -60,8 +59,11 @@ def operands(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> tuple | None:
 
 def compiles(a_dtype: Any, b_dtype: Any, dtype: Any) -> bool:
     """Whether chains on operands of these dtypes into a ``dtype`` accumulator are compiled."""
-    float32 = np.dtype(np.float32)
-    return np.dtype(dtype) == np.dtype(a_dtype) == np.dtype(b_dtype) == float32 and enabled()
+    return np.dtype(dtype) == np.dtype(a_dtype) == np.dtype(b_dtype) in _COMPILED and enabled()
+
+
+# accumulators whose IEEE steps the hardware (and llvm.fma) gives directly
+_COMPILED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def fma_chain(a: np.ndarray, b: np.ndarray, acc: np.ndarray, terms: range, fused: bool) -> None:

@@ -176,6 +176,86 @@ def _quantum_log2(x: np.ndarray) -> float:
 
 _SIGN_BIT = np.iinfo(np.int64).min
 
+# fma64's fast path: Veltkamp's split of an operand overflows above 2**997, and Dekker's product
+# error is exact only while the product's lowest bit stays above float64's subnormal step
+# (|a b| >= 2**-968 keeps e_a + e_b - 104 >= -1074); results below the smallest normal number
+# are recomputed too (the round-to-odd argument assumes no underflow).
+_SPLIT_MAX = 2.0**995
+_PRODUCT_MIN = 2.0**-968
+_RESULT_MIN = 2.0**-1021
+_VELTKAMP = 2.0**27 + 1
+
+
+def fma64(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``c + a*b`` in float64 with one rounding (a fused multiply-add), elementwise, in NumPy.
+
+    The product is split exactly (Dekker's TwoProduct: ``p + e == a*b``), the sum too
+    (TwoSum: ``th + tl == c + p``), and ``RN(th + RO(tl + e))`` is the correctly rounded
+    ``c + a*b`` (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums: proved
+    algorithms using rounding to odd", IEEE TC 2008); round-to-odd is a rounded sum whose
+    inexact even result moves one step towards the exact value. Elements outside the fast
+    path's assumptions (tiny or huge operands and products, a subnormal result) are computed
+    from exact rationals; infinities and NaNs follow IEEE (a zero product adds a signed zero).
+    """
+    c, a, b = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (c, a, b)))
+    with np.errstate(all="ignore"):
+        p = a * b
+        a_hi, a_lo = _veltkamp(a)
+        b_hi, b_lo = _veltkamp(b)
+        e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+        th, tl = _two_sum(c, p)
+        v, v_err = _two_sum(tl, e)
+        odd = (v.view(np.uint64) & np.uint64(1)) == 1
+        v = np.where((v_err != 0) & ~odd, np.nextafter(v, np.copysign(np.inf, v_err)), v)
+        out = th + v
+        finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
+        zero_product = (a == 0) | (b == 0)
+        # IEEE arithmetic is the fused result wherever a product is exactly zero or an operand
+        # is not finite, except that a finite product added to an infinite c leaves c.
+        plain = np.where(np.isfinite(a) & np.isfinite(b) & ~np.isfinite(c), c, c + p)
+        out = np.where(~finite | zero_product, plain, out)
+        slow = (
+            finite
+            & ~zero_product
+            & (
+                ~(np.abs(p) >= _PRODUCT_MIN)
+                | (np.abs(a) > _SPLIT_MAX)
+                | (np.abs(b) > _SPLIT_MAX)
+                | ~(np.abs(out) >= _RESULT_MIN)
+            )
+        )
+    if slow.any():
+        out = np.array(out).reshape(-1)
+        flat_c, flat_a, flat_b = (x.reshape(-1) for x in (c, a, b))
+        for i in np.flatnonzero(slow):
+            out[i] = _exact_fma(float(flat_c[i]), float(flat_a[i]), float(flat_b[i]))
+        out = out.reshape(c.shape)
+    return out
+
+
+def _veltkamp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x == hi + lo`` exactly, each with at most 26 significant bits."""
+    t = _VELTKAMP * x
+    hi = t - (t - x)
+    return hi, x - hi
+
+
+def _two_sum(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``s = fl(x + y)`` and its error: ``x + y == s + err`` exactly (Knuth)."""
+    s = x + y
+    z = s - x
+    return s, (x - (s - z)) + (y - z)
+
+
+def _exact_fma(c: float, a: float, b: float) -> float:
+    """``c + a*b`` rounded once from exact rationals (int / int division rounds correctly in
+    Python, subnormals included)."""
+    exact = Fraction(c) + Fraction(a) * Fraction(b)
+    try:
+        return float(exact)
+    except OverflowError:  # beyond the largest float64 after rounding
+        return math.inf if exact > 0 else -math.inf
+
 
 class _Engine:
     """Accumulators over one block of outputs: float64 arrays that hold values of ``dtype``,
@@ -190,7 +270,8 @@ class _Engine:
       float64 sum lies exactly on a ``dtype`` midpoint (or in ``dtype``'s subnormal range, with
       fewer bits). Those elements are found with two cheap passes and rounded to odd first
       (TwoSum gives the addition's error; an inexact sum with an even last bit moves one
-      float64 step towards the exact value), which makes the final cast correct.
+      float64 step towards the exact value), which makes the final cast correct. A float64
+      accumulator with float64 operands (whose products are not exact) takes :func:`fma64`.
     - unfused, ``acc + round(a[k]*b[k])``, and plain sums, ``acc + round(a[k])``: a sum of two
       ``dtype`` values computed in float64 (53 >= 2*24 + 2 bits) and cast once is correctly
       rounded, so no check is needed.
@@ -238,6 +319,12 @@ class _Engine:
         self._fast = (
             self.fused and not self._tiny and dtype in (np.dtype(np.float32), np.dtype(np.float16))
         )
+        # float64 products are exact for operands of 26 significant bits or fewer (float32 and
+        # narrower); wider operands need a true fused step (fma64)
+        significand_bits = (
+            _mantissa_bits(a.dtype) + 1 + (0 if b is None else _mantissa_bits(b.dtype) + 1)
+        )
+        self._fma64 = self.fused and dtype == np.float64 and significand_bits > 53
 
     def zeros(self) -> np.ndarray:
         return np.zeros(self.shape)
@@ -254,6 +341,9 @@ class _Engine:
                 self._round_to_odd(acc, self._prod, self._sum)
             np.copyto(self._cast, self._sum, casting="unsafe")
             np.copyto(acc, self._cast)
+            return
+        if self._fma64:
+            np.copyto(acc, fma64(acc, self.a[k], self.b[k]))
             return
         if self.b is None:
             np.add(acc, self.a[k], out=self._sum)
@@ -657,15 +747,25 @@ _EXACT_BLOCK_TERMS = 1 << 22
 def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
     """The correctly rounded value of ``sum_k a[k]*b[k]`` in ``dtype``.
 
-    Products are exact in float64. The sum is accumulated as a double-double (TwoSum of each
-    term into a float64 sum, the errors summed apart: Ogita, Rump and Oishi's Sum2), whose error
-    is at most ``u64*|s| + gamma_{K}(u64)^2 * sum|terms|``. Where that interval rounds to one
-    ``dtype`` value the answer is certain; the rare remaining elements are summed exactly with
-    rationals.
+    Products of float32 (or narrower) operands are exact in float64; a float64 product is split
+    into its rounded value and its exact error (Dekker's TwoProduct), both summed as terms. The
+    sum is accumulated as a double-double (TwoSum of each term into a float64 sum, the errors
+    summed apart: Ogita, Rump and Oishi's Sum2), whose error is at most ``u64*|s| +
+    gamma_{K}(u64)^2 * sum|terms|``. Where that interval rounds to one ``dtype`` value the
+    answer is certain; the rare remaining elements (and those whose products TwoProduct cannot
+    split exactly) are summed exactly with rationals.
     """
-    a64 = a.astype(np.float64)
-    terms = a64 if b is None else a64 * b.astype(np.float64)
-    terms = np.broadcast_to(terms, np.broadcast_shapes(a.shape, () if b is None else b.shape))
+    shape = np.broadcast_shapes(a.shape, () if b is None else b.shape)
+    a64 = np.broadcast_to(a.astype(np.float64), shape)
+    b64 = None if b is None else np.broadcast_to(b.astype(np.float64), shape)
+    risky = np.zeros(shape[1:], bool)
+    with np.errstate(all="ignore"):
+        if b64 is None:
+            terms = a64
+        elif _mantissa_bits(a.dtype) + _mantissa_bits(b.dtype) + 2 <= 53:
+            terms = a64 * b64
+        else:
+            terms, risky = _split_products(a64, b64)
     n = terms.shape[0]
     s = np.zeros(terms.shape[1:])
     e = np.zeros(terms.shape[1:])
@@ -678,7 +778,9 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
             e += (s - (s_new - z)) + (t - z)
             s = s_new
             mag += np.abs(t)
-        res = s + e
+        # an infinite or NaN term makes the errors NaN: IEEE's sum of the terms is the answer
+        # there (one infinity, or NaN for both signs)
+        res = np.where(np.isfinite(s), s + e, s)
         u64 = 2.0**-53
         gamma = n * u64 / (1 - n * u64)
         slack = 2 * (u64 * np.abs(res) + gamma * gamma * mag) + 2.0**-1074
@@ -686,11 +788,36 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
         hi = round_to(res + slack, dtype)
         out = round_to(res, dtype)
     out = np.atleast_1d(out)
-    unsure = np.atleast_1d((lo != hi) & np.isfinite(res))
-    flat_terms = terms.reshape(n, -1)
+    # finite terms whose float64 running sum overflowed are summed exactly too
+    overflowed = ~np.isfinite(res) & np.isfinite(terms).all(axis=0)
+    unsure = np.atleast_1d(((lo != hi) & np.isfinite(res)) | risky | overflowed)
+    flat_a = a64.reshape(a64.shape[0], -1)
+    flat_b = None if b64 is None else b64.reshape(b64.shape[0], -1)
     for i in np.flatnonzero(unsure):
-        out.flat[i] = _round_rational(sum(Fraction(float(v)) for v in flat_terms[:, i]), dtype)
+        column = [Fraction(float(v)) for v in flat_a[:, i]]
+        if flat_b is not None:
+            column = [x * Fraction(float(y)) for x, y in zip(column, flat_b[:, i], strict=True)]
+        out.flat[i] = _round_rational(sum(column, Fraction(0)), dtype)
     return out.reshape(res.shape)
+
+
+def _split_products(a64: np.ndarray, b64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 products ``a*b`` as ``2K`` terms (rounded products, then their exact errors),
+    and the outputs where some product could not be split exactly (see :func:`fma64`)."""
+    p = a64 * b64
+    a_hi, a_lo = _veltkamp(a64)
+    b_hi, b_lo = _veltkamp(b64)
+    err = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    finite = np.isfinite(p)
+    nonzero = (a64 != 0) & (b64 != 0)
+    operands = np.isfinite(a64) & np.isfinite(b64)
+    unsplit = ~(np.abs(p) >= _PRODUCT_MIN) | (np.abs(a64) > _SPLIT_MAX) | (np.abs(b64) > _SPLIT_MAX)
+    # ~finite: a product of finite operands beyond float64's range
+    risky = operands & nonzero & (unsplit | ~finite)
+    # an infinite product has no finite error; a zero product has none
+    err = np.where(finite & nonzero, err, 0.0)
+    # a column with an infinite or NaN operand is IEEE arithmetic's, not the rationals'
+    return np.concatenate([p, err]), risky.any(axis=0) & operands.all(axis=0)
 
 
 def _exact_block(dtype):
@@ -699,7 +826,10 @@ def _exact_block(dtype):
 
 def _round_rational(value: Fraction, dtype: np.dtype) -> np.ndarray:
     """Round an exact rational to ``dtype``, ties to even."""
-    approx = round_to(np.array(float(value)), dtype)
+    try:
+        approx = round_to(np.array(float(value)), dtype)
+    except OverflowError:  # beyond float64's range, so beyond every dtype's
+        return np.array(math.inf if value > 0 else -math.inf, dtype=dtype)
     best_key, best = None, approx
     for cand in (_adjacent(approx, dtype, -1), approx, _adjacent(approx, dtype, 1)):
         if not math.isfinite(float(cand)):

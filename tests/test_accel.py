@@ -23,13 +23,13 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("dt_name", ["float32"])
+@pytest.mark.parametrize("dt_name", ["float32", "float64"])
 @pytest.mark.parametrize(
     "order", ["sequential", "reverse", "pairwise", "blocked:7", "eigen", "sequential/nofma"]
 )
 def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, rng, monkeypatch):
     """The compiled path against the NumPy engine on layouts with every broadcast pattern,
-    including float32 results in the subnormal range (scaled operands)."""
+    including results in the subnormal range (scaled operands)."""
     if not accel.enabled():
         pytest.skip("numba is not installed (the 'fast' extra)")
     monkeypatch.setenv("CONVDIFF_NUMBA", "1")
@@ -37,9 +37,14 @@ def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, rng
     name, _, nofma = order.partition("/")
     parsed = parse_order(name, fma=not nofma)
     (sa, sb) = LAYOUTS[layout]
-    for scale in (0, -64):
-        a = (rng.standard_normal(sa) * 2.0**scale).astype(dt)
-        b = (rng.standard_normal(sb) * 2.0**scale).astype(dt)
+    # float32 operands near 2**-64 give results in the subnormal range. In float64 (operands
+    # near 2**-540) every such step takes fma64's exact-rational path, one element at a time:
+    # a few scattered tiny operands cover it (the exact references in test_orders cover the
+    # subnormal results).
+    for scale in (0, -64 if dt == np.float32 else -540):
+        a = rng.standard_normal(sa) * 2.0 ** (scale * _tiny(rng, sa, dt))
+        b = rng.standard_normal(sb) * 2.0 ** (scale * _tiny(rng, sb, dt))
+        a, b = a.astype(dt), b.astype(dt)
         compiled = reduce_terms(a, b, parsed, dt)
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("CONVDIFF_NUMBA", "0")
@@ -50,8 +55,22 @@ def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, rng
         )
 
 
+def _tiny(rng: np.random.Generator, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
+    """Where operands get the small scale: all of them in float32, 5% in float64."""
+    return np.ones(shape) if dt == np.float32 else (rng.random(shape) < 0.05).astype(float)
+
+
 def test_other_dtypes_are_left_to_the_numpy_engine():
     a = np.ones((4, 1, 1, 3), np.float64)
     assert accel.operands(a, a, np.dtype(np.float32)) is None  # wider operands
-    assert accel.operands(a, a, np.dtype(np.float64)) is None  # its FMA is not emulated
+    f32 = a.astype(np.float32)
+    assert accel.operands(f32, f32, np.dtype(np.float64)) is None  # narrower: exact products
     assert accel.operands(a.astype(np.float16), a.astype(np.float16), np.float16) is None
+
+
+def test_float32_and_float64_chains_are_compiled():
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    for dt in (np.float32, np.float64):
+        a = np.ones((4, 1, 1, 3), dt)
+        assert accel.operands(a, a, np.dtype(dt)) is not None

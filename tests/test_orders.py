@@ -24,7 +24,10 @@ from convdiff.orders import Order, parse_order, reduce_terms
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
 BF16 = np.dtype(ml_dtypes.bfloat16)
+F64 = np.dtype(np.float64)
 DTYPES = {"float32": F32, "float16": F16, "bfloat16": BF16}
+# float64 layers: their fused steps are emulated with an exact product (orders.fma64)
+ALL_DTYPES = {**DTYPES, "float64": F64}
 
 # --------------------------------------------------------------------------- exact rounding
 
@@ -170,11 +173,13 @@ def _ref_eigen_elementwise(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
 
 
 def _ref_float64(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
-    """Python floats are IEEE float64: accumulate there in index order, round once."""
-    acc = 0.0
+    """Accumulate in float64 in index order, each step ``acc + a*b`` rounded once (products of
+    float32 and narrower are exact in float64; float64 operands take a fused step), then round
+    once to ``dt``."""
+    acc = Fraction(0)
     for a, b in terms:
-        acc += float(a) if b is None else float(a) * float(b)
-    return _round(Fraction(acc), dt)
+        acc = _round(acc + (a if b is None else a * b), F64)
+    return _round(acc, dt)
 
 
 def _ref_exact(terms: Terms, fma: bool, dt: np.dtype) -> Fraction:
@@ -221,7 +226,7 @@ SIZES = (1, 2, 7, 8, 9, 17, 64, 131, 300)  # pairwise: tail only, one leaf, leav
 def _cases():
     for name in REFERENCES:
         for fma in (True, False) if name in FMA_ORDERS else (True,):
-            for dt_name in DTYPES:
+            for dt_name in ALL_DTYPES:
                 for with_b in (True, False):
                     if with_b or fma:  # without products fma changes nothing
                         yield pytest.param(
@@ -235,7 +240,7 @@ def _id(name, fma, dt_name, with_b) -> str:
 
 @pytest.mark.parametrize(("name", "fma", "dt_name", "with_b"), list(_cases()))
 def test_reduce_terms_matches_scalar_loop(name, fma, dt_name, with_b, rng):
-    dt = DTYPES[dt_name]
+    dt = ALL_DTYPES[dt_name]
     order = Order(name=name, fma=fma, block=4 if name == "blocked" else 0, accumulate=dt_name)
     for k in SIZES:
         a = _operands(rng, k, 3, dt)
@@ -246,12 +251,13 @@ def test_reduce_terms_matches_scalar_loop(name, fma, dt_name, with_b, rng):
 
 
 @pytest.mark.parametrize("fma", [True, False])
-@pytest.mark.parametrize("dt_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dt_name", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("name", ["sequential", "kahan", "exact"])
 def test_subnormal_range(name, fma, dt_name, rng):
     """Products and sums below the smallest normal number (gradual underflow)."""
-    dt = DTYPES[dt_name]
-    scale = -8 if dt == F16 else -68  # products near 2**-16 (float16) or 2**-136
+    dt = ALL_DTYPES[dt_name]
+    # products near 2**-16 (float16), 2**-136 (float32, bfloat16) or 2**-1076 (float64)
+    scale = {F16: -8, F64: -538}.get(dt, -68)
     order = Order(name=name, fma=fma, accumulate=dt_name)
     for k in (3, 20):
         a, b = _operands(rng, k, 8, dt, scale), _operands(rng, k, 8, dt, scale)
