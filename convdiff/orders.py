@@ -787,16 +787,16 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
         lo = round_to(res - slack, dtype)
         hi = round_to(res + slack, dtype)
         out = round_to(res, dtype)
+    unsure = ((lo != hi) & np.isfinite(res)) | risky
+    if not np.isfinite(res).all():
+        # finite terms whose float64 running sum overflowed are summed exactly too
+        unsure |= ~np.isfinite(res) & np.isfinite(terms).all(axis=0)
     out = np.atleast_1d(out)
-    # finite terms whose float64 running sum overflowed are summed exactly too
-    overflowed = ~np.isfinite(res) & np.isfinite(terms).all(axis=0)
-    unsure = np.atleast_1d(((lo != hi) & np.isfinite(res)) | risky | overflowed)
-    flat_a = a64.reshape(a64.shape[0], -1)
-    flat_b = None if b64 is None else b64.reshape(b64.shape[0], -1)
     for i in np.flatnonzero(unsure):
-        column = [Fraction(float(v)) for v in flat_a[:, i]]
-        if flat_b is not None:
-            column = [x * Fraction(float(y)) for x, y in zip(column, flat_b[:, i], strict=True)]
+        at = (slice(None), *np.unravel_index(i, res.shape))  # one column of the operands
+        column = [Fraction(float(v)) for v in a64[at]]
+        if b64 is not None:
+            column = [x * Fraction(float(y)) for x, y in zip(column, b64[at], strict=True)]
         out.flat[i] = _round_rational(sum(column, Fraction(0)), dtype)
     return out.reshape(res.shape)
 
