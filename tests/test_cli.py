@@ -354,3 +354,27 @@ def test_scaled_ulp_metric_budget(examples):
     scaled = json.loads(run(*args, "--max-ulp", "100", "--ulp-metric", "scaled").stdout)
     # raw ULPs explode where outputs are small differences of large terms; scaled ones do not
     assert raw["passed"] is False and scaled["passed"] is True
+
+
+def test_tensorflow_is_imported_after_the_model_check_starts(examples):
+    """The command line leaves TensorFlow's import to compare(), which starts the model file's
+    check in a child process first, so that the two overlap (importing TensorFlow takes
+    seconds). A fresh process records whether TensorFlow was loaded when compare() began."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import convdiff.api as api
+
+        def compare(*args, **kwargs):
+            print("tensorflow imported:", "tensorflow" in sys.modules)
+            raise SystemExit(0)
+
+        api.compare = compare
+        from convdiff.cli import main
+        main([{str(examples / "one_layer.h5")!r}, {str(examples / "one_layer_input.npy")!r},
+              "--no-onednn"])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tensorflow imported: False" in done.stdout
