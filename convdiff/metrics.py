@@ -168,7 +168,7 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         # np.where evaluates both branches; each is written so it cannot wrap around in uint64.
         same_sign = np.maximum(mag_a, mag_b) - np.minimum(mag_a, mag_b)
         dist = np.where(neg_a == neg_b, same_sign, mag_a + mag_b)
-    return np.where(nan, np.uint64(0), dist).astype(np.uint64, copy=False)
+    return np.asarray(np.where(nan, np.uint64(0), dist) if nan.any() else dist)
 
 
 def _ordinal(x: np.ndarray) -> np.ndarray:
@@ -296,10 +296,15 @@ def _max_or_zero(values: np.ndarray) -> float:
     return float(values.max()) if values.size else 0.0
 
 
-def _prepare_bound(
-    bound: np.ndarray | None, shape: tuple[int, ...], name: str = "bound"
-) -> np.ndarray | None:
-    """Broadcasts ``bound`` to ``shape`` as float64, rejecting negative values.
+def _check_non_negative(values: Any, name: str) -> None:
+    """ValueError if ``values`` (None, or an array) holds a negative number; NaN is not one
+    (``np.min`` is NaN where any value is NaN)."""
+    if values is not None and np.size(values) and np.min(values) < 0:
+        raise ValueError(f"{name} must be non-negative")
+
+
+def _prepare_bound(bound: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Broadcasts ``bound`` (checked with :func:`_check_non_negative`) to ``shape`` as float64.
 
     A NaN (NaN inputs reached the bounded evaluation, e.g. 0 * inf) bounds nothing: it counts
     as 0, so that any difference there fails and only an exact match passes. NaN must never
@@ -308,8 +313,6 @@ def _prepare_bound(
     if bound is None:
         return None
     bound64 = np.broadcast_to(np.asarray(bound, dtype=np.float64), shape)
-    if np.any(bound64 < 0):
-        raise ValueError(f"{name} must be non-negative")
     return np.where(np.isnan(bound64), 0.0, bound64)
 
 
@@ -364,10 +367,8 @@ def compare(
             broadcast or holds negative or NaN values. These are programming errors.
     """
     reference, candidate = _pair(reference, candidate, "compare")
-    for name, values in (("bound", bound), ("scale", scale)):
-        # np.min is NaN where any value is NaN, and NaN is not negative
-        if values is not None and np.size(values) and np.min(values) < 0:
-            raise ValueError(f"{name} must be non-negative")
+    _check_non_negative(bound, "bound")
+    _check_non_negative(scale, "scale")
     # Every figure is 0 where the two sides are equal: the work is done on the positions that
     # differ (NaN positions included), in C order; equal positions only count as zeros.
     where, ref, cand = _differing(reference, candidate)
@@ -377,7 +378,7 @@ def compare(
     # Every value of the supported dtypes is exact in float64.
     ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
     bound64 = _prepare_bound(_gather(bound, reference.shape, where), ref64.shape)
-    scale64 = _prepare_bound(_gather(scale, reference.shape, where), ref64.shape, "scale")
+    scale64 = _prepare_bound(_gather(scale, reference.shape, where), ref64.shape)
     finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
     nan_mismatch = int(np.count_nonzero(nan_mask))
     inf_mismatch = int(np.count_nonzero(inf_mask))
@@ -493,11 +494,7 @@ def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     finite = np.isfinite(ref) & np.isfinite(cand)
     if not finite.all():
         ref, cand = ref[finite], cand[finite]
-    if ref.size == 0:
-        return 0
-    if ref.dtype.itemsize <= 4:  # no NaN is left: the ordinals' difference is the distance
-        return int(np.abs(_ordinal(ref) - _ordinal(cand)).max())
-    return int(ulp_distance(ref, cand).max())
+    return int(ulp_distance(ref, cand).max()) if ref.size else 0
 
 
 def _abs_err(ref64: np.ndarray, cand64: np.ndarray) -> np.ndarray:
@@ -712,6 +709,7 @@ def worst_elements(
     ref_shape = reference.shape
     if k < 0:
         raise ValueError(f"k must be >= 0; received k={k}")
+    _check_non_negative(bound, "bound")
     bound64 = _prepare_bound(bound, reference.shape)
     exact64 = None if exact is None else np.broadcast_to(np.asarray(exact, np.float64), ref_shape)
     ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
