@@ -356,27 +356,27 @@ class Bounded:
         n = len(axes)
         k = math.prod(a.shape[:n])
         av = np.reshape(a.value, (k, *a.value.shape[n:]))
-        # an exactly known operand's zero errors are never reshaped (a copy) or read
-        ae = None if _is_zero(a.err) else np.reshape(a.err, (k, *a.err.shape[n:]))
+        ae = _terms_err(a, k, n)
         with np.errstate(all="ignore"):
             if b is None:
                 value = av.sum(axis=0)
                 mag = np.abs(av).sum(axis=0)
-                prop = np.zeros_like(mag) if ae is None else ae.sum(axis=0)
-                mag = mag + prop
+                prop = _zeros(()) if ae is None else ae.sum(axis=0)
             else:
                 b = self._lift(b)
                 bv = np.reshape(b.value, (k, *b.value.shape[n:]))
-                be = None if _is_zero(b.err) else np.reshape(b.err, (k, *b.err.shape[n:]))
+                be = _terms_err(b, k, n)
                 value = contract(av, bv)
-                mag = contract(np.abs(av), np.abs(bv))
                 # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b) per term (see :meth:`mul`); exact
                 # inputs (isolated mode, weights) skip the work.
-                prop = np.zeros_like(mag)
-                if be is not None and be.any():
-                    prop = prop + contract(np.abs(av), be)
-                if ae is not None and ae.any():
-                    prop = prop + contract(ae, np.abs(bv) if be is None else np.abs(bv) + be)
+                prop = _plus(
+                    None if be is None else contract(np.abs(av), be),
+                    None
+                    if ae is None
+                    else contract(ae, np.abs(bv) if be is None else np.abs(bv) + be),
+                )
+                mag = contract(np.abs(av), np.abs(bv))
+            if not _is_zero(prop):
                 mag = mag + prop
             # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
             # evaluation's own error, plus k underflows.
@@ -510,6 +510,15 @@ def _times(value: np.ndarray, err: np.ndarray) -> np.ndarray | None:
     if _is_zero(err):
         return None
     return np.where(err == 0, 0.0, np.abs(value) * err)
+
+
+def _terms_err(x: Tracked, k: int, n: int) -> np.ndarray | None:
+    """``x``'s errors shaped as ``k`` terms (its first ``n`` axes merged), or None where they
+    are all zero: a broadcast zero is never reshaped (a copy) or read."""
+    if _is_zero(x.err):
+        return None
+    err = np.reshape(x.err, (k, *x.err.shape[n:]))
+    return err if err.any() else None
 
 
 def _plus(*errors: np.ndarray | None) -> np.ndarray:
