@@ -199,10 +199,7 @@ def fma64(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     c, a, b = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (c, a, b)))
     with np.errstate(all="ignore"):
-        p = a * b
-        a_hi, a_lo = _veltkamp(a)
-        b_hi, b_lo = _veltkamp(b)
-        e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+        p, e, split = _two_product(a, b)
         th, tl = _two_sum(c, p)
         v, v_err = _two_sum(tl, e)
         odd = (v.view(np.uint64) & np.uint64(1)) == 1
@@ -214,16 +211,7 @@ def fma64(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         # is not finite, except that a finite product added to an infinite c leaves c.
         plain = np.where(np.isfinite(a) & np.isfinite(b) & ~np.isfinite(c), c, c + p)
         out = np.where(~finite | zero_product, plain, out)
-        slow = (
-            finite
-            & ~zero_product
-            & (
-                ~(np.abs(p) >= _PRODUCT_MIN)
-                | (np.abs(a) > _SPLIT_MAX)
-                | (np.abs(b) > _SPLIT_MAX)
-                | ~(np.abs(out) >= _RESULT_MIN)
-            )
-        )
+        slow = finite & ~zero_product & (~split | ~(np.abs(out) >= _RESULT_MIN))
     if slow.any():
         out = np.array(out).reshape(-1)
         flat_c, flat_a, flat_b = (x.reshape(-1) for x in (c, a, b))
@@ -231,6 +219,24 @@ def fma64(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             out[i] = _exact_fma(float(flat_c[i]), float(flat_a[i]), float(flat_b[i]))
         out = out.reshape(c.shape)
     return out
+
+
+def _two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``p = fl(a*b)``, its error ``e`` (Dekker: ``a*b == p + e`` exactly), and where that
+    holds: not where the product is below 2**-968 (zero products included) or an operand
+    above 2**995, or for infinities and NaN."""
+    p = a * b
+    a_hi, a_lo = _veltkamp(a)
+    b_hi, b_lo = _veltkamp(b)
+    e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    split = (np.abs(p) >= _PRODUCT_MIN) & (np.abs(a) <= _SPLIT_MAX) & (np.abs(b) <= _SPLIT_MAX)
+    return p, e, split & np.isfinite(p)
+
+
+def _exact_products(a_dtype: Any, b_dtype: Any) -> bool:
+    """Whether float64 holds every product of these dtypes exactly (26 significant bits or
+    fewer each: float32 and narrower)."""
+    return _mantissa_bits(np.dtype(a_dtype)) + _mantissa_bits(np.dtype(b_dtype)) + 2 <= 53
 
 
 def _veltkamp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -319,12 +325,8 @@ class _Engine:
         self._fast = (
             self.fused and not self._tiny and dtype in (np.dtype(np.float32), np.dtype(np.float16))
         )
-        # float64 products are exact for operands of 26 significant bits or fewer (float32 and
-        # narrower); wider operands need a true fused step (fma64)
-        significand_bits = (
-            _mantissa_bits(a.dtype) + 1 + (0 if b is None else _mantissa_bits(b.dtype) + 1)
-        )
-        self._fma64 = self.fused and dtype == np.float64 and significand_bits > 53
+        # float64 operands' products are not exact in float64: a true fused step (fma64)
+        self._fma64 = self.fused and dtype == np.float64 and not _exact_products(a.dtype, b.dtype)
 
     def zeros(self) -> np.ndarray:
         return np.zeros(self.shape)
@@ -762,7 +764,7 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
     with np.errstate(all="ignore"):
         if b64 is None:
             terms = a64
-        elif _mantissa_bits(a.dtype) + _mantissa_bits(b.dtype) + 2 <= 53:
+        elif _exact_products(a.dtype, b.dtype):
             terms = a64 * b64
         else:
             terms, risky = _split_products(a64, b64)
@@ -804,18 +806,13 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
 def _split_products(a64: np.ndarray, b64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The float64 products ``a*b`` as ``2K`` terms (rounded products, then their exact errors),
     and the outputs where some product could not be split exactly (see :func:`fma64`)."""
-    p = a64 * b64
-    a_hi, a_lo = _veltkamp(a64)
-    b_hi, b_lo = _veltkamp(b64)
-    err = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-    finite = np.isfinite(p)
+    p, err, split = _two_product(a64, b64)
     nonzero = (a64 != 0) & (b64 != 0)
     operands = np.isfinite(a64) & np.isfinite(b64)
-    unsplit = ~(np.abs(p) >= _PRODUCT_MIN) | (np.abs(a64) > _SPLIT_MAX) | (np.abs(b64) > _SPLIT_MAX)
-    # ~finite: a product of finite operands beyond float64's range
-    risky = operands & nonzero & (unsplit | ~finite)
+    # not split: tiny or huge, or a product of finite operands beyond float64's range
+    risky = operands & nonzero & ~split
     # an infinite product has no finite error; a zero product has none
-    err = np.where(finite & nonzero, err, 0.0)
+    err = np.where(np.isfinite(p) & nonzero, err, 0.0)
     # a column with an infinite or NaN operand is IEEE arithmetic's, not the rationals'
     return np.concatenate([p, err]), risky.any(axis=0) & operands.all(axis=0)
 
