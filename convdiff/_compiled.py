@@ -10,6 +10,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from convdiff.cachedir import cache_dir
+
 # Accumulators (outputs) that stay in the L1 cache while a chain runs over them.
 CACHE_ELEMENTS = 8192
 MIN_CHUNK = 256
@@ -61,7 +63,7 @@ def step_row(out, ar, br, fused):  # type: ignore[no-untyped-def]
             out[i] = out[i] + ar[i] * br[i]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(nogil=True)
 def chain(a, b, acc, start, stop, step, fused):  # type: ignore[no-untyped-def]
     """``acc[g, s, l] = round(acc + a[k] * b[k])`` for ``k`` in ``range(start, stop, step)``;
     ``a`` and ``b`` are ``(K, G, S, L)``, 1 on the axes they do not vary along."""
@@ -88,3 +90,25 @@ def chain(a, b, acc, start, stop, step, fused):  # type: ignore[no-untyped-def]
                         if b.shape[2] > 1:
                             br = b[k, gb, s, lb[0] : lb[1]]
                         step_row(acc[g, s, lo:hi], ar, br, fused)
+
+
+def _cache_compiled(function: Any) -> None:
+    """Keep ``function``'s machine code in convdiff's user cache directory (numba's default is
+    the ``__pycache__`` beside this file, inside the installed package, where a later
+    reinstall leaves it behind). ``NUMBA_CACHE_DIR``, when set, is the user's choice and wins.
+    Without a writable directory nothing is cached: numba compiles on each run's first call.
+    """
+    if numba.config.CACHE_DIR:
+        function.enable_caching()
+        return
+    target = cache_dir("numba")
+    if target is None:
+        return
+    numba.config.CACHE_DIR = str(target)  # read once, when the cache is located
+    try:
+        function.enable_caching()
+    finally:
+        numba.config.CACHE_DIR = ""
+
+
+_cache_compiled(chain)

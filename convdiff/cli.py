@@ -40,6 +40,12 @@ class _Command(click.Command):
             _fail(exc.format_message())
         except ConvdiffError as exc:
             _fail(str(exc))
+        except ImportError as exc:  # a broken installation must not read as "a layer failed"
+            _fail(
+                f"convdiff could not import {exc.name or 'a module'} ({exc}); the installation "
+                "is broken or shadowed (e.g. a stale 'convdiff' folder in site-packages): "
+                "reinstall with pip install --force-reinstall convdiff"
+            )
 
 
 def _fail(message: str) -> None:

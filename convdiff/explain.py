@@ -329,9 +329,10 @@ def _shift_cause(pads, tf_pads) -> str:
     names = _AXIS_NAMES[len(pads)]
     mine = ", ".join(f"{n} {_tuple(p)}" for n, p in zip(names, pads, strict=True))
     theirs = ", ".join(_tuple(p) for p in tf_pads)
+    odd = any(lo != hi for lo, hi in tf_pads)
     return (
         f"matches if the input is padded (before, after) {mine}: TensorFlow's 'same' padding "
-        f"here is {theirs}, the odd pixel after"
+        f"here is {theirs}" + (", the odd pixel after" if odd else "")
     )
 
 

@@ -203,6 +203,19 @@ CONV_CASES = {
 }
 
 
+def test_symmetric_same_padding_is_not_called_odd(rng):
+    """A 3x3 'same' convolution pads (1, 1): the cause names no odd pixel; a 4x4 one pads
+    (1, 2), and only there is the odd pixel after."""
+    layer, x = built(keras.layers.Conv2D(2, 3, padding="same"), (1, 6, 6, 2), rng)
+    w, b = layer.get_weights()
+    cause = explain(layer, x, np_conv2d(x, w, b, pads=((0, 2), (0, 2))))
+    assert cause is not None and cause.endswith("here is (1, 1), (1, 1)"), cause
+    layer, x = built(keras.layers.Conv2D(2, 4, padding="same"), (1, 6, 6, 2), rng)
+    w, b = layer.get_weights()
+    cause = explain(layer, x, np_conv2d(x, w, b, pads=((2, 1), (2, 1))))
+    assert cause is not None and cause.endswith("here is (1, 2), (1, 2), the odd pixel after")
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=list(CONV_CASES))
 def test_conv2d_mistakes_are_named(rng, case):
     make, expected = CONV_CASES[case]
