@@ -24,6 +24,7 @@ from convdiff.device import (
 from convdiff.errors import InputError, OptionError
 from convdiff.graph import build_graph
 from convdiff.impl import check_impls_match, parse_impls
+from convdiff.kernels.conv import reduction_axes
 from convdiff.loading import (
     Inputs,
     Probe,
@@ -200,8 +201,10 @@ def _texts(value: Any) -> list[str]:
 
 
 def _check_patterns(settings: Settings, graph_layers: list[tuple[str, str]]) -> None:
-    """``--impl`` keys and ``--layers`` patterns must match some layer: a typo is an error."""
+    """``--impl`` keys, ``--layers`` patterns and ``--tap-order`` must apply to some layer: a
+    typo is an error."""
     check_impls_match(settings.impls, graph_layers)
+    _check_tap_order(settings.order.tap_order, {c for _, c in graph_layers})
     for pattern in settings.layers:
         if not any(Settings(layers=(pattern,)).selects(n, c) for n, c in graph_layers):
             names = ", ".join(n for n, _ in graph_layers[:12])
@@ -209,6 +212,19 @@ def _check_patterns(settings: Settings, graph_layers: list[tuple[str, str]]) -> 
                 f"--layers {pattern!r} matches no layer name or class; "
                 f"layers are: {names}{' ...' if len(graph_layers) > 12 else ''}"
             )
+
+
+def _check_tap_order(tap_order: str | None, classes: set[str]) -> None:
+    if tap_order is None:
+        return
+    axes = {(c, a) for c in sorted(classes) for a in reduction_axes(c)}
+    if any(sorted(a) == sorted(tap_order) for _, a in axes):
+        return
+    found = ", ".join(f"{a} ({c})" for c, a in sorted(axes)) or "none (no convolution)"
+    raise OptionError(
+        f"--tap-order {tap_order!r} applies to no layer of this model; the reduction axes of "
+        f"its convolutions are: {found}"
+    )
 
 
 @contextlib.contextmanager

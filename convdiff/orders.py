@@ -45,6 +45,9 @@ ORDER_NAMES = (
     "float64",
     "exact",
 )
+# The labelled reduction axes a tap order can rearrange (kernels/conv.py): kernel depth, rows,
+# columns and input channels of Conv1D/2D/3D, and the spatial taps of depthwise convolutions.
+TAP_AXES = ("wc", "hwc", "dhwc", "hw", "dhw")
 # Orders built from fused (or, with fma=False, unfused) multiply-add steps.
 FMA_ORDERS = ("sequential", "reverse", "pairwise", "kahan", "blocked")
 ACCUMULATOR_DTYPES = {
@@ -119,9 +122,11 @@ def parse_order(
             f"unknown accumulator dtype {accumulate!r}; "
             f"valid choices are {', '.join(ACCUMULATOR_DTYPES)}"
         )
-    if tap_order is not None and (not tap_order.isalpha() or len(set(tap_order)) != len(tap_order)):
+    if tap_order is not None and not any(sorted(tap_order) == sorted(a) for a in TAP_AXES):
         raise OptionError(
-            f"--tap-order must be distinct axis letters like 'hwc'; got {tap_order!r}"
+            f"--tap-order {tap_order!r} is not an order of a convolution's reduction axes; "
+            "give a permutation of hwc (Conv2D: kernel rows h, columns w, input channels c), "
+            "wc (Conv1D), dhwc (Conv3D; d: kernel depth), hw or dhw (depthwise)"
         )
     return Order(name=name, fma=fma, block=block, accumulate=accumulate, tap_order=tap_order)
 

@@ -216,6 +216,31 @@ def test_usage_errors(bad_files, tmp_path):
     assert_error(run(good, x, "--json", tmp_path), "is a directory")
 
 
+def test_tap_order_is_checked(bad_files, examples):
+    good, x = bad_files / "good.h5", bad_files / "x.npy"
+    assert_error(
+        run(good, x, "--tap-order", "xyz"), "--tap-order 'xyz' is not an order", "hwc (Conv2D"
+    )
+    assert_error(run(good, x, "--tap-order", "hhw"), "--tap-order 'hhw' is not an order")
+    # wc is an order of Conv1D's axes, but this model has only a Dense layer
+    assert_error(run(good, x, "--tap-order", "wc"), "applies to no layer", "none (no convolution)")
+    deep = (examples / "deep8.keras", examples / "deep8_input.npy")
+    assert_error(run(*deep, "--tap-order", "wc"), "applies to no layer", "hwc (Conv2D)")
+
+
+def test_tap_order_changes_the_sum(examples):
+    """Input channels outermost is another order of the same terms: the header says so and the
+    figures are those of that order (16 input channels: some sums round differently)."""
+    deep = (examples / "deep8.keras", examples / "deep8_input.npy")
+    default = json.loads(run(*deep, "--json", "-", "--layers", "conv1").stdout)
+    result = run(*deep, "--tap-order", "chw", "--json", "-", "--layers", "conv1")
+    chw = json.loads(result.stdout)
+    assert chw["settings"]["tap_order"] == "chw" and "taps=chw" in chw["settings"]["order_label"]
+    assert chw["layers"][0]["status"] in ("identical", "rounding")
+    figures = [(r["layers"][0]["max_ulp"], r["layers"][0]["mismatch_count"]) for r in (default, chw)]
+    assert figures[0] != figures[1], figures
+
+
 def test_missing_custom_object_names_class(tmp_path):
     layer_file = tmp_path / "my_layers.py"
     layer_file.write_text(

@@ -31,6 +31,20 @@ from convdiff.kernels.activations import activate
 _TAPS = {1: "wc", 2: "hwc", 3: "dhwc"}
 
 
+def reduction_axes(class_name: str) -> tuple[str, ...]:
+    """The labelled axes of each reduction a convolution class adds over (what ``--tap-order``
+    can rearrange), e.g. ``("hw", "hwc")`` for SeparableConv2D; empty for other classes."""
+    for rank in (1, 2, 3):
+        taps = _TAPS[rank]
+        if class_name in (f"Conv{rank}D", f"Conv{rank}DTranspose"):
+            return (taps,)
+        if class_name == f"DepthwiseConv{rank}D":
+            return (taps[:-1],)
+        if class_name == f"SeparableConv{rank}D":
+            return (taps[:-1], taps)
+    return ()
+
+
 def _tuple(value: Any, rank: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list | tuple) else (int(value),) * rank
 
