@@ -237,7 +237,9 @@ def test_tap_order_changes_the_sum(examples):
     chw = json.loads(result.stdout)
     assert chw["settings"]["tap_order"] == "chw" and "taps=chw" in chw["settings"]["order_label"]
     assert chw["layers"][0]["status"] in ("identical", "rounding")
-    figures = [(r["layers"][0]["max_ulp"], r["layers"][0]["mismatch_count"]) for r in (default, chw)]
+    figures = [
+        (r["layers"][0]["max_ulp"], r["layers"][0]["mismatch_count"]) for r in (default, chw)
+    ]
     assert figures[0] != figures[1], figures
 
 
