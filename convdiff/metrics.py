@@ -240,11 +240,14 @@ class Comparison:
         nan_mismatch: Positions where exactly one side is NaN.
         inf_mismatch: Positions where neither side is NaN, at least one is +-inf, and they differ.
         bound_ratio: Largest ``|candidate - reference| / bound`` (0/0 counts as 0, x/0 as inf), or
-            None if no bound was given.
+            None if no bound was given; inf where there is a NaN or inf mismatch (no bound
+            covers a value against a NaN or another infinity).
         worst: The finite position with the largest ULP distance (first in C order on ties), or
             None if all finite positions are equal.
         max_ulp_scaled: Largest :func:`scaled_ulp` over the finite positions, or None if no
             ``scale`` was given.
+        nan_in_reference: Of ``nan_mismatch``, the positions where the reference is the NaN.
+        first_nonfinite: The first (C order) NaN or inf mismatch position, or None.
     """
 
     size: int
@@ -261,6 +264,8 @@ class Comparison:
     bound_ratio: float | None
     worst: Worst | None
     max_ulp_scaled: float | None = None
+    nan_in_reference: int = 0
+    first_nonfinite: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict of plain Python ints and floats (inf may appear as float)."""
@@ -279,6 +284,8 @@ class Comparison:
             "bound_ratio": self.bound_ratio,
             "worst": None if self.worst is None else self.worst.to_dict(),
             "max_ulp_scaled": self.max_ulp_scaled,
+            "nan_in_reference": self.nan_in_reference,
+            "first_nonfinite": None if self.first_nonfinite is None else list(self.first_nonfinite),
         }
 
 
@@ -388,6 +395,12 @@ def compare(
     )
     equal_finite = int(reference.size) - where.size - equal_infinities
 
+    nonfinite = nan_mask | inf_mask
+    first_nonfinite = (
+        tuple(int(j) for j in np.unravel_index(int(where[np.argmax(nonfinite)]), reference.shape))
+        if nonfinite.any()
+        else None
+    )
     ulp = np.where(finite, ulp_distance(ref, cand), np.uint64(0))
     ulp_finite = ulp[finite]
     abs_err = _abs_err(ref64, cand64)
@@ -411,6 +424,8 @@ def compare(
         inf_mismatch=inf_mismatch,
         bound_ratio=None
         if bound64 is None
+        else math.inf
+        if first_nonfinite is not None
         else _max_or_zero(_safe_ratio(abs_finite, bound64[finite])),
         worst=_worst(ulp, ref64, cand64, abs_err, bound64, where, reference.shape)
         if max_ulp > 0
@@ -418,6 +433,8 @@ def compare(
         max_ulp_scaled=None
         if scale64 is None
         else _max_or_zero(_scaled_ulp64(ref64, cand64, scale64, reference.dtype, abs_err)[finite]),
+        nan_in_reference=int(np.count_nonzero(nan_mask & np.isnan(ref64))),
+        first_nonfinite=first_nonfinite,
     )
 
 
@@ -542,6 +559,30 @@ def is_identical(c: Comparison) -> bool:
         Whether ``max_ulp`` is 0 and there are no NaN or inf mismatches.
     """
     return c.max_ulp == 0 and c.nan_mismatch == 0 and c.inf_mismatch == 0
+
+
+def describe_nonfinite(c: Comparison, candidate: str, reference: str = "Keras") -> str | None:
+    """The NaN and inf mismatches in words, e.g. ``"1 NaN from NumPy where Keras has a
+    number, first at [0, 5, 7, 3]"``; None when there are none.
+
+    Args:
+        c: A comparison from :func:`compare`.
+        candidate: What the candidate side is called (``NumPy``, a user's function...).
+        reference: What the reference side is called.
+    """
+    if c.first_nonfinite is None:
+        return None
+    nan_candidate = c.nan_mismatch - c.nan_in_reference
+    parts = [
+        f"{nan_candidate:,} NaN from {candidate} where {reference} has a number"
+        if nan_candidate
+        else "",
+        f"{c.nan_in_reference:,} NaN from {reference} where {candidate} has a number"
+        if c.nan_in_reference
+        else "",
+        f"{c.inf_mismatch:,} infinities that differ between the two" if c.inf_mismatch else "",
+    ]
+    return f"{'; '.join(p for p in parts if p)}, first at {list(c.first_nonfinite)}"
 
 
 def within_bound(c: Comparison) -> bool:

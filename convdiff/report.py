@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convdiff.errors import OutputError
+from convdiff.metrics import Comparison, describe_nonfinite
 from convdiff.runner import LayerResult
 
 STATUS_STYLE = {
@@ -100,6 +101,27 @@ def _fmt_float(value: float | None, spec: str = ".3g") -> str:
     return format(value, spec)
 
 
+def _fmt_max_ulp(c: Comparison | None) -> str:
+    """The max ULP cell; a NaN or inf against a number has no ULP distance: say which."""
+    if c is None:
+        return "-"
+    if c.nan_mismatch:
+        return "NaN"
+    return "inf" if c.inf_mismatch else _fmt_int(c.max_ulp)
+
+
+def _fmt_ratio(value: float | None) -> str:
+    """A bound ratio to two significant digits, with more where two would put it on the other
+    side of 1, the threshold of the verdict: 0.99999 shows as 0.99999, never as 1."""
+    if value is None or not math.isfinite(value):
+        return _fmt_float(value)
+    for digits in range(2, 18):
+        text = format(value, f".{digits}g")
+        if (float(text) < 1) == (value < 1) and (float(text) > 1) == (value > 1):
+            return text
+    return repr(value)
+
+
 def render_table(report: Report) -> Table:
     """One row per layer call: index, name, class, shape, status and the error figures."""
     table = Table(
@@ -131,11 +153,11 @@ def render_table(report: Report) -> Table:
             r.class_name,
             "x".join(str(n) for n in r.output_shape),
             status,
-            _fmt_int(c.max_ulp if c else None),
+            _fmt_max_ulp(c),
             _fmt_float(c.p99_ulp if c else None, ".3g"),
             _fmt_float(c.max_abs if c else None, ".2e"),
             "-" if c is None else f"{100 * c.mismatch_fraction:.1f}%",
-            _fmt_float(c.bound_ratio if c else None, ".2g"),
+            _fmt_ratio(c.bound_ratio if c else None),
         )
     return table
 
@@ -143,20 +165,7 @@ def render_table(report: Report) -> Table:
 def render_summary(report: Report) -> Text:
     """The verdict: first divergent layer (or none), budget failures, skipped layers."""
     lines = Text()
-    first = report.first_divergent
-    if first is not None:
-        c = first.comparison
-        detail = (
-            f"max {c.max_ulp:,} ULP, {_fmt_float(c.bound_ratio, '.3g')}x the rounding bound"
-            if c is not None
-            else first.reason or ""
-        )
-        lines.append("First divergent layer: ", style="bold")
-        lines.append(f"{first.name} ({first.class_name})", style="bold red")
-        lines.append(f" - {detail}\n")
-    else:
-        lines.append("No layer diverged", style="bold green")
-        lines.append(": every compared difference is within its rounding bound.\n")
+    _headline(report, lines)
     for r in report.over_budget:
         lines.append(f"Over budget: {r.name}: {'; '.join(r.budget_violations)}\n", style="red")
     for r in report.layers:
@@ -175,6 +184,42 @@ def render_summary(report: Report) -> Text:
             lines.append(f"Keras gave bit-identical outputs in all {repeat} runs.\n")
     lines.append(summary_line(report))
     return lines
+
+
+def _headline(report: Report, lines: Text) -> None:
+    """The first line of the verdict: the first divergent layer, or why none is named."""
+    first = report.first_divergent
+    errors = [r.name for r in report.layers if r.status == "error"]
+    if first is not None:
+        c = first.comparison
+        detail = (
+            first.reason or ""
+            if c is None
+            else describe_nonfinite(c, first.side)
+            or f"max {c.max_ulp:,} ULP, {_fmt_float(c.bound_ratio, '.3g')}x the rounding bound"
+        )
+        lines.append("First divergent layer: ", style="bold")
+        lines.append(f"{first.name} ({first.class_name})", style="bold red")
+        lines.append(f" - {detail}\n")
+        if report.settings.get("mode") == "propagated" and first is not report.layers[-1]:
+            lines.append(
+                f"Later layers are fed from Keras's output of {first.name} on the NumPy side "
+                "(its own output is no rounding of Keras's), so each is judged on what it adds.\n"
+            )
+    elif errors:
+        lines.append("No compared layer diverged", style="bold")
+        lines.append(f", but {_count(len(errors), 'layer')} could not be compared: ")
+        lines.append(", ".join(errors), style="bold magenta")
+        lines.append(" (see below).\n")
+    elif not any(r.compared for r in report.layers):
+        lines.append("No layer was compared.\n", style="bold yellow")
+    else:
+        lines.append("No layer diverged", style="bold green")
+        lines.append(": every compared difference is within its rounding bound.\n")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def summary_line(report: Report) -> Text:
@@ -213,9 +258,11 @@ def _layer_notes(r: LayerResult, lines: Text) -> None:
         head = f"bit-exact: {', '.join(exact)}" if exact else "no order is bit-exact"
         lines.append(f"Orders: {r.name}: {head}; max ULP of the others: {rest}\n")
     if r.impl and r.keras_vs_exact_ulp is not None:
+        c = r.comparison
+        finite = " (at the positions where both are finite)" if c and c.first_nonfinite else ""
         lines.append(
             f"Three-way: {r.name}: Keras max {r.keras_vs_exact_ulp:,} ULP from the correctly "
-            f"rounded result; {r.impl}: {r.numpy_vs_exact_ulp:,} ULP\n"
+            f"rounded result; {r.impl}: {r.numpy_vs_exact_ulp:,} ULP{finite}\n"
         )
 
 

@@ -30,6 +30,7 @@ from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import (
     Comparison,
     compare,
+    describe_nonfinite,
     is_float,
     is_identical,
     max_ulp_distance,
@@ -130,6 +131,8 @@ class LayerResult:
     histogram: list[tuple[str, int]] | None = None
     worst_elements: list[dict[str, Any]] | None = None
     orders: list[dict[str, Any]] | None = None
+    resumed_after: str | None = None
+    side: str = "NumPy"
 
     @property
     def over_budget(self) -> bool:
@@ -175,6 +178,8 @@ class LayerResult:
             "histogram": None if self.histogram is None else [list(b) for b in self.histogram],
             "worst_elements": self.worst_elements,
             "orders": self.orders,
+            "resumed_after": self.resumed_after,
+            "compared_with": self.side,
         }
 
 
@@ -206,6 +211,10 @@ def run_layers(
     scale_values: dict[int, np.ndarray | None] = {k: None for k in graph.inputs}
     remaining = graph.consumers()
     propagated = settings.mode == "propagated" or settings.reference is not None
+    # Propagated mode: the divergent layer upstream of each tensor whose Keras output the NumPy
+    # side resumed from (a divergent output is no rounding of Keras's: carrying it on would
+    # make every later layer's figures the divergence's, not the layer's own).
+    resumed: dict[int, str | None] = {k: None for k in graph.inputs}
     for index, node in enumerate(graph.nodes):
         keras_in = [keras_values[k] for k in node.inputs]
         recorded = keras_recording.layers.get(node.name) if keras_recording else None
@@ -226,9 +235,15 @@ def run_layers(
             result.repeat_max_ulp = _repeat_ulp(node, keras_in, keras_out, settings.repeat)
         else:
             result, numpy_out = None, keras_out
+        after = next((resumed[k] for k in node.inputs if resumed.get(k)), None)
+        if result is not None and settings.mode == "propagated":
+            result.resumed_after = after
+            if result.status == "divergent" and settings.reference is None:
+                numpy_out, after = keras_out, node.name
         for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
             keras_values[key], numpy_values[key], scale_values[key] = k_val, n_val, scale
-        _release(node, graph, remaining, keras_values, numpy_values, scale_values)
+            resumed[key] = after
+        _release(node, graph, remaining, keras_values, numpy_values, scale_values, resumed)
         if result is not None:
             yield result
             if settings.stop_at_first and result.status == "divergent":
@@ -302,6 +317,8 @@ def _compare_node(
         return result, keras_out, None
     spec = node.spec()
     result.impl = impl.source if isinstance(impl, UserImpl) else None
+    if impl is not None:
+        result.side = result.impl or "the recording"
     order = settings.order
     try:
         if settings.candidates and kernel is not None and impl is None:
@@ -480,6 +497,7 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
         )
     else:
         result.status = "rounding" if within_bound(c) else "divergent"
+    result.reason = _join(result.reason, describe_nonfinite(c, result.side))
     exact = None
     if floating and run.reference is not None:
         exact = round_to(run.reference, keras_out.dtype)
@@ -505,7 +523,7 @@ def _join(*parts: str | None) -> str | None:
     return text or None
 
 
-def _release(node: GraphNode, graph: Graph, remaining, *stores: dict[int, np.ndarray]) -> None:
+def _release(node: GraphNode, graph: Graph, remaining, *stores: dict[int, Any]) -> None:
     """Drop tensors that no later layer (or model output) reads."""
     for key in node.inputs:
         remaining[key] -= 1

@@ -86,6 +86,18 @@ def two_layer(tmp_path):
         def wrong_shape(x, kernel, bias):
             return x[..., :1]
 
+        def correct(x, kernel, bias):
+            windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))
+            return np.einsum("nhwcij,ijcf->nhwf", windows.astype(np.float64), kernel) + bias
+
+        def nan_at(x, kernel, bias):
+            y = correct(x, kernel, bias)
+            y[0, 1, 2, 0] = np.nan
+            return y
+
+        def negated(x, kernel, bias):
+            return -correct(x, kernel, bias)
+
         def with_config(x, kernel, bias, config):
             assert config["kernel_size"] == (1, 1) or config["kernel_size"] == [1, 1]
             y = np.einsum("nhwc,cf->nhwf", x.astype(np.float64), kernel[0, 0]) + bias
@@ -188,3 +200,46 @@ def test_bad_impl_spec_is_one_error_line(one_layer, spec, fragment):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0]
+
+
+def test_an_error_is_not_summed_up_as_all_within_bound(two_layer):
+    d = two_layer
+    result = run(d / "two.keras", d / "x.npy", "--impl", f"first={d / 'impls.py'}:wrong_shape")
+    assert result.exit_code == 1
+    assert "every compared difference is within its rounding bound" not in result.stdout
+    assert "No compared layer diverged, but 1 layer could not be compared: first" in (
+        " ".join(result.stdout.split())
+    )
+
+
+def test_a_nan_against_a_number_is_said_in_the_row_summary_and_reason(two_layer):
+    d = two_layer
+    impl = f"first={d / 'impls.py'}:nan_at"
+    data = json.loads(run(d / "two.keras", d / "x.npy", "--impl", impl, "--json", "-").stdout)
+    first = data["layers"][0]
+    said = f"1 NaN from {d / 'impls.py'}:nan_at where Keras has a number, first at [0, 1, 2, 0]"
+    assert first["status"] == "divergent" and first["nan_mismatch"] == 1
+    assert first["reason"].endswith(said), first["reason"]
+    assert first["bound_ratio"] == "inf"
+    result = run(d / "two.keras", d / "x.npy", "--impl", impl)
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 1
+    assert f"First divergent layer: first (Conv2D) - {said}" in text
+    row = next(line for line in result.stdout.splitlines() if " first " in line)
+    assert "divergent" in row and "NaN" in row and "inf" in row
+
+
+def test_propagated_mode_resumes_after_a_divergent_layer(two_layer):
+    """Downstream of a divergence the NumPy side continues from Keras's output, so the next
+    layer is judged on its own rounding, not on the difference it received."""
+    d = two_layer
+    impl = f"first={d / 'impls.py'}:negated"
+    args = (d / "two.keras", d / "x.npy", "--impl", impl, "--mode", "propagated")
+    data = json.loads(run(*args, "--json", "-").stdout)
+    first, second = data["layers"]
+    assert first["status"] == "divergent" and first["resumed_after"] is None
+    assert second["status"] in ("identical", "rounding"), second
+    assert second["resumed_after"] == "first" and second["amplification"] is None
+    assert second["bound_ratio"] <= 1
+    text = " ".join(run(*args).stdout.split())
+    assert "Later layers are fed from Keras's output of first on the NumPy side" in text
