@@ -197,7 +197,7 @@ def search_reduction(model: Any, x: np.ndarray, names: list[str], orders: list[s
 
 def worker(setting: str, models: list[str], orders: list[str]) -> dict:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if setting == "on" else "0"
-    from convdiff.loading import configure_tensorflow
+    from convdiff.runtime import configure_tensorflow
 
     configure_tensorflow()
     import tensorflow as tf
@@ -227,7 +227,7 @@ def probe(setting: str, geometry: str, term: int) -> list[list[int]]:
     ``j``, as runs ``(first j, last j, first size, last size)``: constant, or growing by one
     per term (a chain: ``j`` added in order to a running sum that holds ``term``)."""
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if setting == "on" else "0"
-    from convdiff.loading import configure_tensorflow
+    from convdiff.runtime import configure_tensorflow
 
     configure_tensorflow()
     import keras

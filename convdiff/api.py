@@ -14,31 +14,23 @@ from typing import Any
 import numpy as np
 
 from convdiff.budget import parse_budget
-from convdiff.device import (
-    Runtime,
-    apply_runtime,
-    device_scope,
-    runtime_environment,
-    select_backend,
-)
 from convdiff.errors import InputError, OptionError
+from convdiff.files import check_file
 from convdiff.graph import build_graph
 from convdiff.impl import check_impls_match, parse_impls
-from convdiff.kernels.conv import reduction_axes
-from convdiff.loading import (
+from convdiff.inputs import (
     Inputs,
-    Probe,
-    configure_tensorflow,
-    environment,
     fit_inputs,
     input_specs,
     load_inputs,
-    load_model,
     named_inputs,
     random_inputs,
 )
+from convdiff.kernels.conv import reduction_axes
+from convdiff.loading import load_custom_objects, load_model
 from convdiff.memory import check_memory
 from convdiff.memory import estimate as estimate_memory
+from convdiff.modelfile import Probe
 from convdiff.orders import Order, parse_order
 from convdiff.recording import (
     RecordingWriter,
@@ -48,6 +40,16 @@ from convdiff.recording import (
 )
 from convdiff.report import Report, check_writable
 from convdiff.runner import MODES, LayerResult, Settings, run_layers
+from convdiff.runtime import (
+    Runtime,
+    apply_runtime,
+    configure_tensorflow,
+    device_scope,
+    environment,
+    prepare_onednn,
+    runtime_environment,
+    select_backend,
+)
 
 
 def compare(
@@ -77,9 +79,10 @@ def compare(
     save_outputs: str | os.PathLike | None = None,
     seed: int | None = None,
     unsafe: bool = False,
-    custom_objects: dict[str, Any] | None = None,
+    custom_objects: dict[str, Any] | str | os.PathLike | None = None,
     impls: Sequence[str] | Mapping[str, Any] = (),
     backend: str | None = None,
+    onednn: bool | None = None,
     device: str = "cpu",
     tf32: bool = False,
     deterministic: bool = False,
@@ -110,12 +113,16 @@ def compare(
             with this machine's Keras outputs instead of the NumPy side.
         save_outputs: record every layer's Keras output, the inputs and the environment here.
         unsafe: allow Lambda layers (runs code stored in the file).
-        custom_objects: custom classes for loading.
+        custom_objects: custom classes for loading, by name, or a Python file that defines
+            them (imported: it runs).
         impls: your own implementations in place of convdiff's kernels:
             ``["conv2d=my_conv.py:forward"]`` or ``{"Conv2D": forward}``; keys are layer names
             or classes (globs allowed). Called as ``forward(x, *weights[, config=...])``.
         backend: Keras backend for the Keras side: ``tensorflow`` (default, or KERAS_BACKEND),
             ``jax`` or ``torch``; must be chosen before Keras is first imported.
+        onednn: TensorFlow's oneDNN path on or off (set before TensorFlow is imported); None:
+            TensorFlow's default for this CPU, except that it is turned on (with a note) for
+            a model with channels_first convolutions, which the CPU runs only through it.
         device: run the Keras side on ``cpu`` or ``gpu``.
         tf32: allow TensorFloat-32 on GPU (off by default, as Keras's own tests run).
         deterministic: TensorFlow op determinism.
@@ -152,17 +159,14 @@ def compare(
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
     label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
-    # the model file is read and checked in a child process while TensorFlow is imported here
-    probe = Probe.start(model) if isinstance(model, str | os.PathLike) else None
-    try:
-        select_backend(backend)
-        configure_tensorflow()
-        apply_runtime(runtime)
-        if probe is not None:
-            model = load_model(model, unsafe=unsafe, custom_objects=custom_objects, probe=probe)
-    finally:
-        if probe is not None:
-            probe.close()
+    model, load_notes = open_model(
+        model,
+        runtime,
+        backend=backend,
+        onednn=onednn,
+        unsafe=unsafe,
+        custom_objects=custom_objects,
+    )
     graph_layers = [(n.name, n.class_name) for n in build_graph(model).nodes]
     _check_patterns(settings, graph_layers)
     if inputs is None and settings.reference is not None:
@@ -170,7 +174,7 @@ def compare(
     fitted, input_label = _inputs(model, inputs, seed)
     check_memory(estimate_memory(model, fitted.arrays, settings.order, settings.mode))
     env = {**environment(), **runtime_environment(runtime)}
-    report = Report(label, input_label, settings.to_dict(), env, notes=fitted.notes)
+    report = Report(label, input_label, settings.to_dict(), env, notes=load_notes + fitted.notes)
     with device_scope(runtime), _recorder(save_outputs, fitted, model, env, settings) as record:
         for result in run_layers(model, fitted.arrays, settings, on_output=record):
             report.layers.append(result)
@@ -178,6 +182,40 @@ def compare(
                 on_layer(result)
     report.notes += _reference_notes(settings, report, graph_layers)
     return report
+
+
+def open_model(
+    model: Any,
+    runtime: Runtime | None = None,
+    *,
+    backend: str | None = None,
+    onednn: bool | None = None,
+    unsafe: bool = False,
+    custom_objects: dict[str, Any] | str | os.PathLike | None = None,
+) -> tuple[Any, list[str]]:
+    """The Keras model to compare, with TensorFlow set up for it, and notes on what convdiff
+    chose: a path is checked and loaded (a model object passes through).
+
+    The model file is read and checked in a child process while TensorFlow is imported here;
+    the child first says whether the model needs oneDNN (channels_first convolutions on a
+    CPU that leaves it off), which must be decided before that import.
+    """
+    runtime = runtime or Runtime()
+    select_backend(backend)
+    probe = Probe.start(model) if isinstance(model, str | os.PathLike) else None
+    try:
+        needs = (lambda: (probe.early() or {}).get("needs_onednn", [])) if probe else list
+        note = prepare_onednn(onednn, runtime.device, needs)
+        configure_tensorflow()
+        apply_runtime(runtime)
+        if probe is not None:
+            if not isinstance(custom_objects, dict | None):
+                custom_objects = load_custom_objects(custom_objects)
+            model = load_model(model, unsafe=unsafe, custom_objects=custom_objects, probe=probe)
+    finally:
+        if probe is not None:
+            probe.close()
+    return model, [note] if note else []
 
 
 def candidate_orders(accumulate: str | None = None, tap_order: str | None = None):
@@ -361,10 +399,12 @@ def _recording_notes(first, second) -> list[str]:
 
 
 def expand_inputs(spec: str | os.PathLike) -> list[str]:
-    """INPUT as given: a file, a directory (its .npy/.npz files, sorted) or a glob pattern.
+    """INPUT as given: a file, a directory (its .npy/.npz files, sorted) or a glob pattern;
+    each file checked (it exists and can be read) before any slow work starts.
 
     Raises:
-        InputError: a directory or pattern that names no .npy/.npz file.
+        InputError: a missing or unreadable file, or a directory or pattern that names no
+            .npy/.npz file.
     """
     import glob
 
@@ -376,29 +416,33 @@ def expand_inputs(spec: str | os.PathLike) -> list[str]:
         found = sorted(p for p in glob.glob(text) if Path(p).suffix in (".npy", ".npz"))
         where = f"pattern {text!r}"
     else:
-        return [text]
+        found = [text]
     if not found:
         raise InputError(f"{where} names no .npy or .npz input file")
+    for path in found:
+        check_file(Path(path), "input file", InputError)
     return found
 
 
 def compare_many(model: Any, inputs: Sequence[str], **options: Any) -> list[Report]:
     """:func:`compare` over many input files, loading the model once; one report per input,
     each run's arrays freed before the next (memory stays that of one run)."""
-    if isinstance(model, str | os.PathLike):
-        select_backend(options.get("backend"))
-        configure_tensorflow()
-        label = str(model)
-        model = load_model(
-            model,
-            unsafe=options.pop("unsafe", False),
-            custom_objects=options.pop("custom_objects", None),
-        )
-    else:
-        label = getattr(model, "name", "model")
+    label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
+    runtime = Runtime(
+        **{k: options[k] for k in ("device", "tf32", "deterministic", "threads") if k in options}
+    )
+    model, notes = open_model(
+        model,
+        runtime,
+        backend=options.get("backend"),
+        onednn=options.pop("onednn", None),
+        unsafe=options.pop("unsafe", False),
+        custom_objects=options.pop("custom_objects", None),
+    )
     reports = []
     for path in inputs:
         report = compare(model, path, **options)
         report.model = label
+        report.notes[:0] = notes
         reports.append(report)
     return reports

@@ -190,16 +190,14 @@ def _run(
     if input is None and not random_input and reference is None:
         raise OptionError("give either an INPUT file or --random-input (or --reference)")
     _check_outputs(json_path, junit_path)
-    from convdiff.device import select_backend
-    from convdiff.loading import choose_onednn, load_custom_objects
-
-    select_backend(options["backend"])
-    # TensorFlow is imported inside compare(), while a child process checks the model file
-    choose_onednn(onednn)
     from convdiff.api import compare, compare_many, expand_inputs
+    from convdiff.loading import check_custom_objects
 
-    options["custom_objects"] = load_custom_objects(custom_objects)
     paths = expand_inputs(input) if input is not None else [None]
+    if custom_objects is not None:
+        check_custom_objects(custom_objects)
+    # TensorFlow is imported inside compare(), while a child process checks the model file
+    options.update(onednn=onednn, custom_objects=custom_objects)
     with _progress(quiet or json_path == "-") as on_layer:
         if len(paths) == 1:
             report = compare(model, paths[0], reference=reference, on_layer=on_layer, **options)

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from convdiff.errors import ModelLoadError
-
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+from convdiff.files import HDF5_MAGIC
 
 LayerFixup = Callable[[dict[str, Any]], str | None]
 
@@ -52,7 +51,7 @@ def keras2_version(path: Path) -> str | None:
     import h5py
 
     with open(path, "rb") as f:
-        if f.read(len(_HDF5_MAGIC)) != _HDF5_MAGIC:
+        if f.read(len(HDF5_MAGIC)) != HDF5_MAGIC:
             return None  # a .keras archive: only Keras 3 writes those
     with h5py.File(path, "r") as f:
         version = _text(f.attrs.get("keras_version"))

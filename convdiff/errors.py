@@ -26,5 +26,16 @@ class ResourceError(ConvdiffError):
     """The run needs more memory than is available (a smaller batch or fewer layers fit)."""
 
 
+class BackendError(ConvdiffError):
+    """Keras's backend cannot run a layer of the model on this machine (e.g. TensorFlow's CPU
+    kernels without oneDNN take channels_last data only)."""
+
+
 class OutputError(ConvdiffError):
     """An output path (--json, --junit, --save-outputs) cannot be written."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (for an ``Error:`` line), cut at ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -32,7 +32,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from convdiff.errors import InputError, OutputError
+from convdiff.errors import InputError, OutputError, one_line
 
 __all__ = [
     "FORMAT",
@@ -210,7 +210,7 @@ def save_outputs(
         per_layer_outputs: each layer call's Keras output by name, in execution order.
         inputs: the model inputs, in model input order.
         input_names: their names.
-        environment: :func:`convdiff.loading.environment` of this run.
+        environment: :func:`convdiff.runtime.environment` of this run.
         settings: the run's settings (``Settings.to_dict()``).
 
     Raises:
@@ -279,7 +279,7 @@ def load_recording(path: str | os.PathLike) -> Recording:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(
-            f"cannot read recording {where!r}: {_one_line(exc)} (expected a complete .npz "
+            f"cannot read recording {where!r}: {one_line(exc)} (expected a complete .npz "
             "written by --save-outputs)"
         ) from None
 
@@ -312,7 +312,7 @@ def _read_meta(npz: Any, where: str) -> dict[str, Any]:
             raise ValueError(f"meta entry has dtype {raw.dtype}, shape {raw.shape}")
         meta = json.loads(raw.tobytes().decode())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{where!r}: unreadable 'meta' entry ({_one_line(exc)})") from None
+        raise InputError(f"{where!r}: unreadable 'meta' entry ({one_line(exc)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{where!r} is not a convdiff recording (its 'meta' has another format)")
     if meta.get("version") != VERSION:
@@ -338,11 +338,6 @@ def _array(npz: Any, key: str, dtypes: Mapping[str, str], where: str) -> np.ndar
     if array.dtype.name != name:
         raise InputError(f"{where!r}: {key!r} has dtype {array.dtype}; 'meta' says {name}")
     return array
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
 
 
 # --------------------------------------------------------------------------- matching

@@ -15,6 +15,7 @@ modes. Tensors are dropped as soon as no later layer (or model output) reads the
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from convdiff.budget import Budget
+from convdiff.errors import BackendError
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.explain import likely_cause
 from convdiff.graph import Graph, GraphNode, build_graph
@@ -218,11 +220,7 @@ def run_layers(
     for index, node in enumerate(graph.nodes):
         keras_in = [keras_values[k] for k in node.inputs]
         recorded = keras_recording.layers.get(node.name) if keras_recording else None
-        keras_out = (
-            [recorded]
-            if recorded is not None
-            else [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
-        )
+        keras_out = [recorded] if recorded is not None else _run_keras(node, keras_in)
         if on_output is not None:
             on_output(node.name, keras_out[0])
         numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
@@ -250,6 +248,31 @@ def run_layers(
                 return
 
 
+def _run_keras(node: GraphNode, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The layer call's outputs from Keras, as arrays.
+
+    Raises:
+        BackendError: when Keras's backend cannot run the layer here (no kernel for its
+            configuration on this device).
+    """
+    import keras
+
+    try:
+        return [keras.ops.convert_to_numpy(t) for t in node.call(inputs)]
+    except Exception as exc:  # the backend's own error types: TensorFlow, JAX, torch
+        text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
+        if "only supports the NHWC" in text or "only supports NHWC" in text:
+            raise BackendError(
+                f"Keras cannot run layer {node.name!r} ({node.class_name}, channels_first) on "
+                "this CPU: TensorFlow runs it only through oneDNN, which is off here; run with "
+                "--onednn (or TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported)"
+            ) from None
+        raise BackendError(
+            f"Keras cannot run layer {node.name!r} ({node.class_name}) here: "
+            f"{type(exc).__name__}: {text[:300]}"
+        ) from None
+
+
 def _numpy_inputs(graph: Graph, inputs: Sequence[np.ndarray], settings: Settings):
     """The NumPy side's model inputs: the recording's where one stands in for it."""
     if settings.reference is None:
@@ -265,11 +288,10 @@ def _repeat_ulp(
     Keras itself changes from run to run (GPU atomics, thread scheduling)."""
     if repeat < 2:
         return None
-    import keras
 
     worst = 0
     for _ in range(repeat - 1):
-        again = [keras.ops.convert_to_numpy(t) for t in node.call(keras_in)]
+        again = _run_keras(node, keras_in)
         for a, b in zip(first, again, strict=True):
             if is_float(a.dtype):
                 worst = max(worst, compare(a, b).max_ulp)

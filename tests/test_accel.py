@@ -74,3 +74,32 @@ def test_float32_and_float64_chains_are_compiled():
     for dt in (np.float32, np.float64):
         a = np.ones((4, 1, 1, 3), dt)
         assert accel.operands(a, a, np.dtype(dt)) is not None
+
+
+def test_compiled_code_is_cached_outside_the_package(tmp_path):
+    """numba's cache goes to convdiff's user cache directory: a cache inside the installed
+    package survives a reinstall and shadowed an editable install (a namespace package
+    without ``__version__``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    code = (
+        "import numpy as np; from convdiff import accel, _compiled\n"
+        "a = np.ones((3, 1, 1, 4), np.float32); acc = np.zeros((1, 1, 4))\n"
+        "accel.fma_chain(*accel.operands(a, a, np.dtype(np.float32)), acc, range(3), True)\n"
+        "assert (acc == 3).all(); print(_compiled.__file__)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    env |= {"CONVDIFF_CACHE_DIR": str(tmp_path), "CONVDIFF_NUMBA": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cached = list((tmp_path / "numba").rglob("*.nbi"))
+    assert cached, "no numba index in the user cache directory"
+    package = Path(done.stdout.strip()).parent
+    beside = [
+        p for p in package.rglob("*.nb[ic]") if p.stat().st_mtime >= cached[0].stat().st_mtime
+    ]
+    assert not beside, beside

@@ -136,6 +136,27 @@ def test_help_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
+def test_paths_are_checked_before_tensorflow_is_imported(examples, tmp_path):
+    """A missing input file is reported at once, not after TensorFlow's import (seconds)."""
+    argv = ["convdiff", str(examples / "one_layer.h5"), str(tmp_path / "no.npy")]
+    code = (
+        f"import sys; from convdiff.cli import main\nsys.argv = {argv!r}\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 2, exc.code\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported first'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == f"Error: input file {str(tmp_path / 'no.npy')!r} does not exist"
+
+
+def test_a_broken_installation_is_one_error_line(examples, monkeypatch):
+    """An import failure inside convdiff (a stale or shadowed install) exits 2 with one line:
+    a CI must not read it as exit 1, a layer that failed."""
+    monkeypatch.setitem(sys.modules, "convdiff.api", None)  # importing it raises ImportError
+    result = run(examples / "one_layer.h5", examples / "one_layer_input.npy")
+    assert_error(result, "convdiff could not import convdiff.api", "reinstall")
+
+
 # --------------------------------------------------------------------------- errors: exit 2
 
 

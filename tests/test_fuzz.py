@@ -35,11 +35,13 @@ SPECS = [{"name": "x", "shape": [None, 6, 6, 2], "dtype": "float32"}]
 _WORKER = textwrap.dedent(
     """
     import json, sys, traceback
+    import convdiff.inputs as inputs
     import convdiff.loading as loading
+    import convdiff.modelfile as modelfile
     from convdiff.errors import ConvdiffError
 
-    loading.PROBE_TIMEOUT_S = float(sys.argv[1])
-    specs = [loading.InputSpec(s["name"], tuple(s["shape"]), s["dtype"])
+    modelfile.PROBE_TIMEOUT_S = float(sys.argv[1])
+    specs = [inputs.InputSpec(s["name"], tuple(s["shape"]), s["dtype"])
              for s in json.loads(sys.argv[2])]
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -48,7 +50,7 @@ _WORKER = textwrap.dedent(
             if case["kind"] == "model":
                 loading.load_model(case["path"])
             else:
-                loading.load_inputs(case["path"], specs)
+                inputs.load_inputs(case["path"], specs)
             answer = {"outcome": "loaded", "message": ""}
         except ConvdiffError as exc:
             answer = {"outcome": "error", "message": str(exc)}

@@ -22,9 +22,10 @@ import pytest
 from test_cli import assert_error
 from test_cli import run as run_cli
 
-from convdiff import loading
+from convdiff import modelfile
 from convdiff.errors import ConvdiffError, InputError, ModelLoadError, OutputError, ResourceError
-from convdiff.loading import InputSpec, fit_inputs, load_inputs, load_model, named_inputs
+from convdiff.inputs import InputSpec, fit_inputs, load_inputs, named_inputs
+from convdiff.loading import load_model
 
 MULTI = [InputSpec("a", (None, 4), "float32"), InputSpec("b", (None, 4), "float32")]
 SINGLE = [InputSpec("x", (None, 4), "float32")]
@@ -297,20 +298,20 @@ def test_misnamed_model_files(files, tmp_path):
 def test_hdf5_that_makes_libhdf5_loop_is_stopped(files, tmp_path, monkeypatch):
     path = tmp_path / "loops.h5"
     path.write_bytes(shrink_global_heap_free_space((files / "single.h5").read_bytes()))
-    monkeypatch.setattr(loading, "PROBE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(modelfile, "PROBE_TIMEOUT_S", 3.0)
     with pytest.raises(ModelLoadError, match="could not be read within 3 s"):
         load_model(path)
 
 
 def test_crash_while_reading_is_a_clean_error(files, monkeypatch):
     crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
-    monkeypatch.setattr(loading, "_PROBE_CODE", crash)
+    monkeypatch.setattr(modelfile, "_PROBE_CODE", crash)
     with pytest.raises(ModelLoadError, match=r"made the HDF5 or zip library crash \(signal 11\)"):
         load_model(files / "single.h5")
 
 
 def test_an_unexpected_failure_of_the_reader_is_a_bug_not_a_user_error(files, monkeypatch):
-    monkeypatch.setattr(loading, "_PROBE_CODE", "raise ZeroDivisionError('bug')")
+    monkeypatch.setattr(modelfile, "_PROBE_CODE", "raise ZeroDivisionError('bug')")
     with pytest.raises(RuntimeError, match="ZeroDivisionError: bug") as info:
         load_model(files / "single.h5")
     assert not isinstance(info.value, ConvdiffError)

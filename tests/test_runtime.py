@@ -144,3 +144,88 @@ def test_missing_backend_says_how_to_install(examples):
         "Error: --backend torch needs the torch package, which is not installed; "
         "install it with: pip install 'convdiff[torch]'"
     )
+
+
+# --------------------------------------------------------------------------- oneDNN
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("true", True), ("TRUE", True), ("0", False), ("false", False), ("False", False)],
+)
+def test_onednn_setting_reads_what_tensorflow_reads(monkeypatch, value, expected):
+    from convdiff.runtime import onednn_default, onednn_setting
+
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", value)
+    assert onednn_setting() is expected
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "maybe")  # TensorFlow warns, keeps its default
+    assert onednn_setting() is onednn_default()
+
+
+def test_tensorflow_agrees_with_the_predicted_setting():
+    """convdiff predicts oneDNN's state before TensorFlow is imported (to decide whether a
+    channels_first model needs it turned on): the prediction is what TensorFlow then does."""
+    from convdiff.runtime import environment, onednn_setting
+
+    assert environment()["onednn"] is onednn_setting()
+
+
+@pytest.fixture(scope="module")
+def channels_first_model(tmp_path_factory):
+    import keras
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("channels_first")
+    keras.utils.set_random_seed(4)
+    layer = keras.layers.Conv2D(4, 3, padding="same", data_format="channels_first", name="conv")
+    model = keras.Sequential([keras.Input((3, 8, 8)), layer])
+    model.save(d / "cf.keras")
+    x = np.random.default_rng(4).standard_normal((1, 3, 8, 8)).astype("float32")
+    np.save(d / "x.npy", x)
+    return d / "cf.keras", d / "x.npy"
+
+
+def _env_without_onednn_choice(**extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    return {**env, **extra}
+
+
+def test_channels_first_model_runs_on_any_cpu(channels_first_model):
+    """TensorFlow's CPU runs a channels_first Conv2D only through oneDNN: convdiff turns it on
+    before importing TensorFlow where the CPU leaves it off by default, and says so."""
+    from convdiff.runtime import onednn_default
+
+    model, x = channels_first_model
+    proc = subprocess.run(
+        [sys.executable, "-m", "convdiff", str(model), str(x), "--json", "-"],
+        capture_output=True,
+        text=True,
+        env=_env_without_onednn_choice(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["layers"][0]["status"] in ("identical", "rounding")
+    assert report["environment"]["onednn"] is True
+    note = "oneDNN turned on (TF_ENABLE_ONEDNN_OPTS=1): TensorFlow's CPU runs the channels_first"
+    assert (note in " ".join(proc.stderr.split())) is (not onednn_default()), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_channels_first_model_with_onednn_off_is_one_error_line(channels_first_model):
+    model, x = channels_first_model
+    proc = subprocess.run(
+        [sys.executable, "-m", "convdiff", str(model), str(x), "--no-onednn"],
+        capture_output=True,
+        text=True,
+        env=_env_without_onednn_choice(),
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert len(lines) == 1, proc.stderr
+    assert lines[0] == (
+        "Error: Keras cannot run layer 'conv' (Conv2D, channels_first) on this CPU: TensorFlow "
+        "runs it only through oneDNN, which is off here; run with --onednn (or "
+        "TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported)"
+    )

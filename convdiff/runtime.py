@@ -1,0 +1,349 @@
+"""The TensorFlow runtime: importing it (after what must be set before), the environment record
+of every report, and the settings that change the numbers: device, TF32, op determinism,
+threads.
+
+Every function imports TensorFlow lazily, so ``convdiff --help`` and the metric tests never pay
+for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convdiff import accel
+from convdiff.errors import OptionError
+
+# --------------------------------------------------------------------------- TensorFlow set-up
+
+
+# CPU features for which TensorFlow turns oneDNN on by default on Linux (its
+# DefaultOneDnnPolicy in tensorflow/core/util/port.cc: CPUs with neural-network instructions).
+_ONEDNN_DEFAULT_FLAGS = (
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def onednn_default() -> bool:
+    """Whether TensorFlow turns oneDNN on by default on this CPU (Linux x86-64)."""
+    return any(flag in cpu_flags() for flag in _ONEDNN_DEFAULT_FLAGS)
+
+
+def onednn_setting() -> bool:
+    """Whether TensorFlow's oneDNN path is on (or will be, when it is imported): the
+    ``TF_ENABLE_ONEDNN_OPTS`` values TensorFlow reads (``1``/``true``, ``0``/``false``, any
+    case), else the CPU's default."""
+    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    return onednn_default()
+
+
+def prepare_onednn(
+    onednn: bool | None, device: str, needs_onednn: Callable[[], list[str]]
+) -> str | None:
+    """Choose TensorFlow's oneDNN path for the import to come; return a note when convdiff
+    turned it on itself.
+
+    With ``onednn`` None and no choice in the environment, oneDNN is turned on where the CPU
+    leaves it off by default and the model has layers TensorFlow's CPU runs only through it
+    (``needs_onednn()``: their names, e.g. channels_first Conv2D): without it Keras cannot run
+    them at all. TensorFlow must not be imported yet for that.
+
+    Raises:
+        OptionError: when TensorFlow is already imported and ``onednn`` asks for a change.
+    """
+    if onednn is not None:
+        choose_onednn(onednn)
+        return None
+    chosen = "TF_ENABLE_ONEDNN_OPTS" in os.environ or "tensorflow" in sys.modules
+    if chosen or device != "cpu" or onednn_default():
+        return None
+    names = needs_onednn()
+    if not names:
+        return None
+    choose_onednn(True)
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return (
+        f"oneDNN turned on (TF_ENABLE_ONEDNN_OPTS=1): TensorFlow's CPU runs the channels_first "
+        f"layers {shown} only through oneDNN, which this CPU leaves off by default "
+        "(--no-onednn keeps it off)"
+    )
+
+
+def choose_onednn(onednn: bool | None) -> None:
+    """Turn TensorFlow's oneDNN path on or off (None: its default) for the import to come.
+
+    Only the environment is set: TensorFlow itself is imported later, by
+    :func:`configure_tensorflow`, so that the model file's checks can run meanwhile.
+
+    Raises:
+        OptionError: when TensorFlow is already imported and ``onednn`` asks for a change.
+    """
+    if onednn is None:
+        return
+    wanted = "1" if onednn else "0"
+    if "tensorflow" in sys.modules and onednn_setting() != onednn:
+        raise OptionError(
+            "--onednn/--no-onednn must be set before TensorFlow is imported; "
+            "it was already imported in this process"
+        )
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = wanted
+
+
+def configure_tensorflow(onednn: bool | None = None, threads: int | None = None) -> None:
+    """Import TensorFlow (quietly), after setting what must be set before its first import.
+
+    Raises:
+        OptionError: when TensorFlow is already imported and ``onednn`` asks for a change.
+    """
+    choose_onednn(onednn)
+    _import_tensorflow_quietly()
+    if threads is not None:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up log lines (oneDNN notice, CUDA probing) kept off
+    stderr, unless the user asked for them (TF_CPP_MIN_LOG_LEVEL 0 or 1). Some of those lines
+    are written by C++ before TensorFlow reads the variable, whatever it says, so stderr itself
+    is muted meanwhile; an import error still surfaces as a Python exception."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        import tensorflow
+
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and settings that change the numbers (recorded in every report)."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        # compiled FMA chains (same bits as the NumPy engine; recorded to tell runs apart)
+        "numba": accel.version(),
+        "python": platform.python_version(),
+        "onednn": onednn,
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------- runtime settings
+
+DEVICES = ("cpu", "gpu")
+BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> module
+# CPU features that select different kernels (and so summation orders) in oneDNN and Eigen.
+CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the Keras side runs.
+
+    Attributes:
+        device: ``cpu`` or ``gpu``.
+        tf32: allow TensorFloat-32 for float32 matmuls and convolutions on Ampere and newer GPUs
+            (inputs rounded to 10 mantissa bits). Off by default, as Keras's own tests run.
+        deterministic: TensorFlow op determinism (same result run to run on the same machine).
+        threads: intra-op thread count (None: TensorFlow's default).
+    """
+
+    device: str = "cpu"
+    tf32: bool = False
+    deterministic: bool = False
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_backend(backend: str | None) -> str:
+    """Make ``backend`` Keras's backend (KERAS_BACKEND, before Keras is imported); return the
+    backend in use.
+
+    Raises:
+        OptionError: an unknown backend, one whose package is not installed (with the extra to
+            install), or a change after Keras was already imported with another backend.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    current = os.environ.get("KERAS_BACKEND", "tensorflow")
+    backend = backend or current
+    if backend not in BACKENDS:
+        raise OptionError(f"unknown backend {backend!r}; valid choices are {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(BACKENDS[backend]) is None:
+        raise OptionError(
+            f"--backend {backend} needs the {BACKENDS[backend]} package, which is not installed; "
+            f"install it with: pip install 'convdiff[{backend}]'"
+        )
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
+        raise OptionError(
+            f"--backend {backend}: Keras was already imported with the "
+            f"{sys.modules['keras'].backend.backend()} backend in this process"
+        )
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def backend_environment() -> dict[str, Any]:
+    """The Keras backend in use and its version."""
+    import importlib
+
+    import keras
+
+    backend = keras.backend.backend()
+    module = importlib.import_module(BACKENDS.get(backend, backend))
+    return {"backend": backend, "backend_version": getattr(module, "__version__", "unknown")}
+
+
+def apply_runtime(runtime: Runtime) -> None:
+    """Configure TensorFlow for ``runtime``.
+
+    Raises:
+        OptionError: an unknown device, ``gpu`` where TensorFlow sees none, or thread counts
+            asked for after TensorFlow's runtime already started.
+    """
+    import keras
+    import tensorflow as tf
+
+    if runtime.device not in DEVICES:
+        raise OptionError(f"unknown device {runtime.device!r}; valid choices are cpu, gpu")
+    if runtime.device == "gpu" and keras.backend.backend() != "tensorflow":
+        raise OptionError(
+            f"--device gpu is supported with the tensorflow backend; this run uses "
+            f"{keras.backend.backend()} (which runs on the CPU here)"
+        )
+    if runtime.device == "gpu" and not tf.config.list_physical_devices("GPU"):
+        seen = (
+            ", ".join(
+                d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices()
+            )
+            or "nothing"
+        )
+        raise OptionError(
+            f"--device gpu: TensorFlow sees no GPU (it sees {seen}); run on a machine with an "
+            "NVIDIA GPU and a CUDA build of TensorFlow (pip install 'tensorflow[and-cuda]')"
+        )
+    tf.config.experimental.enable_tensor_float_32_execution(runtime.tf32)
+    if runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if runtime.threads is not None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
+        except RuntimeError:
+            if tf.config.threading.get_intra_op_parallelism_threads() != runtime.threads:
+                raise OptionError(
+                    "--threads must be set before TensorFlow starts its runtime; "
+                    "pass a model path rather than a model object"
+                ) from None
+
+
+@contextlib.contextmanager
+def device_scope(runtime: Runtime) -> Iterator[None]:
+    """Run the Keras side on the chosen device."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    with tf.device("/GPU:0" if runtime.device == "gpu" else "/CPU:0"):
+        yield
+
+
+def runtime_environment(runtime: Runtime) -> dict[str, Any]:
+    """What the report records about the device the Keras side ran on."""
+    import tensorflow as tf
+
+    environment: dict[str, Any] = {
+        **backend_environment(),
+        "device": runtime.device,
+        "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled())
+        and runtime.device == "gpu",
+        "deterministic": runtime.deterministic,
+        "cpu_flags": cpu_flags(),
+    }
+    gpus = tf.config.list_physical_devices("GPU")
+    if runtime.device == "gpu" and gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        environment["device_name"] = details.get("device_name", gpus[0].name)
+        environment["compute_capability"] = details.get("compute_capability")
+    return environment
+
+
+@functools.cache
+def cpu_flags() -> list[str]:
+    """The CPU features among :data:`CPU_FLAGS` this machine has (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    present = set(line.split(":", 1)[-1].split())
+    return [f for f in CPU_FLAGS if f in present]
