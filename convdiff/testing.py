@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from convdiff.orders import Order
 from convdiff.report import Report
 from convdiff.runner import LayerResult
 
@@ -24,7 +25,7 @@ def assert_layers_match(
     model: Any,
     x: Any,
     max_ulp: int | None = None,
-    order: str = "sequential",
+    order: str | Order = "sequential",
     mode: str = "isolated",
     **compare_kwargs: Any,
 ) -> Report:

@@ -53,21 +53,8 @@ def test_multi_input_by_name_and_position(zoo, tmp_path, rng):
 
 
 def test_one_layer_example_identical_in_default_order(examples):
+    """The quickstart's claim: the default order reproduces TensorFlow's CPU convolution of the
+    one-layer example bit for bit. Measured with oneDNN on (AVX-512 and AVX2) and off (AVX2):
+    its nine terms a sum are one fused multiply-add chain from zero in tap order on each path."""
     report = compare(str(examples / "one_layer.h5"), examples / "one_layer_input.npy")
-    statuses = [r.status for r in report.layers]
-    if bit_exact_cpu():
-        assert statuses == ["identical"]
-    else:
-        assert set(statuses) <= {"identical", "rounding"}
-
-
-def bit_exact_cpu() -> bool:
-    """The measured bit-exact reproduction needs x86-64 with AVX-512 and oneDNN on."""
-    import os
-    from pathlib import Path
-
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512f" in flags and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+    assert [r.status for r in report.layers] == ["identical"], report.layers[0].comparison

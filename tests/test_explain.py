@@ -8,6 +8,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import pytest
+from support import NCHW_NEEDS_ONEDNN
 
 from convdiff.evaluate import run_kernel
 from convdiff.explain import _ACTIVATIONS, _activated, _with, hypotheses, likely_cause
@@ -366,7 +367,11 @@ def test_fast_enough_for_every_divergent_layer(rng):
     ("layer", "shape"),
     [
         (lambda: keras.layers.Conv2D(3, 2, activation="relu"), (1, 4, 4, 2)),
-        (lambda: keras.layers.Conv2D(3, 2, data_format="channels_first"), (1, 2, 4, 5)),
+        pytest.param(
+            lambda: keras.layers.Conv2D(3, 2, data_format="channels_first"),
+            (1, 2, 4, 5),
+            marks=NCHW_NEEDS_ONEDNN,
+        ),
         (lambda: keras.layers.Dense(3), (2, 5)),
         (lambda: keras.layers.Activation("tanh"), (2, 5)),
     ],
@@ -421,9 +426,10 @@ def test_batchnorm_parameters_along_the_wrong_axis(rng):
         (lambda: keras.layers.DepthwiseConv1D(3, padding="same"), (1, 6, 2)),
         (lambda: keras.layers.Conv1DTranspose(2, 3, padding="same"), (1, 4, 2)),
         (lambda: keras.layers.Conv3DTranspose(2, 2, strides=2), (1, 2, 2, 2, 2)),
-        (
+        pytest.param(
             lambda: keras.layers.Conv2D(2, 3, padding="same", data_format="channels_first"),
             (1, 2, 4, 4),
+            marks=NCHW_NEEDS_ONEDNN,
         ),
         (lambda: keras.layers.AveragePooling1D(2, padding="same"), (1, 5, 2)),
         (lambda: keras.layers.MaxPooling3D(2, padding="same"), (1, 3, 3, 3, 2)),

@@ -6,14 +6,11 @@ channels_first, bias, activation), every summation order, and checks that a wron
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from support import assert_matches_keras, check_layer
+from support import SEQUENTIAL_IS_EXACT, assert_matches_keras, check_layer
 
 from convdiff.evaluate import run_kernel
 from convdiff.graph import layer_spec
@@ -229,17 +226,6 @@ def test_matches_keras(case, rng):
     assert_matches_keras(layer, x)
 
 
-def _onednn_with_avx512() -> bool:
-    """The environment NUMERICS.md measured bit-exactness in: x86-64, AVX-512, oneDNN on."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512f" in flags and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false")
-
-
 def test_seed_model_bit_exact():
     """NUMERICS.md's one-layer model: sequential FMA over (row, col, channel) is Keras's order."""
     rng = np.random.default_rng(0)
@@ -251,8 +237,9 @@ def test_seed_model_bit_exact():
     layer.set_weights([kernel, np.zeros(32, "float32")])
     x = rng.standard_normal((1, 64, 64, 1)).astype("float32")
     check = assert_matches_keras(layer, x)
-    if _onednn_with_avx512():
-        assert check.comparison.max_ulp == 0, check.comparison
+    # Nine terms a sum: one fused multiply-add chain from zero in tap order on every CPU path
+    # measured (oneDNN on with AVX-512 and AVX2, Eigen with AVX2).
+    assert check.comparison.max_ulp == 0, check.comparison
 
 
 # Configurations whose default order (sequential FMA over the tap axes) was measured to
@@ -269,7 +256,7 @@ EXACT_CASES = [
 ]
 
 
-@pytest.mark.skipif(not _onednn_with_avx512(), reason="bit-exactness measured on AVX-512 + oneDNN")
+@SEQUENTIAL_IS_EXACT
 @pytest.mark.parametrize("case", EXACT_CASES, ids=_case_id)
 def test_bit_exact_on_reference_cpu(case, rng):
     layer, x = _build(*case, rng)

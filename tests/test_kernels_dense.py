@@ -4,14 +4,11 @@ mixed_float16 compute dtypes, every summation order, and checks that a wrong ker
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from support import assert_matches_keras
+from support import assert_matches_keras, sequential_is_exact
 
 from convdiff.evaluate import run_kernel
 from convdiff.graph import layer_spec
@@ -85,17 +82,6 @@ def test_accumulator_dtypes_within_bound(accumulate, rng):
     assert_matches_keras(layer, x, Order(accumulate=accumulate))
 
 
-def _onednn_with_avx512() -> bool:
-    """The environment NUMERICS.md measured bit-exactness in: x86-64, AVX-512, oneDNN on."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512f" in flags and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false")
-
-
 EXACT_CASES = [
     (dict(units=8), (4, 16), Order()),
     (dict(units=8, activation="relu"), (2, 5, 16), Order()),
@@ -118,7 +104,7 @@ def test_bit_exact_on_reference_cpu(kwargs, shape, order, rng):
     another, unidentified order.)"""
     layer, x = _build(kwargs, shape, rng)
     check = assert_matches_keras(layer, x, order)
-    if _onednn_with_avx512():
+    if sequential_is_exact():
         assert check.comparison.max_ulp == 0, check.comparison
 
 
