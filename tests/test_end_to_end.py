@@ -8,6 +8,9 @@ import pytest
 
 from convdiff.api import compare
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict:

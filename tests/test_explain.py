@@ -16,6 +16,9 @@ from convdiff.graph import layer_spec
 from convdiff.kernels import find_kernel
 from convdiff.orders import Order
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 # --- plain NumPy implementations, as a user writes them (float64 inside) -----------------------
 
 

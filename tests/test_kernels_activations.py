@@ -20,6 +20,9 @@ from convdiff.kernels import activations as acts
 from convdiff.metrics import compare, is_identical, within_bound
 from convdiff.numerics import Rounded
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 L = keras.layers
 NAMES = sorted(acts.ACTIVATIONS)
 AXIS_NAMES = {"softmax", "log_softmax", "sparsemax", "glu"}  # act along the last axis

@@ -19,6 +19,9 @@ from convdiff.metrics import compare, within_bound
 from convdiff.numerics import Rounded
 from convdiff.orders import ORDER_NAMES, Order
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 L = keras.layers
 
 # (layer class, constructor kwargs, input shape without batch). Channels are small so the whole

@@ -17,6 +17,9 @@ from convdiff.metrics import compare, within_bound
 from convdiff.numerics import Rounded
 from convdiff.orders import ORDER_NAMES, Order
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 # (constructor kwargs, input shape with batch)
 DENSE_CASES = [
     (dict(units=8), (4, 16)),

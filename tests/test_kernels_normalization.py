@@ -22,6 +22,9 @@ from convdiff.metrics import compare, within_bound
 from convdiff.numerics import Bounded, Rounded
 from convdiff.orders import Order
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 L = keras.layers
 SHAPE = (5, 6, 8)  # without batch: rank-4 inputs, 8 channels last, 5 "channels" first
 DTYPES = ["float32", "float16", "mixed_float16", "bfloat16"]

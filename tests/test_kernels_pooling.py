@@ -18,6 +18,9 @@ from convdiff.graph import layer_spec
 from convdiff.kernels import LayerSpec, Unsupported, find_kernel, registry
 from convdiff.metrics import compare, is_identical, within_bound
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 L = keras.layers
 
 # (constructor kwargs, input shape without batch), run for both MaxPooling and AveragePooling.

@@ -13,6 +13,9 @@ from convdiff.graph import layer_spec
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import compare, within_bound
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 L = keras.layers
 
 # Each kernel is a few correctly rounded IEEE operations (*, +, -, /, sqrt) in Keras's order,

@@ -13,6 +13,9 @@ from support import default_order_reproduces
 from convdiff.cli import cli
 from convdiff.kernels import supported_layers_markdown
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 

@@ -11,6 +11,9 @@ from click.testing import CliRunner
 
 from convdiff.cli import cli
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 
 def has_gpu() -> bool:
     import tensorflow as tf

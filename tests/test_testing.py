@@ -13,6 +13,9 @@ from convdiff import kernels
 from convdiff.report import Report
 from convdiff.testing import assert_layers_match, failing_layers
 
+# Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
+pytestmark = pytest.mark.onednn
+
 
 class Twice(keras.layers.Layer):
     """A custom layer computing x * 2 (convdiff has no kernel for it until a test registers one)."""
