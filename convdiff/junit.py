@@ -36,33 +36,21 @@ __all__ = ["to_junit"]
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
-def to_junit(
-    report: Report | Sequence[Report],
-    *,
-    durations: Sequence[float] | None = None,
-    timestamp: datetime | None = None,
-) -> bytes:
+def to_junit(report: Report | Sequence[Report], *, timestamp: datetime | None = None) -> bytes:
     """The report (or several, one per input) as a UTF-8 JUnit XML document: one
-    ``<testsuite>`` per report, one ``<testcase>`` per layer.
+    ``<testsuite>`` per report, one ``<testcase>`` per layer, timed by the layer's
+    ``seconds`` (running it through Keras and comparing it).
 
     Args:
         report: the run's report, or the reports of a run over many inputs.
-        durations: seconds per layer call, aligned with ``report.layers`` (a single report
-            only); 0 when not given.
         timestamp: when the run started (default: now, UTC).
 
     Returns:
         The XML document, with its declaration, as bytes.
     """
     reports = [report] if isinstance(report, Report) else list(report)
-    if durations is not None and len(reports) != 1:
-        raise ValueError("durations are for a single report")
-    if durations is not None and len(durations) != len(reports[0].layers):
-        raise ValueError(
-            f"durations has {len(durations)} entries for {len(reports[0].layers)} layers"
-        )
     stamp = (timestamp or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S")
-    suites = [_suite(r, durations, stamp, len(reports) > 1) for r in reports]
+    suites = [_suite(r, stamp, len(reports) > 1) for r in reports]
     totals = {k: sum(int(s.get(k)) for s in suites) for k in ("tests", "failures", "errors")}
     total = _fmt_time(sum(float(s.get("time")) for s in suites))
     # Jenkins' schema has no "skipped" on <testsuites>: only on <testsuite>.
@@ -73,13 +61,10 @@ def to_junit(
     return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode()
 
 
-def _suite(report: Report, durations, stamp: str, per_input: bool) -> ET.Element:
+def _suite(report: Report, stamp: str, per_input: bool) -> ET.Element:
     """One report as a ``<testsuite>``."""
-    seconds = list(durations) if durations is not None else [0.0] * len(report.layers)
     classname = PurePath(str(report.model)).name or str(report.model)
-    cases = [
-        _testcase(r, classname, report, t) for r, t in zip(report.layers, seconds, strict=True)
-    ]
+    cases = [_testcase(r, classname, report) for r in report.layers]
     counts = {
         "tests": len(cases),
         "failures": sum(c.find("failure") is not None for c in cases),
@@ -94,7 +79,7 @@ def _suite(report: Report, durations, stamp: str, per_input: bool) -> ET.Element
         name=name,
         timestamp=stamp,
         hostname=_clean(socket.gethostname()) or "localhost",
-        time=_fmt_time(sum(seconds)),
+        time=_fmt_time(sum(r.seconds for r in report.layers)),
         **_str_values(counts),
     )
     suite.append(_properties(report))
@@ -104,12 +89,12 @@ def _suite(report: Report, durations, stamp: str, per_input: bool) -> ET.Element
     return suite
 
 
-def _testcase(r: LayerResult, classname: str, report: Report, seconds: float) -> ET.Element:
+def _testcase(r: LayerResult, classname: str, report: Report) -> ET.Element:
     case = ET.Element(
         "testcase",
         classname=_clean(classname),
         name=_clean(f"{r.index} {r.name} ({r.class_name})"),
-        time=_fmt_time(seconds),
+        time=_fmt_time(r.seconds),
     )
     if r.status == "error":
         error = ET.SubElement(case, "error", type="error", message=_clean(_message(r, report)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,7 @@ class LayerResult:
     orders: list[dict[str, Any]] | None = None
     resumed_after: str | None = None
     side: str = "NumPy"
+    seconds: float = 0.0
 
     @property
     def over_budget(self) -> bool:
@@ -182,6 +184,7 @@ class LayerResult:
             "orders": self.orders,
             "resumed_after": self.resumed_after,
             "compared_with": self.side,
+            "seconds": self.seconds,
         }
 
 
@@ -218,6 +221,7 @@ def run_layers(
     # make every later layer's figures the divergence's, not the layer's own).
     resumed: dict[int, str | None] = {k: None for k in graph.inputs}
     for index, node in enumerate(graph.nodes):
+        started = time.perf_counter()
         keras_in = [keras_values[k] for k in node.inputs]
         recorded = keras_recording.layers.get(node.name) if keras_recording else None
         keras_out = [recorded] if recorded is not None else _run_keras(node, keras_in)
@@ -243,6 +247,7 @@ def run_layers(
             resumed[key] = after
         _release(node, graph, remaining, keras_values, numpy_values, scale_values, resumed)
         if result is not None:
+            result.seconds = time.perf_counter() - started
             yield result
             if settings.stop_at_first and result.status == "divergent":
                 return

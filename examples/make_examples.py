@@ -36,13 +36,24 @@ def deep() -> keras.Model:
     return keras.Sequential(layers, name="deep8")
 
 
+def with_random_biases(model: keras.Model, seed: int) -> keras.Model:
+    """Keras initialises biases to zero; small random ones make a missing or misplaced bias a
+    visible mistake."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if getattr(layer, "bias", None) is not None:
+            shape = tuple(layer.bias.shape)
+            layer.bias.assign(rng.uniform(-0.1, 0.1, shape).astype("float32"))
+    return model
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
-    model = one_layer()
+    model = with_random_biases(one_layer(), 10)
     model.save(HERE / "one_layer.h5")
     model.save(HERE / "one_layer.keras")
     np.save(HERE / "one_layer_input.npy", rng.standard_normal((1, 64, 64, 1)).astype("float32"))
-    model = deep()
+    model = with_random_biases(deep(), 11)
     model.save(HERE / "deep8.keras")
     np.save(HERE / "deep8_input.npy", rng.standard_normal((1, 32, 32, 3)).astype("float32"))
 

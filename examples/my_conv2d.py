@@ -48,6 +48,11 @@ def forward_flipped(inp, filter_weights, filter_biases):
     return forward_vectorized(inp, filter_weights[::-1, ::-1], filter_biases)
 
 
+def forward_no_bias(inp, filter_weights, filter_biases):
+    """Another: the bias forgotten."""
+    return forward_vectorized(inp, filter_weights, np.zeros_like(filter_biases))
+
+
 def forward_shifted(inp, filter_weights, filter_biases):
     """Another: 'same' padding put all on one side (pad 2 after, none before)."""
     n, h, w, c = inp.shape

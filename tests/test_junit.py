@@ -169,14 +169,12 @@ def test_text_that_xml_cannot_hold_is_escaped_or_replaced(schema):
 
 def test_durations_timestamp_and_empty_report(schema):
     report = _every_status()
-    data = to_junit(
-        report, durations=[0.5, 1, 0.25, 0, 2, 0.125], timestamp=datetime(2026, 1, 2, 3, 4, 5)
-    )
+    for layer, seconds in zip(report.layers, [0.5, 1, 0.25, 0, 2, 0.125], strict=True):
+        layer.seconds = seconds
+    data = to_junit(report, timestamp=datetime(2026, 1, 2, 3, 4, 5))
     suite = assert_valid_junit(data, schema)
     assert suite.get("time") == "3.875" and suite.get("timestamp") == "2026-01-02T03:04:05"
     assert [c.get("time") for c in suite.findall("testcase")][:2] == ["0.500", "1.000"]
-    with pytest.raises(ValueError, match="durations has 1 entries for 6 layers"):
-        to_junit(report, durations=[1.0])
     empty = assert_valid_junit(to_junit(_report([])), schema)
     assert empty.get("tests") == "0" and empty.findall("testcase") == []
 
@@ -215,6 +213,8 @@ def test_real_run_over_budget(examples, schema):
     suite = assert_valid_junit(to_junit(report), schema)
     (case,) = suite.findall("testcase")
     assert case.get("classname") == "one_layer.h5" and case.get("name") == "0 conv2d (Conv2D)"
+    # each layer's time: running it through Keras and comparing it
+    assert float(case.get("time")) > 0 and case.get("time") == f"{report.layers[0].seconds:.3f}"
     failure = case.find("failure")
     max_ulp = report.layers[0].comparison.max_ulp
     assert failure.get("type") == "over budget" and max_ulp > 0
@@ -225,8 +225,26 @@ def test_real_run_over_budget(examples, schema):
 # --------------------------------------------------------------------------- the CI example
 
 
+def test_the_bound_is_a_budget_that_holds_on_any_cpu(examples, tmp_path):
+    """The README's CI command without a raw ULP budget: a correct model passes on any CPU
+    (every difference within its rigorous bound), a wrong implementation fails."""
+    from click.testing import CliRunner
+
+    from convdiff.cli import cli
+
+    for model, x in (("deep8.keras", "deep8_input.npy"), ("one_layer.h5", "one_layer_input.npy")):
+        args = [str(examples / model), str(examples / x), "--junit", str(tmp_path / "r.xml")]
+        for fma in ("--fma", "--no-fma"):  # rounding differences or none: both pass
+            assert CliRunner().invoke(cli, [*args, fma]).exit_code == 0
+    wrong = f"conv2d={examples / 'my_conv2d.py'}:forward_no_bias"
+    result = CliRunner().invoke(cli, [*args, "--impl", wrong])
+    assert result.exit_code == 1
+    assert "matches if the bias is left out" in " ".join(result.stdout.split())
+
+
 @pytest.mark.parametrize("status", [0, 1, 2])
-def test_ci_step_passes_budget_and_junit_and_keeps_the_exit_status(tmp_path, status):
+@pytest.mark.parametrize("max_ulp", ["4", ""])
+def test_ci_step_passes_budget_and_junit_and_keeps_the_exit_status(tmp_path, status, max_ulp):
     """examples/ci/convdiff-step.sh, with a stand-in convdiff that records its arguments."""
     import os
     import subprocess
@@ -242,7 +260,7 @@ def test_ci_step_passes_budget_and_junit_and_keeps_the_exit_status(tmp_path, sta
         "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
         "ARGS_FILE": str(tmp_path / "args"),
         "RC": str(status),
-        "CONVDIFF_MAX_ULP": "4",
+        "CONVDIFF_MAX_ULP": max_ulp,
         "CONVDIFF_ARGS": "--max-ulp block*=16  --quantile 0.999",
     }
     env.pop("CONVDIFF_INSTALL", None)
@@ -256,8 +274,7 @@ def test_ci_step_passes_budget_and_junit_and_keeps_the_exit_status(tmp_path, sta
         "--random-input",
         "--seed",
         "0",
-        "--max-ulp",
-        "4",
+        *(["--max-ulp", max_ulp] if max_ulp else []),
         "--json",
         "convdiff-report/report.json",
         "--junit",

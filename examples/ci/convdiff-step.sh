@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# A CI step: run convdiff on a model with a ULP budget, leave a JUnit report (and the JSON
-# report) for the CI system to publish, and fail the step when a layer diverges, errors or goes
-# over budget.
+# A CI step: run convdiff on a model, leave a JUnit report (and the JSON report) for the CI
+# system to publish, and fail the step when a layer diverges (a difference beyond its rigorous
+# rounding bound: that holds on any CPU for a correct model), errors, or goes over an optional
+# ULP budget.
 #
 # Usage:  convdiff-step.sh MODEL [INPUT]
 #         (without INPUT: a seeded standard-normal input of the model's shape)
 #
 # Environment, all optional:
-#   CONVDIFF_MAX_ULP   global ULP budget per layer (default 8)
+#   CONVDIFF_MAX_ULP   global raw ULP budget per layer (default: none, the bound decides);
+#                      raw ULP figures depend on the CPU, so pin a budget to one machine
 #   CONVDIFF_ARGS      more convdiff options, split on whitespace, never glob-expanded, e.g.
 #                      "--max-ulp block*=16 --quantile 0.999 --no-onednn"
 #   CONVDIFF_OUT       directory for report.xml and report.json (default convdiff-report)
@@ -37,7 +39,10 @@ if [ -n "$input" ]; then
 else
   cmd+=(--random-input --seed 0)
 fi
-cmd+=(--max-ulp "${CONVDIFF_MAX_ULP:-8}" --json "$out/report.json" --junit "$out/report.xml")
+if [ -n "${CONVDIFF_MAX_ULP:-}" ]; then
+  cmd+=(--max-ulp "$CONVDIFF_MAX_ULP")
+fi
+cmd+=(--json "$out/report.json" --junit "$out/report.xml")
 # Split CONVDIFF_ARGS on whitespace; `read -a` does no pathname expansion, so a pattern such as
 # block*=16 reaches convdiff as written.
 extra=()
