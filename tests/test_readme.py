@@ -55,3 +55,15 @@ def test_example_output_is_true(command, shown, monkeypatch):
     assert [line.rstrip() for line in result.stdout.splitlines()] == [
         line.rstrip() for line in shown
     ]
+
+
+def test_python_example_runs_as_written():
+    """The README's Python example, run from the repository root as a new user would."""
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (code,) = [b for b in blocks if "convdiff.compare(" in b]
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "True None", done.stdout
