@@ -52,15 +52,16 @@ class UserImpl:
 
     def __call__(
         self, inputs: Sequence[np.ndarray], weights: Sequence[np.ndarray], config: dict[str, Any]
-    ) -> np.ndarray:
-        """Call the user's function; any exception it raises becomes :class:`ImplFailure`."""
+    ) -> Any:
+        """Call the user's function and return what it returned (an array, or a list, a
+        scalar...: the caller reads it as an array); any exception it raises becomes
+        :class:`ImplFailure`."""
         x: Any = list(inputs) if len(inputs) != 1 else inputs[0]
         kwargs = {"config": config} if self.takes_config else {}
         try:
-            out = self.function(x, *weights, **kwargs)
+            return self.function(x, *weights, **kwargs)
         except Exception as exc:
             raise ImplFailure(self, exc) from exc
-        return np.asarray(out)
 
 
 class ImplFailure(Exception):

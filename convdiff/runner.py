@@ -347,6 +347,7 @@ def _compare_node(
     if impl is not None:
         result.side = result.impl or "the recording"
     order = settings.order
+    returned: list[str] = []  # what the user's function returned, when not an array
     try:
         if settings.candidates and kernel is not None and impl is None:
             result.orders = _rank_orders(kernel, spec, numpy_in, first, settings.candidates)
@@ -357,7 +358,7 @@ def _compare_node(
             numpy_in,
             order,
             reference_inputs=keras_in,
-            candidate=_candidate(impl, spec) if impl else None,
+            candidate=_candidate(impl, spec, returned) if impl else None,
         )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
@@ -365,7 +366,7 @@ def _compare_node(
     except ImplFailure as exc:
         result.status, result.reason, result.traceback = "error", str(exc), exc.traceback
         return result, keras_out, None
-    output, notes = _conform(run.output, first, impl)
+    output, notes = _conform(run.output, first, impl, returned)
     if output is None:
         result.status, result.reason = ("error" if impl else "divergent"), notes
         result.likely_cause = _explain(kernel, spec, numpy_in, run.output, impl, settings)
@@ -480,16 +481,31 @@ class _RecordedOutput:
         return self.output
 
 
-def _candidate(impl: UserImpl, spec) -> Callable[[list[np.ndarray]], np.ndarray]:
+def _candidate(
+    impl: UserImpl, spec, returned: list[str] | None = None
+) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """The user's function as a candidate; the type of what it returns, when that is not an
+    array (a list, a scalar), is put in ``returned`` for the notes."""
     weights = list(spec.weights.values())
-    return lambda inputs: impl(inputs, weights, spec.config)
+
+    def call(inputs: list[np.ndarray]) -> np.ndarray:
+        out = impl(inputs, weights, spec.config)
+        if returned is not None and not isinstance(out, np.ndarray):
+            returned.append(type(out).__name__)
+        return np.asarray(out)
+
+    return call
 
 
 def _conform(
-    output: np.ndarray, keras_out: np.ndarray, impl: UserImpl | _RecordedOutput | None
+    output: np.ndarray,
+    keras_out: np.ndarray,
+    impl: UserImpl | _RecordedOutput | None,
+    returned: Sequence[str] = (),
 ) -> tuple[np.ndarray | None, str | None]:
     """Check the NumPy side's shape, round another dtype to Keras's (with a note)."""
     who = impl.label if impl else "the NumPy kernel"
+    what = f"a {returned[0]} (read as {output.dtype})" if returned else str(output.dtype)
     if output.shape != keras_out.shape:
         return None, (
             f"{who} returned shape {tuple(output.shape)}; Keras's output has shape "
@@ -497,8 +513,8 @@ def _conform(
         )
     if output.dtype != keras_out.dtype:
         if output.dtype.kind not in "biuf" and not is_float(output.dtype):
-            return None, f"{who} returned dtype {output.dtype}; expected {keras_out.dtype}"
-        note = f"{who} returned {output.dtype}; rounded to {keras_out.dtype} for the comparison"
+            return None, f"{who} returned {what}; expected {keras_out.dtype}"
+        note = f"{who} returned {what}; rounded to {keras_out.dtype} for the comparison"
         return round_to(output.astype(np.float64), keras_out.dtype), note
     return output, None
 

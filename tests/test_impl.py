@@ -95,6 +95,9 @@ def two_layer(tmp_path):
             y[0, 1, 2, 0] = np.nan
             return y
 
+        def as_list(x, kernel, bias):
+            return correct(x, kernel, bias).tolist()
+
         def negated(x, kernel, bias):
             return -correct(x, kernel, bias)
 
@@ -243,3 +246,15 @@ def test_propagated_mode_resumes_after_a_divergent_layer(two_layer):
     assert second["bound_ratio"] <= 1
     text = " ".join(run(*args).stdout.split())
     assert "Later layers are fed from Keras's output of first on the NumPy side" in text
+
+
+def test_a_returned_list_is_named_as_such(two_layer):
+    d = two_layer
+    impl = f"first={d / 'impls.py'}:as_list"
+    data = json.loads(run(d / "two.keras", d / "x.npy", "--impl", impl, "--json", "-").stdout)
+    first = data["layers"][0]
+    assert first["status"] in ("identical", "rounding")
+    assert first["reason"] == (
+        f"your implementation {d / 'impls.py'}:as_list returned a list (read as float64); "
+        "rounded to float32 for the comparison"
+    )
