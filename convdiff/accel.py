@@ -12,7 +12,7 @@ term of the chain is added, each term's operands read once per chunk.
 
 Only float32 and float64 accumulators with operands of their own dtype are compiled (the
 NumPy engine emulates a float64 fused step with Dekker's exact product and a round-to-odd sum,
-see :func:`convdiff.orders.fma64`). For anything else, or without numba, or with
+see :func:`convdiff.floats.fma64`). For anything else, or without numba, or with
 ``CONVDIFF_NUMBA=0`` in the environment, :func:`operands` returns None and the NumPy engine
 does the work. The tests run both paths on the same reductions and require identical bits.
 """

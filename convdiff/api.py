@@ -359,8 +359,9 @@ def compare_runs(
 
 def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
     """Without a model: each layer both recordings hold, compared bit for bit, no bound."""
+    from convdiff.floats import is_float
     from convdiff.metrics import compare as compare_arrays
-    from convdiff.metrics import is_float, is_identical
+    from convdiff.metrics import is_identical
 
     matched, _, _ = match_layers(second, list(first.layers))
     results = []

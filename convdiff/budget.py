@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from convdiff.errors import OptionError
-from convdiff.metrics import is_float, scaled_ulp, ulp_distance
+from convdiff.floats import is_float
+from convdiff.metrics import scaled_ulp, ulp_distance
 
 __all__ = ["Budget", "LayerLimits", "Rule", "parse_budget", "ulp_quantile"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convdiff.floats import is_float
 from convdiff.kernels import Kernel, LayerSpec
-from convdiff.metrics import is_float
 from convdiff.numerics import Bounded, Rounded
 from convdiff.orders import Order, accumulator_dtype
 

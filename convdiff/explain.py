@@ -26,12 +26,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from convdiff.evaluate import KernelRun, run_kernel
+from convdiff.floats import is_float, round_to
 from convdiff.kernels import Kernel, LayerSpec, Unsupported
 from convdiff.kernels.activations import activate
 from convdiff.kernels.conv import _geometry, _pads
-from convdiff.metrics import compare, is_float, is_identical, within_bound
+from convdiff.metrics import compare, is_identical, within_bound
 from convdiff.numerics import Bounded, Rounded, Tracked
-from convdiff.orders import Order, accumulator_dtype, round_to
+from convdiff.orders import Order, accumulator_dtype
 
 __all__ = ["Hypothesis", "hypotheses", "likely_cause"]
 

@@ -2,9 +2,9 @@
 
 The unit of comparison is the ULP (unit in the last place): the number of representable values
 of the arrays' dtype that lie between two numbers. ULP distances are counted exactly on the bit
-patterns (numpy's ``nulp_diff`` overflows for opposite signs near the float32 limits, see
-NUMERICS.md), and NaN/inf disagreements are reported as counts of their own instead of being folded
-into the ULPs.
+patterns (numpy's ``nulp_diff`` overflows for opposite signs near the float32 limits: -3e38 vs
+3e38 gives 2.07e7 instead of 4,274,217,932), and NaN/inf disagreements are reported as counts
+of their own instead of being folded into the ULPs.
 
 All functions are vectorised, never overflow and never emit floating-point warnings.
 """
@@ -19,6 +19,8 @@ import ml_dtypes
 import numpy as np
 from numpy.typing import DTypeLike
 
+from convdiff.floats import FLOAT_DTYPES, float_dtype
+
 __all__ = [
     "Comparison",
     "Worst",
@@ -28,59 +30,14 @@ __all__ = [
     "ulp_distance",
     "ulp_histogram",
     "ulp_of",
-    "unit_roundoff",
     "within_bound",
     "worst_elements",
 ]
-
-# Float dtypes with IEEE-754 style bit layout (sign bit, biased exponent, trailing significand,
-# all-ones exponent for inf/NaN) whose bit patterns ulp_distance can order.
-_SUPPORTED: dict[np.dtype, type] = {
-    np.dtype(np.float16): np.uint16,
-    np.dtype(ml_dtypes.bfloat16): np.uint16,
-    np.dtype(np.float32): np.uint32,
-    np.dtype(np.float64): np.uint64,
-}
-
 
 # bfloat16's ufuncs and casts (ml_dtypes) flag a signalling NaN as an invalid operation; the
 # NaN stays NaN and is counted as one, so the functions that read arrays of any supported
 # dtype run with that flag silenced.
 _quiet_nans = np.errstate(invalid="ignore")
-
-
-def is_float(dtype: DTypeLike) -> bool:
-    """Whether convdiff compares ``dtype`` as floating point (bfloat16 included, whose NumPy
-    ``kind`` is 'V', not 'f')."""
-    return np.dtype(dtype) in _SUPPORTED
-
-
-def _float_dtype(dtype: DTypeLike) -> np.dtype:
-    """Returns ``dtype`` as a supported float dtype, or raises ValueError."""
-    dt = np.dtype(dtype)
-    if dt not in _SUPPORTED:
-        names = ", ".join(str(d) for d in _SUPPORTED)
-        raise ValueError(f"unsupported dtype {dt}; valid choices are: {names}")
-    return dt
-
-
-def unit_roundoff(dtype: DTypeLike) -> float:
-    """Unit roundoff u of a float dtype under round-to-nearest.
-
-    u is half the spacing at 1.0, i.e. 2**-(p) for a p-bit significand: 2**-24 for float32,
-    2**-11 for float16, 2**-8 for bfloat16 and 2**-53 for float64.
-
-    Args:
-        dtype: One of float16, ml_dtypes.bfloat16, float32, float64.
-
-    Returns:
-        The unit roundoff as a Python float.
-
-    Raises:
-        ValueError: If ``dtype`` is not a supported float dtype.
-    """
-    # nmant counts the stored significand bits; the implicit leading bit makes p = nmant + 1.
-    return 2.0 ** -(ml_dtypes.finfo(_float_dtype(dtype)).nmant + 1)
 
 
 @_quiet_nans
@@ -102,7 +59,7 @@ def ulp_of(x: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     Raises:
         ValueError: If ``dtype`` is not a supported float dtype.
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     info = ml_dtypes.finfo(dt)
     with np.errstate(over="ignore", invalid="ignore"):
         # Rounding to dtype first: a value just below a power of two may round up to it, and the
@@ -120,7 +77,7 @@ def ulp_of(x: np.ndarray, dtype: DTypeLike) -> np.ndarray:
 
 def _sign_magnitude(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Splits a float array's bit patterns into (negative: bool, magnitude: uint64)."""
-    bits = x.view(_SUPPORTED[x.dtype]).astype(np.uint64)
+    bits = x.view(FLOAT_DTYPES[x.dtype]).astype(np.uint64)
     width = 8 * x.dtype.itemsize
     negative = (bits >> np.uint64(width - 1)) != 0
     # Clearing the sign bit leaves exponent|significand, which for IEEE floats is an integer that
@@ -156,7 +113,7 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b)
     if a.dtype != b.dtype:
         raise ValueError(f"ulp_distance needs equal dtypes; received {a.dtype} and {b.dtype}")
-    _float_dtype(a.dtype)
+    float_dtype(a.dtype)
     a, b = np.broadcast_arrays(a, b)
     nan = np.isnan(a) | np.isnan(b)
     if a.dtype.itemsize <= 4:
@@ -332,7 +289,7 @@ def _pair(reference: Any, candidate: Any, what: str) -> tuple[np.ndarray, np.nda
             f"{what} needs equal shapes and dtypes; received reference "
             f"{reference.shape} {reference.dtype} and candidate {candidate.shape} {candidate.dtype}"
         )
-    _float_dtype(reference.dtype)
+    float_dtype(reference.dtype)
     return reference, candidate
 
 
@@ -648,7 +605,7 @@ def _scaled_ulp64(
 ) -> np.ndarray:
     """:func:`scaled_ulp` of arrays already in float64 (``diff``: ``|cand64 - ref64|`` when
     the caller has it)."""
-    info = ml_dtypes.finfo(_float_dtype(dtype))
+    info = ml_dtypes.finfo(float_dtype(dtype))
     finite = np.isfinite(ref64) & np.isfinite(cand64)
     with np.errstate(all="ignore"):
         # fmax skips a NaN: a NaN magnitude (NaN inputs) gives no credit for large terms, the

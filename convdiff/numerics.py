@@ -28,35 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms, round_to
+from convdiff.floats import round_to, underflow_unit, unit_roundoff
+from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms
 
 # Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
 # evaluation rounded once) in units in the last place of its result, per implementation.
 FUNCTION_ULPS = 4.0
-
-
-def unit_roundoff(dtype: Any) -> float:
-    """Unit roundoff ``u`` of a float dtype (2**-24 for float32)."""
-    return 2.0 ** -(_finfo(dtype).nmant + 1)
-
-
-def _finfo(dtype: Any):
-    dtype = np.dtype(dtype)
-    return ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
-
-
-def underflow_unit(dtype: Any) -> float:
-    """Largest absolute error of one rounded operation near zero.
-
-    IEEE gradual underflow would need only half the smallest subnormal, but TensorFlow's CPU
-    kernels run with flush-to-zero and denormals-are-zero (measured: ``tf.exp(-88.)`` is 0,
-    ``1e-40 * 1.0`` is 0), so a result or operand below the smallest normal number can become
-    0: the absolute error of one step is then up to the smallest normal number.
-    """
-    return float(_finfo(dtype).smallest_normal)
 
 
 @dataclass

@@ -33,6 +33,15 @@ import numpy as np
 
 from convdiff import accel
 from convdiff.errors import OptionError
+from convdiff.floats import (
+    exact_products,
+    finfo,
+    fma64,
+    mantissa_bits,
+    quantum_log2,
+    round_to,
+    two_product,
+)
 
 ORDER_NAMES = (
     "sequential",
@@ -131,141 +140,7 @@ def parse_order(
     return Order(name=name, fma=fma, block=block, accumulate=accumulate, tap_order=tap_order)
 
 
-# --------------------------------------------------------------------------- rounding
-
-
-def round_to(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """Round to ``dtype`` correctly (once), also for bfloat16.
-
-    ml_dtypes casts float64 to bfloat16 through float32, which double-rounds (measured:
-    ``1 + 2**-8 + 2**-40`` becomes 1.0 instead of 1.0078125). Rounding to float32 by
-    round-to-odd first (24 >= 8 + 2 bits) makes the second cast correct.
-    """
-    dtype = np.dtype(dtype)
-    x = np.asarray(x)
-    if dtype != ml_dtypes.bfloat16 or x.dtype != np.float64:
-        return x.astype(dtype)
-    x32 = x.astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        inexact = (x32.astype(np.float64) != x) & np.isfinite(x32)
-    even = (x32.view(np.uint32) & np.uint32(1)) == 0
-    toward = np.where(x > x32, np.float32(np.inf), np.float32(-np.inf))
-    x32 = np.where(inexact & even, np.nextafter(x32, toward), x32)
-    return x32.astype(dtype)
-
-
-def _finfo(dtype: np.dtype):
-    return ml_dtypes.finfo(dtype) if dtype == ml_dtypes.bfloat16 else np.finfo(dtype)
-
-
-def _mantissa_bits(dtype: np.dtype) -> int:
-    """Stored mantissa bits of a float dtype; 52 (the most a float64 copy holds) otherwise."""
-    try:
-        return int(_finfo(dtype).nmant)
-    except ValueError:
-        return 52
-
-
-def _quantum_log2(x: np.ndarray) -> float:
-    """log2 of a power of two that divides every nonzero element of ``x`` (+inf if all zero).
-
-    A float with ``m`` stored mantissa bits is a multiple of ``2**(floor(log2|v|) - m)``, and
-    that power shrinks with ``|v|``: the smallest magnitude decides.
-    """
-    mags = np.abs(x.astype(np.float64))
-    smallest = np.min(mags, where=(mags != 0) & np.isfinite(mags), initial=np.inf)
-    if not np.isfinite(smallest):
-        return math.inf
-    return float(np.frexp(smallest)[1] - 1 - _mantissa_bits(x.dtype))
-
-
 _SIGN_BIT = np.iinfo(np.int64).min
-
-# fma64's fast path: Veltkamp's split of an operand overflows above 2**997, and Dekker's product
-# error is exact only while the product's lowest bit stays above float64's subnormal step
-# (|a b| >= 2**-968 keeps e_a + e_b - 104 >= -1074); results below the smallest normal number
-# are recomputed too (the round-to-odd argument assumes no underflow).
-_SPLIT_MAX = 2.0**995
-_PRODUCT_MIN = 2.0**-968
-_RESULT_MIN = 2.0**-1021
-_VELTKAMP = 2.0**27 + 1
-
-
-def fma64(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``c + a*b`` in float64 with one rounding (a fused multiply-add), elementwise, in NumPy.
-
-    The product is split exactly (Dekker's TwoProduct: ``p + e == a*b``), the sum too
-    (TwoSum: ``th + tl == c + p``), and ``RN(th + RO(tl + e))`` is the correctly rounded
-    ``c + a*b`` (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums: proved
-    algorithms using rounding to odd", IEEE TC 2008); round-to-odd is a rounded sum whose
-    inexact even result moves one step towards the exact value. Elements outside the fast
-    path's assumptions (tiny or huge operands and products, a subnormal result) are computed
-    from exact rationals; infinities and NaNs follow IEEE (a zero product adds a signed zero).
-    """
-    c, a, b = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (c, a, b)))
-    with np.errstate(all="ignore"):
-        p, e, split = _two_product(a, b)
-        th, tl = _two_sum(c, p)
-        v, v_err = _two_sum(tl, e)
-        odd = (v.view(np.uint64) & np.uint64(1)) == 1
-        v = np.where((v_err != 0) & ~odd, np.nextafter(v, np.copysign(np.inf, v_err)), v)
-        out = th + v
-        finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
-        zero_product = (a == 0) | (b == 0)
-        # IEEE arithmetic is the fused result wherever a product is exactly zero or an operand
-        # is not finite, except that a finite product added to an infinite c leaves c.
-        plain = np.where(np.isfinite(a) & np.isfinite(b) & ~np.isfinite(c), c, c + p)
-        out = np.where(~finite | zero_product, plain, out)
-        slow = finite & ~zero_product & (~split | ~(np.abs(out) >= _RESULT_MIN))
-    if slow.any():
-        out = np.array(out).reshape(-1)
-        flat_c, flat_a, flat_b = (x.reshape(-1) for x in (c, a, b))
-        for i in np.flatnonzero(slow):
-            out[i] = _exact_fma(float(flat_c[i]), float(flat_a[i]), float(flat_b[i]))
-        out = out.reshape(c.shape)
-    return out
-
-
-def _two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``p = fl(a*b)``, its error ``e`` (Dekker: ``a*b == p + e`` exactly), and where that
-    holds: not where the product is below 2**-968 (zero products included) or an operand
-    above 2**995, or for infinities and NaN."""
-    p = a * b
-    a_hi, a_lo = _veltkamp(a)
-    b_hi, b_lo = _veltkamp(b)
-    e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-    split = (np.abs(p) >= _PRODUCT_MIN) & (np.abs(a) <= _SPLIT_MAX) & (np.abs(b) <= _SPLIT_MAX)
-    return p, e, split & np.isfinite(p)
-
-
-def _exact_products(a_dtype: Any, b_dtype: Any) -> bool:
-    """Whether float64 holds every product of these dtypes exactly (26 significant bits or
-    fewer each: float32 and narrower)."""
-    return _mantissa_bits(np.dtype(a_dtype)) + _mantissa_bits(np.dtype(b_dtype)) + 2 <= 53
-
-
-def _veltkamp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``x == hi + lo`` exactly, each with at most 26 significant bits."""
-    t = _VELTKAMP * x
-    hi = t - (t - x)
-    return hi, x - hi
-
-
-def _two_sum(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``s = fl(x + y)`` and its error: ``x + y == s + err`` exactly (Knuth)."""
-    s = x + y
-    z = s - x
-    return s, (x - (s - z)) + (y - z)
-
-
-def _exact_fma(c: float, a: float, b: float) -> float:
-    """``c + a*b`` rounded once from exact rationals (int / int division rounds correctly in
-    Python, subnormals included)."""
-    exact = Fraction(c) + Fraction(a) * Fraction(b)
-    try:
-        return float(exact)
-    except OverflowError:  # beyond the largest float64 after rounding
-        return math.inf if exact > 0 else -math.inf
 
 
 class _Engine:
@@ -314,24 +189,24 @@ class _Engine:
         self._sum = np.empty(self.shape)
         self._low = np.empty(self.shape, np.uint64)
         self._cast = np.empty(self.shape, dtype)
-        nmant = _mantissa_bits(dtype)
+        nmant = mantissa_bits(dtype)
         # Shifting the float64 bits left by 12 + nmant keeps the 52 - nmant bits that the cast
         # drops, at the top: a midpoint (1000...0) becomes the sign bit alone, int64's minimum.
         self._shift = np.uint64(12 + nmant)
-        tiny_log2 = math.log2(float(_finfo(dtype).smallest_normal)) if dtype != np.float64 else 0
+        tiny_log2 = math.log2(float(finfo(dtype).smallest_normal)) if dtype != np.float64 else 0
         # Nonzero results below the smallest normal number are impossible when every product
         # is a multiple of a power of two >= that number (then so is every rounded sum).
         self._tiny = (
-            self.fused and dtype != np.float64 and _quantum_log2(a) + _quantum_log2(b) < tiny_log2
+            self.fused and dtype != np.float64 and quantum_log2(a) + quantum_log2(b) < tiny_log2
         )
-        self._smallest_normal = float(_finfo(dtype).smallest_normal) if self._tiny else 0.0
+        self._smallest_normal = float(finfo(dtype).smallest_normal) if self._tiny else 0.0
         self._sum_bits = self._sum.view(np.uint64)
         self._low_signed = self._low.view(np.int64)
         self._fast = (
             self.fused and not self._tiny and dtype in (np.dtype(np.float32), np.dtype(np.float16))
         )
         # float64 operands' products are not exact in float64: a true fused step (fma64)
-        self._fma64 = self.fused and dtype == np.float64 and not _exact_products(a.dtype, b.dtype)
+        self._fma64 = self.fused and dtype == np.float64 and not exact_products(a.dtype, b.dtype)
 
     def zeros(self) -> np.ndarray:
         return np.zeros(self.shape)
@@ -769,7 +644,7 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
     with np.errstate(all="ignore"):
         if b64 is None:
             terms = a64
-        elif _exact_products(a.dtype, b.dtype):
+        elif exact_products(a.dtype, b.dtype):
             terms = a64 * b64
         else:
             terms, risky = _split_products(a64, b64)
@@ -811,7 +686,7 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
 def _split_products(a64: np.ndarray, b64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The float64 products ``a*b`` as ``2K`` terms (rounded products, then their exact errors),
     and the outputs where some product could not be split exactly (see :func:`fma64`)."""
-    p, err, split = _two_product(a64, b64)
+    p, err, split = two_product(a64, b64)
     nonzero = (a64 != 0) & (b64 != 0)
     operands = np.isfinite(a64) & np.isfinite(b64)
     # not split: tiny or huge, or a product of finite operands beyond float64's range

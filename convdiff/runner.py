@@ -27,6 +27,7 @@ from convdiff.budget import Budget
 from convdiff.errors import BackendError
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.explain import likely_cause
+from convdiff.floats import is_float, round_to
 from convdiff.graph import Graph, GraphNode, build_graph
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
@@ -34,7 +35,6 @@ from convdiff.metrics import (
     Comparison,
     compare,
     describe_nonfinite,
-    is_float,
     is_identical,
     max_ulp_distance,
     scaled_ulp,
@@ -42,7 +42,7 @@ from convdiff.metrics import (
     within_bound,
     worst_elements,
 )
-from convdiff.orders import Order, round_to
+from convdiff.orders import Order
 from convdiff.recording import Recording
 
 MODES = ("isolated", "propagated")

@@ -1,4 +1,4 @@
-"""float64 fused multiply-add in NumPy (``orders.fma64``) and the ``exact`` order on float64
+"""float64 fused multiply-add in NumPy (``floats.fma64``) and the ``exact`` order on float64
 operands, against exact rationals (Python's ``float(Fraction)`` rounds correctly) and, where
 numba is installed, against the processor's own FMA."""
 
@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from convdiff import accel, orders
+from convdiff import accel, floats
 from convdiff.orders import Order, reduce_terms
 
 F64 = np.dtype(np.float64)
@@ -47,7 +47,7 @@ def test_fma64_is_the_correctly_rounded_fused_step(scale, rng):
     with np.errstate(over="ignore"):
         c, a, b = _fma_operands(rng, 3000, scale)
     c = np.where(np.isfinite(c), c, 1.0)
-    got = orders.fma64(c, a, b)
+    got = floats.fma64(c, a, b)
     want = []
     for ci, ai, bi in zip(c.tolist(), a.tolist(), b.tolist(), strict=True):
         try:
@@ -65,7 +65,7 @@ def test_fma64_signed_zeros_and_extremes():
     """Every combination of zeros, subnormals and extremes, bit for bit (signs of zero too)."""
     cs, as_, bs = (np.array(v) for v in zip(*itertools.product(SPECIAL, repeat=3), strict=True))
     with np.errstate(over="ignore"):
-        got = orders.fma64(cs, as_, bs)
+        got = floats.fma64(cs, as_, bs)
     want = []
     for c, a, b in zip(cs.tolist(), as_.tolist(), bs.tolist(), strict=True):
         try:
@@ -94,7 +94,7 @@ def test_fma64_infinities_and_nans():
     ]
     with np.errstate(over="ignore", invalid="ignore"):
         for (c, a, b), want in cases:
-            got = float(orders.fma64(np.array(c), np.array(a), np.array(b)))
+            got = float(floats.fma64(np.array(c), np.array(a), np.array(b)))
             assert (math.isnan(got) and math.isnan(want)) or got == want, (c, a, b, got)
 
 
@@ -117,7 +117,7 @@ def test_fma64_matches_the_hardware():
     want = np.empty_like(cs)
     hardware(cs, as_, bs, want)
     with np.errstate(all="ignore"):
-        got = orders.fma64(cs, as_, bs)
+        got = floats.fma64(cs, as_, bs)
     same = (got.view(np.uint64) == want.view(np.uint64)) | (np.isnan(got) & np.isnan(want))
     assert same.all(), list(zip(cs[~same], as_[~same], bs[~same], strict=True))[:5]
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from convdiff.floats import unit_roundoff
 from convdiff.metrics import (
     Comparison,
     compare,
@@ -19,7 +20,6 @@ from convdiff.metrics import (
     ulp_distance,
     ulp_histogram,
     ulp_of,
-    unit_roundoff,
     within_bound,
     worst_elements,
 )
@@ -324,7 +324,8 @@ def test_bound_does_not_excuse_nan_or_inf() -> None:
     ref = np.array([1.0, np.nan], dtype=np.float32)
     cand = np.array([1.0, 1.0], dtype=np.float32)
     c = compare(ref, cand, bound=np.float64(np.inf))
-    assert c.bound_ratio == 0.0
+    # no bound covers a number against a NaN: the ratio says so instead of reading as rounding
+    assert c.bound_ratio == np.inf and c.first_nonfinite == (1,) and c.nan_in_reference == 1
     assert not within_bound(c)
 
 
@@ -422,10 +423,13 @@ def test_to_dict_is_json_ready() -> None:
     assert d["worst"]["index"] == [0, 1]
     assert d["max_rel"] == float("inf")
     assert d["bound_ratio"] == 2.0
+    assert d["first_nonfinite"] is None  # NaN on both sides is a match
     for key, value in d.items():
-        if key != "worst":
+        if key not in ("worst", "first_nonfinite"):
             assert type(value) in (int, float), key
     assert all(type(v) is int for v in d["worst"]["index"])
+    one_side = compare(ref, np.where(np.isnan(ref), 3.0, ref).astype(ref.dtype)).to_dict()
+    assert one_side["first_nonfinite"] == [1, 0] and type(one_side["first_nonfinite"][0]) is int
     json.loads(json.dumps(d))
 
 
@@ -698,8 +702,15 @@ def test_compare_matches_whole_array_statistics(seed) -> None:
     bound_full = np.broadcast_to(bound, ref.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(diff == 0, 0.0, diff / bound_full)
-    assert c.bound_ratio == pytest.approx(ratio[finite].max())
-    assert c.nan_mismatch == int(np.count_nonzero(np.isnan(r64) != np.isnan(c64)))
+    nan_r, nan_c = np.isnan(r64), np.isnan(c64)
+    mismatch = (nan_r != nan_c) | (~finite & ~nan_r & ~nan_c & (r64 != c64))
+    # a NaN or inf mismatch is beyond any bound: the ratio is inf wherever there is one
+    expected = np.inf if mismatch.any() else ratio[finite].max()
+    assert c.bound_ratio == pytest.approx(expected)
+    first_mismatch = np.unravel_index(int(np.argmax(mismatch)), ref.shape)
+    assert c.first_nonfinite == (tuple(int(i) for i in first_mismatch) if mismatch.any() else None)
+    assert c.nan_mismatch == int(np.count_nonzero(nan_r != nan_c))
+    assert c.nan_in_reference == int(np.count_nonzero(nan_r & ~nan_c))
     first = np.unravel_index(int(np.argmax(ulp)), ref.shape)
     assert c.worst is not None and c.worst.index == tuple(int(i) for i in first)
     assert c.worst.bound == bound_full[first]

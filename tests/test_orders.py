@@ -26,7 +26,7 @@ F16 = np.dtype(np.float16)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F64 = np.dtype(np.float64)
 DTYPES = {"float32": F32, "float16": F16, "bfloat16": BF16}
-# float64 layers: their fused steps are emulated with an exact product (orders.fma64)
+# float64 layers: their fused steps are emulated with an exact product (floats.fma64)
 ALL_DTYPES = {**DTYPES, "float64": F64}
 
 # --------------------------------------------------------------------------- exact rounding
@@ -415,7 +415,7 @@ def test_exact_ignores_the_accumulator(rng):
 
 def test_round_to_bfloat16_is_correctly_rounded():
     """ml_dtypes' float64 -> bfloat16 cast double-rounds through float32; round_to must not."""
-    from convdiff.orders import round_to
+    from convdiff.floats import round_to
 
     x = np.array([1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8 - 2.0**-40, -(1 + 2.0**-8 + 2.0**-40)])
     want = [_round(Fraction(float(v)), BF16) for v in x]
