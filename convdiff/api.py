@@ -26,7 +26,7 @@ from convdiff.inputs import (
     named_inputs,
     random_inputs,
 )
-from convdiff.kernels.conv import reduction_axes
+from convdiff.kernels.geometry import reduction_axes
 from convdiff.loading import load_custom_objects, load_model
 from convdiff.memory import check_memory
 from convdiff.memory import estimate as estimate_memory

@@ -29,7 +29,7 @@ from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.floats import is_float, round_to
 from convdiff.kernels import Kernel, LayerSpec, Unsupported
 from convdiff.kernels.activations import activate
-from convdiff.kernels.conv import _geometry, _pads
+from convdiff.kernels.geometry import channels_first, geometry, padding_widths
 from convdiff.metrics import compare, is_identical, within_bound
 from convdiff.numerics import Bounded, Rounded, Tracked
 from convdiff.orders import Order, accumulator_dtype
@@ -214,13 +214,9 @@ def _rank(spec: LayerSpec) -> int:
     return int(re.search(r"(\d)D", spec.class_name).group(1))  # type: ignore[union-attr]
 
 
-def _channels_first(spec: LayerSpec) -> bool:
-    return spec.config.get("data_format", "channels_last") == "channels_first"
-
-
 def _spatial_axes(spec: LayerSpec) -> list[int]:
     rank = _rank(spec)
-    start = 2 if _channels_first(spec) else 1
+    start = 2 if channels_first(spec) else 1
     return list(range(start, start + rank))
 
 
@@ -289,8 +285,8 @@ def _shifted_padding(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypo
     rank, axes = _rank(spec), _spatial_axes(spec)
     x = np.asarray(inputs[0])
     ksize = spec.weight(name).shape[:rank]
-    strides, dilation, _ = _geometry(spec, rank)
-    tf_pads = _pads(tuple(x.shape[a] for a in axes), ksize, strides, dilation, "same")
+    strides, dilation, _ = geometry(spec, rank)
+    tf_pads = padding_widths(tuple(x.shape[a] for a in axes), ksize, strides, dilation, "same")
     for pads in _pad_variants(tf_pads, ksize, dilation):
         widths = [(0, 0)] * x.ndim
         for axis, pad in zip(axes, pads, strict=True):
@@ -348,7 +344,7 @@ def _pool_padding(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypothe
     pool = tuple(pool) if isinstance(pool, list | tuple) else (int(pool),) * rank
     strides = spec.config.get("strides") or pool
     strides = tuple(strides) if isinstance(strides, list | tuple) else (int(strides),) * rank
-    tf_pads = _pads(tuple(x.shape[a] for a in axes), pool, strides, (1,) * rank, "same")
+    tf_pads = padding_widths(tuple(x.shape[a] for a in axes), pool, strides, (1,) * rank, "same")
     if not any(itertools.chain(*tf_pads)):
         return
     widths = [(0, 0)] * x.ndim
@@ -385,7 +381,7 @@ def _activation(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypothesi
         return
     current = spec.config["activation"]
     current = current if isinstance(current, str) else None
-    shared = spec.class_name == "Activation" or not _channels_first(spec)
+    shared = spec.class_name == "Activation" or not channels_first(spec)
     for name in _ACTIVATIONS:
         if name == current:
             continue

@@ -20,41 +20,18 @@ These kernels add it along the channel axis, so such a layer is reported as a re
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from convdiff.kernels import LayerSpec, Unsupported, register
 from convdiff.kernels.activations import activate
-
-_TAPS = {1: "wc", 2: "hwc", 3: "dhwc"}
-
-
-def reduction_axes(class_name: str) -> tuple[str, ...]:
-    """The labelled axes of each reduction a convolution class adds over (what ``--tap-order``
-    can rearrange), e.g. ``("hw", "hwc")`` for SeparableConv2D; empty for other classes."""
-    for rank in (1, 2, 3):
-        taps = _TAPS[rank]
-        if class_name in (f"Conv{rank}D", f"Conv{rank}DTranspose"):
-            return (taps,)
-        if class_name == f"DepthwiseConv{rank}D":
-            return (taps[:-1],)
-        if class_name == f"SeparableConv{rank}D":
-            return (taps[:-1], taps)
-    return ()
-
-
-def _tuple(value: Any, rank: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, list | tuple) else (int(value),) * rank
-
-
-def _geometry(spec: LayerSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], str]:
-    cfg = spec.config
-    strides = _tuple(cfg.get("strides", 1), rank)
-    dilation = _tuple(cfg.get("dilation_rate", 1), rank)
-    padding = str(cfg.get("padding", "valid")).lower()
-    return strides, dilation, padding
+from convdiff.kernels.geometry import (
+    TAPS,
+    geometry,
+    on_channels_last,
+    padding_widths,
+    tuple_of,
+    windows,
+)
 
 
 def _kernel(spec: LayerSpec, *names: str) -> np.ndarray:
@@ -70,81 +47,21 @@ def _kernel(spec: LayerSpec, *names: str) -> np.ndarray:
     return kernel
 
 
-def _channels_first(spec: LayerSpec) -> bool:
-    return spec.config.get("data_format", "channels_last") == "channels_first"
-
-
-def _to_last(x: np.ndarray) -> np.ndarray:
-    return np.moveaxis(x, 1, -1)
-
-
-def _to_first(x: np.ndarray) -> np.ndarray:
-    return np.moveaxis(x, -1, 1)
-
-
-def _same_pads(size: int, k_eff: int, stride: int) -> tuple[int, int]:
-    """TensorFlow's 'SAME' padding: output ceil(size/stride), the odd pixel after."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k_eff - size, 0)
-    return total // 2, total - total // 2
-
-
-def _pads(
-    spatial: tuple[int, ...], kernel: tuple[int, ...], strides, dilation, padding: str
-) -> list[tuple[int, int]]:
-    pads = []
-    for size, k, s, d in zip(spatial, kernel, strides, dilation, strict=True):
-        k_eff = d * (k - 1) + 1
-        if padding == "same":
-            pads.append(_same_pads(size, k_eff, s))
-        elif padding == "causal":
-            pads.append((k_eff - 1, 0))
-        elif padding == "valid":
-            pads.append((0, 0))
-        else:
-            raise Unsupported(f"padding={padding!r}")
-    return pads
-
-
-def _patches(x: np.ndarray, kernel: tuple[int, ...], strides, dilation, pads) -> np.ndarray:
-    """Windows of channels_last ``x`` (N, *spatial, C) as (*kernel, C, N, *out_spatial).
-
-    Tap ``(i, j)`` of output ``(p, q)`` reads input ``(p*s + i*d, q*s + j*d)`` of the padded
-    input: a correlation, as Keras computes (no kernel flip).
-    """
-    rank = len(kernel)
-    x = np.pad(x, [(0, 0), *pads, (0, 0)])
-    extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
-    if any(e > n for e, n in zip(extents, x.shape[1:-1], strict=True)):
-        raise Unsupported("the kernel is larger than the padded input")
-    win = sliding_window_view(x, extents, axis=tuple(range(1, rank + 1)))
-    # win: (N, *positions, C, *extents); keep every stride-th position and dilation-th tap.
-    index = (
-        slice(None),
-        *(slice(None, None, s) for s in strides),
-        slice(None),
-        *(slice(None, None, d) for d in dilation),
-    )
-    win = win[index]
-    order = [rank + 2 + i for i in range(rank)] + [rank + 1, 0] + [1 + i for i in range(rank)]
-    return win.transpose(order)
-
-
 def _conv(spec: LayerSpec, x, nx, rank: int, kernel, groups: int = 1, flip_taps: bool = False):
     """Grouped correlation of channels_last ``x`` with ``kernel`` (*k, C/groups, F); no bias.
 
     With ``flip_taps`` it is a convolution instead: tap ``i`` of the kernel meets input
     ``p*s + (k-1-i)*d``, and the taps are still added in the kernel's own index order.
     """
-    strides, dilation, padding = _geometry(spec, rank)
+    strides, dilation, padding = geometry(spec, rank)
     ksize = tuple(kernel.shape[:rank])
     spatial = tuple(nx.value(x).shape[1:-1])
-    pads = _pads(spatial, ksize, strides, dilation, padding)
+    pads = padding_widths(spatial, ksize, strides, dilation, padding)
     cin_g, filters = kernel.shape[rank], kernel.shape[rank + 1]
     cout_g = filters // groups
 
     def grouped_patches(v: np.ndarray) -> np.ndarray:
-        p = _patches(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
+        p = windows(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
         if flip_taps:
             p = np.flip(p, axis=tuple(range(rank)))
         p = p.reshape((*ksize, groups, cin_g, *p.shape[rank + 1 :]))
@@ -153,7 +70,7 @@ def _conv(spec: LayerSpec, x, nx, rank: int, kernel, groups: int = 1, flip_taps:
 
     patches = nx.move(grouped_patches, x)
     w = nx.const(kernel.reshape((*ksize, cin_g, *([1] * (rank + 1)), groups, cout_g)))
-    y = nx.dot(patches, w, axes=_TAPS[rank])  # (N, *out, G, cout_g)
+    y = nx.dot(patches, w, axes=TAPS[rank])  # (N, *out, G, cout_g)
     return nx.move(lambda v: v.reshape((*v.shape[:-2], filters)), y)
 
 
@@ -165,14 +82,6 @@ def _bias_activation(spec: LayerSpec, y, nx):
     return activate(spec.config.get("activation", "linear"), y, nx)
 
 
-def _layout(spec: LayerSpec, x, nx, body):
-    """Run ``body`` on channels_last data, whatever the layer's data_format."""
-    if not _channels_first(spec):
-        return body(x)
-    y = body(nx.move(_to_last, x))
-    return nx.move(_to_first, y)
-
-
 def _make_conv(rank: int):
     def conv(spec: LayerSpec, inputs, nx):
         kernel = _kernel(spec, "kernel")
@@ -181,10 +90,10 @@ def _make_conv(rank: int):
         def body(x):
             return _bias_activation(spec, _conv(spec, x, nx, rank, kernel, groups), nx)
 
-        return _layout(spec, inputs[0], nx, body)
+        return on_channels_last(spec, inputs[0], nx, body)
 
     conv.__name__ = f"conv{rank}d"
-    conv.__doc__ = f"Conv{rank}D: reduction over ({_TAPS[rank]}) per output, then bias, activation."
+    conv.__doc__ = f"Conv{rank}D: reduction over ({TAPS[rank]}) per output, then bias, activation."
     return conv
 
 
@@ -196,19 +105,19 @@ conv3d = register("Conv3D")(_make_conv(3))
 def _depthwise(spec: LayerSpec, x, nx, rank: int, kernel):
     """Each input channel correlated with its own ``depth_multiplier`` filters; output channel
     ``c * depth_multiplier + m``. Reduction over the spatial taps only (``"hw"``)."""
-    strides, dilation, padding = _geometry(spec, rank)
+    strides, dilation, padding = geometry(spec, rank)
     ksize = tuple(kernel.shape[:rank])
     spatial = tuple(nx.value(x).shape[1:-1])
-    pads = _pads(spatial, ksize, strides, dilation, padding)
+    pads = padding_widths(spatial, ksize, strides, dilation, padding)
     channels, multiplier = kernel.shape[rank], kernel.shape[rank + 1]
 
     def taps_first(v: np.ndarray) -> np.ndarray:
-        p = _patches(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
+        p = windows(v, ksize, strides, dilation, pads)  # (*k, C, N, *out)
         return np.moveaxis(p, rank, -1)[..., None]  # (*k, N, *out, C, 1)
 
     patches = nx.move(taps_first, x)
     w = nx.const(kernel.reshape((*ksize, *([1] * (rank + 1)), channels, multiplier)))
-    y = nx.dot(patches, w, axes=_TAPS[rank][:-1])
+    y = nx.dot(patches, w, axes=TAPS[rank][:-1])
     return nx.move(lambda v: v.reshape((*v.shape[:-2], channels * multiplier)), y)
 
 
@@ -221,7 +130,7 @@ def _make_depthwise(rank: int):
         def body(x):
             return _bias_activation(spec, _depthwise(spec, x, nx, rank, kernel), nx)
 
-        return _layout(spec, inputs[0], nx, body)
+        return on_channels_last(spec, inputs[0], nx, body)
 
     depthwise.__name__ = f"depthwise_conv{rank}d"
     return depthwise
@@ -244,7 +153,7 @@ def _make_separable(rank: int):
             y = _conv(point_spec, y, nx, rank, point_k)
             return _bias_activation(spec, y, nx)
 
-        return _layout(spec, inputs[0], nx, body)
+        return on_channels_last(spec, inputs[0], nx, body)
 
     separable.__name__ = f"separable_conv{rank}d"
     return separable
@@ -257,9 +166,9 @@ separable_conv2d = register("SeparableConv2D")(_make_separable(2))
 def _transpose_geometry(spec: LayerSpec, rank: int, spatial, ksize):
     """Dilated-input padding and crop for a transposed convolution (TensorFlow's
     ``conv_transpose``: the gradient of a correlation whose input is the output here)."""
-    strides, dilation, padding = _geometry(spec, rank)
+    strides, dilation, padding = geometry(spec, rank)
     out_pad = spec.config.get("output_padding")
-    out_pad = _tuple(out_pad, rank) if out_pad is not None else None
+    out_pad = tuple_of(out_pad, rank) if out_pad is not None else None
     lengths, pads = [], []
     for i, (n, k, s, d) in enumerate(zip(spatial, ksize, strides, dilation, strict=True)):
         k_eff = d * (k - 1) + 1
@@ -316,7 +225,7 @@ def _make_transpose(rank: int):
             y = _conv(inner, x, nx, rank, kernel, flip_taps=True)
             return _bias_activation(spec, y, nx)
 
-        return _layout(spec, inputs[0], nx, body)
+        return on_channels_last(spec, inputs[0], nx, body)
 
     conv_transpose.__name__ = f"conv{rank}d_transpose"
     return conv_transpose

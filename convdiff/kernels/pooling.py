@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from convdiff.kernels import LayerSpec, Unsupported, register
-from convdiff.kernels.conv import _layout, _pads, _patches
+from convdiff.kernels.geometry import on_channels_last, padding_widths, windows
 from convdiff.kernels.normalization import accumulating_in, narrow, widen
 
 _TAPS = {1: "w", 2: "hw", 3: "dhw"}
@@ -54,7 +54,7 @@ def _pool_geometry(spec: LayerSpec, rank: int, spatial: tuple[int, ...]):
     padding = str(cfg.get("padding", "valid")).lower()
     if padding not in ("valid", "same"):
         raise Unsupported(f"padding={padding!r}")
-    pads = _pads(spatial, pool, strides, (1,) * rank, padding)
+    pads = padding_widths(spatial, pool, strides, (1,) * rank, padding)
     return pool, strides, pads
 
 
@@ -64,7 +64,7 @@ def _windows(v: np.ndarray, pool, strides, pads, pad_mode: str) -> np.ndarray:
     if pad_mode == "edge":
         v = np.pad(v, [(0, 0), *pads, (0, 0)], mode="edge")
         pads = [(0, 0)] * rank
-    p = _patches(v, pool, strides, (1,) * rank, pads)  # (*pool, C, N, *out), zero padded
+    p = windows(v, pool, strides, (1,) * rank, pads)  # (*pool, C, N, *out), zero padded
     return np.moveaxis(p, rank, -1)
 
 
@@ -105,7 +105,7 @@ def _avg_pool(spec: LayerSpec, x, nx, rank: int):
 
 def _make_pool(rank: int, pool_fn: Callable, name: str, doc: str):
     def pool(spec: LayerSpec, inputs: list, nx) -> Any:
-        return _layout(spec, inputs[0], nx, lambda x: pool_fn(spec, x, nx, rank))
+        return on_channels_last(spec, inputs[0], nx, lambda x: pool_fn(spec, x, nx, rank))
 
     pool.__name__ = name
     pool.__doc__ = doc
