@@ -32,13 +32,14 @@ from convdiff.memory import check_memory
 from convdiff.memory import estimate as estimate_memory
 from convdiff.modelfile import Probe
 from convdiff.orders import Order, parse_order
+from convdiff.outputs import check_writable
 from convdiff.recording import (
     RecordingWriter,
     environment_changes,
     load_recording,
     match_layers,
 )
-from convdiff.report import Report, check_writable
+from convdiff.report import Report
 from convdiff.runner import MODES, LayerResult, Settings, run_layers
 from convdiff.runtime import (
     Runtime,

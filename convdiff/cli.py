@@ -236,7 +236,7 @@ def compare_runs_command(
 
 def _check_outputs(*paths: str | None) -> None:
     """Output paths are checked before any work starts."""
-    from convdiff.report import check_writable
+    from convdiff.outputs import check_writable
 
     for path in paths:
         if path is not None:
@@ -246,7 +246,8 @@ def _check_outputs(*paths: str | None) -> None:
 def _emit(report, json_path: str | None, junit_path: str | None, quiet: bool) -> int:
     """Notes on stderr; table and summary (or the summary line, or JSON) on stdout; files."""
     from convdiff.junit import to_junit
-    from convdiff.report import render, summary_line, to_json, write_atomic
+    from convdiff.outputs import write_atomic
+    from convdiff.report import render, summary_line, to_json
 
     err = Console(stderr=True, highlight=False)
     for note in report.notes:
@@ -271,7 +272,8 @@ def _emit_many(reports: list, json_path: str | None, junit_path: str | None, qui
     import json
 
     from convdiff.junit import to_junit
-    from convdiff.report import render, summary_line, to_json, write_atomic
+    from convdiff.outputs import write_atomic
+    from convdiff.report import render, summary_line, to_json
 
     out = Console(highlight=False, width=_width())
     err = Console(stderr=True, highlight=False)

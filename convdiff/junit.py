@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any
 
+from convdiff.outputs import json_safe
 from convdiff.report import Report
 from convdiff.runner import LayerResult
 
@@ -163,21 +164,9 @@ def _properties(report: Report) -> ET.Element:
     items += [(f"settings.{k}", v) for k, v in report.settings.items()]
     items += [(f"environment.{k}", v) for k, v in report.environment.items()]
     for name, value in items:
-        text = value if isinstance(value, str) else json.dumps(_json_safe(value), sort_keys=True)
+        text = value if isinstance(value, str) else json.dumps(json_safe(value), sort_keys=True)
         ET.SubElement(props, "property", name=_clean(name), value=_clean(text))
     return props
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def _str_values(counts: dict[str, int]) -> dict[str, str]:

@@ -32,7 +32,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from convdiff import __version__
 from convdiff.errors import InputError, OutputError, one_line
+from convdiff.outputs import json_safe
 
 __all__ = [
     "FORMAT",
@@ -111,7 +113,7 @@ class RecordingWriter:
         self._meta: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
-            "convdiff_version": _version(),
+            "convdiff_version": __version__,
             "environment": dict(environment),
             "settings": dict(settings),
             "layers": [],
@@ -148,7 +150,7 @@ class RecordingWriter:
             self._abort()
             return
         try:
-            meta = json.dumps(_json_safe(self._meta)).encode()
+            meta = json.dumps(json_safe(self._meta)).encode()
             self._write_raw(_META, np.frombuffer(meta, dtype=np.uint8))
             self._zip.close()  # writes the zip's central directory
             self._zip = None
@@ -227,27 +229,6 @@ def _temp_beside(path: Path) -> tuple[int, str]:
         return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
-
-
-def _version() -> str:
-    from convdiff import __version__
-
-    return __version__
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values; anything else (numpy scalars, paths) as its string."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and value != value:  # NaN is not JSON
-        return "nan"
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 # --------------------------------------------------------------------------- reading

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -17,8 +13,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from convdiff.errors import OutputError
+from convdiff import __version__
 from convdiff.metrics import Comparison, describe_nonfinite
+from convdiff.outputs import json_safe
 from convdiff.runner import LayerResult
 
 STATUS_STYLE = {
@@ -63,7 +60,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         first = self.first_divergent
         return {
-            "convdiff_version": _version(),
+            "convdiff_version": __version__,
             "model": self.model,
             "inputs": self.inputs,
             "passed": self.passed,
@@ -75,12 +72,6 @@ class Report:
             "notes": self.notes,
             "layers": [r.to_dict() for r in self.layers],
         }
-
-
-def _version() -> str:
-    from convdiff import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- terminal
@@ -347,58 +338,6 @@ def render(report: Report) -> Group:
     return Group(*(p for p in parts if p is not None))
 
 
-# --------------------------------------------------------------------------- files
-
-
-def check_writable(path: str) -> None:
-    """Fail before any work starts if ``path`` cannot be written (``-`` is stdout).
-
-    A temporary file is created and removed beside it: ``os.access`` says yes to root even on a
-    read-only or immutable directory.
-    """
-    if path == "-":
-        return
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise OutputError(f"output path {path!r} is a directory; expected a file name")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path!r}: directory {str(parent)!r} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-        why = f"permission denied ({exc.strerror})" if denied else (exc.strerror or str(exc))
-        raise OutputError(f"cannot write {path!r}: {why}") from None
-    if target.exists() and not os.access(target, os.W_OK):
-        raise OutputError(f"cannot write {path!r}: permission denied")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: never a half file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-
-
 def to_json(report: Report) -> str:
     """The report as JSON (non-finite figures as strings "inf"/"nan", so it stays valid JSON)."""
-    return json.dumps(_json_safe(report.to_dict()), indent=2) + "\n"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+    return json.dumps(json_safe(report.to_dict()), indent=2) + "\n"

@@ -379,7 +379,7 @@ def test_unwritable_output_path_is_refused_before_loading(files, readonly_dir, o
 def test_json_path_under_a_file_is_refused(files, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError):
-        from convdiff.report import check_writable
+        from convdiff.outputs import check_writable
 
         check_writable(str(tmp_path / "file" / "report.json"))
     assert_error(
