@@ -16,7 +16,7 @@ import numpy as np
 from convdiff.budget import parse_budget
 from convdiff.errors import InputError, OptionError
 from convdiff.files import check_file
-from convdiff.graph import build_graph
+from convdiff.graph import build_graph, layer_matches
 from convdiff.impl import check_impls_match, parse_impls
 from convdiff.inputs import (
     Inputs,
@@ -245,7 +245,7 @@ def _check_patterns(settings: Settings, graph_layers: list[tuple[str, str]]) -> 
     check_impls_match(settings.impls, graph_layers)
     _check_tap_order(settings.order.tap_order, {c for _, c in graph_layers})
     for pattern in settings.layers:
-        if not any(Settings(layers=(pattern,)).selects(n, c) for n, c in graph_layers):
+        if not any(layer_matches(pattern, n, c) for n, c in graph_layers):
             names = ", ".join(n for n, _ in graph_layers[:12])
             raise OptionError(
                 f"--layers {pattern!r} matches no layer name or class; "
@@ -360,9 +360,7 @@ def compare_runs(
 
 def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
     """Without a model: each layer both recordings hold, compared bit for bit, no bound."""
-    from convdiff.floats import is_float
-    from convdiff.metrics import compare as compare_arrays
-    from convdiff.metrics import is_identical
+    from convdiff.metrics import compare_outputs, is_identical
 
     matched, _, _ = match_layers(second, list(first.layers))
     results = []
@@ -373,11 +371,7 @@ def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
             result.status = "divergent"
             result.reason = f"recorded {b.shape} {b.dtype} vs {a.shape} {a.dtype}"
         else:
-            result.comparison = (
-                compare_arrays(a, b)
-                if is_float(a.dtype)
-                else compare_arrays(a.astype(np.float64), b.astype(np.float64))
-            )
+            result.comparison = compare_outputs(a, b)
             if is_identical(result.comparison):
                 result.status = "identical"
             else:

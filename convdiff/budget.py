@@ -22,7 +22,6 @@ of their own (counted by :func:`convdiff.metrics.compare`), not a tolerance ques
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 
 from convdiff.errors import OptionError
 from convdiff.floats import is_float
+from convdiff.graph import layer_matches
 from convdiff.metrics import scaled_ulp, ulp_distance
 
 __all__ = ["Budget", "LayerLimits", "Rule", "parse_budget", "ulp_quantile"]
@@ -54,12 +54,7 @@ class Rule:
     value: Value
 
     def matches(self, name: str, class_name: str) -> bool:
-        if self.pattern is None:
-            return True
-        # Like --impl: the full name (``outer/conv#2``), the bare layer name (``conv``, so a
-        # shared or nested layer's calls all match) or the class name.
-        base = name.split("/")[-1].split("#")[0]
-        return any(fnmatch.fnmatchcase(n, self.pattern) for n in (name, base, class_name))
+        return self.pattern is None or layer_matches(self.pattern, name, class_name)
 
     def label(self, option: str) -> str:
         """How the user wrote it, e.g. ``--max-ulp conv2d_3=8``."""

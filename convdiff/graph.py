@@ -8,6 +8,7 @@ writes, by convdiff's own tensor keys, so the runner can feed either side's valu
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ from typing import Any
 import numpy as np
 
 from convdiff.kernels import LayerSpec
+
+
+def layer_matches(pattern: str, name: str, class_name: str) -> bool:
+    """Whether a case-sensitive shell-style glob names this layer call: its full name
+    (``outer/conv#2``), its bare layer name (``conv``: every call of a shared or nested layer)
+    or its class name (``Conv2D``). What ``--layers``, ``--impl`` and budget overrides match."""
+    base = name.split("/")[-1].split("#")[0]
+    return any(fnmatch.fnmatchcase(n, pattern) for n in (name, base, class_name))
 
 
 @dataclass

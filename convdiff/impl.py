@@ -11,7 +11,6 @@ Importing the named file runs it: it is the user's own code, named on the comman
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import importlib.util
 import inspect
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from convdiff.errors import OptionError
+from convdiff.graph import layer_matches
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class UserImpl:
         return "config" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
     def matches(self, layer_name: str, class_name: str) -> bool:
-        base = layer_name.split("/")[-1].split("#")[0]
-        return any(fnmatch.fnmatchcase(n, self.key) for n in (layer_name, base, class_name))
+        return layer_matches(self.key, layer_name, class_name)
 
     def __call__(
         self, inputs: Sequence[np.ndarray], weights: Sequence[np.ndarray], config: dict[str, Any]

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from numpy.typing import DTypeLike
 
-from convdiff.floats import FLOAT_DTYPES, float_dtype
+from convdiff.floats import FLOAT_DTYPES, float_dtype, is_float
 
 __all__ = [
     "Comparison",
@@ -393,6 +393,20 @@ def compare(
         nan_in_reference=int(np.count_nonzero(nan_mask & np.isnan(ref64))),
         first_nonfinite=first_nonfinite,
     )
+
+
+def compare_outputs(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    bound: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+) -> Comparison:
+    """:func:`compare` for layer outputs of any dtype: float outputs with their ``bound`` and
+    ``scale``; integer and boolean outputs (argmax, masks) as float64 values (exact below
+    2**53), where a difference is one of value, not of rounding: no bound applies."""
+    if is_float(reference.dtype):
+        return compare(reference, candidate, bound, scale=scale)
+    return compare(reference.astype(np.float64), candidate.astype(np.float64))
 
 
 def _differing(

@@ -14,7 +14,6 @@ modes. Tensors are dropped as soon as no later layer (or model output) reads the
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,12 +27,12 @@ from convdiff.errors import BackendError
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.explain import likely_cause
 from convdiff.floats import is_float, round_to
-from convdiff.graph import Graph, GraphNode, build_graph
+from convdiff.graph import Graph, GraphNode, build_graph, layer_matches
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import (
     Comparison,
-    compare,
+    compare_outputs,
     describe_nonfinite,
     is_identical,
     max_ulp_distance,
@@ -87,10 +86,7 @@ class Settings:
 
     def selects(self, name: str, class_name: str) -> bool:
         """Whether ``--layers`` lets this layer be compared."""
-        base = name.split("/")[-1].split("#")[0]
-        return not self.layers or any(
-            fnmatch.fnmatchcase(n, p) for p in self.layers for n in (name, base, class_name)
-        )
+        return not self.layers or any(layer_matches(p, name, class_name) for p in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -298,10 +294,10 @@ def _repeat_ulp(
     for _ in range(repeat - 1):
         again = _run_keras(node, keras_in)
         for a, b in zip(first, again, strict=True):
-            if is_float(a.dtype):
-                worst = max(worst, compare(a, b).max_ulp)
-            elif not np.array_equal(a, b):
-                worst = max(worst, 1)
+            c = compare_outputs(a, b)
+            # any change counts at least 1 (a NaN that moved, an integer output that changed)
+            changed = 0 if is_identical(c) else max(c.max_ulp if is_float(a.dtype) else 1, 1)
+            worst = max(worst, changed)
     return worst
 
 
@@ -397,12 +393,7 @@ def _rank_orders(kernel, spec, inputs, keras_out: np.ndarray, candidates) -> lis
             if output.dtype == keras_out.dtype
             else round_to(output.astype(np.float64), keras_out.dtype)
         )
-        floating = is_float(keras_out.dtype)
-        c = (
-            compare(keras_out, output)
-            if floating
-            else compare(keras_out.astype(np.float64), output.astype(np.float64))
-        )
+        c = compare_outputs(keras_out, output)
         ranked.append(
             {
                 "order": order.label,
@@ -523,12 +514,7 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
     """Figures, status and budget of a compared layer (and the three-way figures)."""
     floating = is_float(keras_out.dtype)
     bound = run.bound if floating else None
-    result.comparison = (
-        compare(keras_out, output, bound, scale=run.scale)
-        if floating
-        else compare(keras_out.astype(np.float64), output.astype(np.float64), None)
-    )
-    c = result.comparison
+    c = result.comparison = compare_outputs(keras_out, output, bound, scale=run.scale)
     if is_identical(c):
         result.status = "identical"
     elif bound is None:
