@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from convdiff.errors import OptionError, ResourceError
+from convdiff.orders import EXACT_BLOCK_TERMS
 
 ENV_LIMIT = "CONVDIFF_MEMORY_LIMIT"
 _MEMINFO = Path("/proc/meminfo")
@@ -58,10 +59,9 @@ _MEMINFO = Path("/proc/meminfo")
 BOUNDED_PATCH = 8 * 4
 BOUNDED_ELEMENTWISE = 8 * 10
 BOUNDED_WEIGHT = 8 * 4
-# Orders that hold float64 products of a block of outputs, bytes per product, and the block
-# size in terms (orders.py's _EXACT_BLOCK_TERMS).
+# Orders that hold float64 products of a block of outputs, and bytes per product; the block
+# holds orders.EXACT_BLOCK_TERMS terms.
 PRODUCT_ORDERS = {"exact": 8}
-PRODUCT_BLOCK_TERMS = 2**22
 
 
 # --------------------------------------------------------------------------- available memory
@@ -360,7 +360,7 @@ def _working(
         + BOUNDED_WEIGHT * sum(math.prod(s) for s in weights)
         + itemsize * (patch + in_elements + out_elements)
     )
-    products = min(reduction * out_elements, max(reduction, PRODUCT_BLOCK_TERMS))
+    products = min(reduction * out_elements, max(reduction, EXACT_BLOCK_TERMS))
     return working + PRODUCT_ORDERS.get(order, 0) * products
 
 

@@ -623,7 +623,7 @@ def _float64(a, b, dtype, shape):
 
 
 # exact_sum holds every term of a block in float64 several times: keep blocks to ~4M terms.
-_EXACT_BLOCK_TERMS = 1 << 22
+EXACT_BLOCK_TERMS = 1 << 22
 
 
 def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
@@ -770,6 +770,6 @@ def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dt
     elif order.name == "float64":  # its accumulator is float64 by definition: one rounding
         out = _float64(a, b, np.dtype(dtype), shape)
     else:  # correctly rounded to the output dtype, whatever the accumulator
-        target = max(1, _EXACT_BLOCK_TERMS // a.shape[0])
+        target = max(1, EXACT_BLOCK_TERMS // a.shape[0])
         out = _map_blocks(a, b, shape, np.dtype(dtype), _exact_block(dtype), target)
     return round_to(np.asarray(out).reshape(shape), dtype)
