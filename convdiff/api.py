@@ -140,14 +140,14 @@ def compare(
         raise OptionError(f"--repeat must be at least 1; received {repeat}")
     if save_outputs is not None:
         check_writable(str(save_outputs))
-    candidates = candidate_orders(accumulate, tap_order) if order == "all" else ()
+    tried = orders_to_try(accumulate, tap_order) if order == "all" else ()
     settings = Settings(
-        order=candidates[0]
-        if candidates
+        order=tried[0]
+        if tried
         else order
         if isinstance(order, Order)
         else parse_order(order, fma, accumulate, tap_order),
-        candidates=candidates,
+        tried_orders=tried,
         mode=mode,
         budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile, ulp_metric),
         impls=tuple(parse_impls(impls)),
@@ -219,7 +219,7 @@ def open_model(
     return model, [note] if note else []
 
 
-def candidate_orders(accumulate: str | None = None, tap_order: str | None = None):
+def orders_to_try(accumulate: str | None = None, tap_order: str | None = None):
     """The orders ``--order all`` tries on every layer."""
     names = ["sequential", "reverse", "pairwise", "kahan"]
     orders = [parse_order(n, fma, accumulate, tap_order) for n in names for fma in (True, False)]

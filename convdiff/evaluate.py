@@ -33,7 +33,7 @@ class KernelRun:
     scale: np.ndarray | None = None
 
 
-Candidate = Callable[[list[np.ndarray]], np.ndarray]
+Implementation = Callable[[list[np.ndarray]], np.ndarray]
 
 
 def run_kernel(
@@ -43,7 +43,7 @@ def run_kernel(
     order: Order | None = None,
     *,
     reference_inputs: Sequence[np.ndarray] | None = None,
-    candidate: Candidate | None = None,
+    implementation: Implementation | None = None,
     bound: bool = True,
 ) -> KernelRun:
     """Evaluate ``kernel`` with rounded arithmetic and with bounded float64 arithmetic.
@@ -56,7 +56,7 @@ def run_kernel(
         reference_inputs: Keras's inputs when they differ from ``inputs`` (propagated mode);
             the bounded pass starts from them, with ``|inputs - reference_inputs|`` as the
             inputs' uncertainty.
-        candidate: computes the NumPy side instead of the kernel (a user's implementation);
+        implementation: computes the NumPy side instead of the kernel (a user's implementation);
             the kernel, if any, still gives the float64 reference and the bound.
         bound: run the bounded pass (False: only the NumPy side's output is wanted).
     """
@@ -66,8 +66,8 @@ def run_kernel(
     refs = (
         inputs if reference_inputs is None else [_autocast(x, spec.dtype) for x in reference_inputs]
     )
-    if candidate is not None:
-        numpy_out = candidate(list(inputs))
+    if implementation is not None:
+        numpy_out = implementation(list(inputs))
     else:
         # NaN and inf are data here: IEEE arithmetic on them is the result, not an accident.
         with np.errstate(all="ignore"):

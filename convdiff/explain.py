@@ -12,7 +12,7 @@ explains the output when the output is within that bound of it: identical, or ro
 Hypotheses are evaluated with the order's accumulator dtype but summed as one BLAS product (the
 fastest order); the bound holds for every summation order, so the verdict does not depend on it.
 The activation hypotheses of layers whose pipeline ends in the activation (convolutions, Dense,
-Activation) share one run of the layer without activation, and apply each candidate activation
+Activation) share one run of the layer without activation, and apply each alternative activation
 to its output and bound: the same steps the kernel would take, without recomputing the sum.
 """
 
@@ -96,16 +96,16 @@ def likely_cause(
     kernel: Kernel,
     spec: LayerSpec,
     inputs: Sequence[np.ndarray],
-    candidate_output: np.ndarray,
+    observed: np.ndarray,
     order: Order | None = None,
 ) -> str | None:
-    """The first usual mistake that explains ``candidate_output``, or None.
+    """The first usual mistake that explains the ``observed`` output, or None.
 
     Args:
         kernel: convdiff's kernel for the layer.
         spec: the layer's config and weights.
-        inputs: the inputs the candidate was computed from.
-        candidate_output: the output to explain (any shape: a wrong padding mode or stride
+        inputs: the inputs the observed output was computed from.
+        observed: the output to explain (any shape: a wrong padding mode or stride
             changes it; another float dtype is rounded to the layer's).
         order: the run's summation order (its accumulator dtype is kept).
 
@@ -113,17 +113,17 @@ def likely_cause(
         A sentence naming the mistake, e.g. "matches if the kernel is flipped: ...". None when
         the layer's own computation explains the output already, or no hypothesis does.
     """
-    candidate = np.asarray(candidate_output)
-    if not is_float(candidate.dtype):
+    observed = np.asarray(observed)
+    if not is_float(observed.dtype):
         return None
     order = replace(order or Order(), name="blas", block=0)
     inputs = list(inputs)
-    candidates = _tolerant(spec, inputs)
-    first = next(candidates, None)
-    if first is None or _explains(candidate, _evaluate(kernel, spec, inputs, order)):
+    remaining = _tolerant(spec, inputs)
+    first = next(remaining, None)
+    if first is None or _explains(observed, _evaluate(kernel, spec, inputs, order)):
         return None
     linear: list[KernelRun | None] = []  # the layer without activation, computed once
-    for hypothesis in itertools.chain([first], candidates):
+    for hypothesis in itertools.chain([first], remaining):
         if hypothesis.activation is None:
             run = _evaluate(kernel, hypothesis.spec, hypothesis.inputs, order)
         else:
@@ -132,7 +132,7 @@ def likely_cause(
                     _evaluate(kernel, _with(spec, {"activation": "linear"}), inputs, order)
                 )
             run = _activated(linear[0], hypothesis.activation, spec.dtype, order)
-        if _explains(candidate, run):
+        if _explains(observed, run):
             return hypothesis.cause
     return None
 
@@ -181,28 +181,28 @@ def _activated(linear: KernelRun | None, name: str, dtype: str, order: Order) ->
     )
 
 
-def _explains(candidate: np.ndarray, run: KernelRun | None) -> bool:
-    """``candidate`` is identical to the run's output or within its bound everywhere, with a
+def _explains(observed: np.ndarray, run: KernelRun | None) -> bool:
+    """``observed`` is identical to the run's output or within its bound everywhere, with a
     finite bound wherever they differ (an infinite bound explains nothing)."""
-    if run is None or run.bound is None or run.output.shape != candidate.shape:
+    if run is None or run.bound is None or run.output.shape != observed.shape:
         return False
     output = run.output
     if not is_float(output.dtype):
         return False
-    if candidate.dtype != output.dtype:
-        candidate = round_to(candidate.astype(np.float64), output.dtype)
+    if observed.dtype != output.dtype:
+        observed = round_to(observed.astype(np.float64), output.dtype)
     bound = np.where(np.isnan(run.bound), np.inf, np.asarray(run.bound, dtype=np.float64))
     with np.errstate(invalid="ignore", over="ignore"):
         # Most hypotheses fail somewhere by far: reject them before compare's statistics.
-        if np.any(np.abs(candidate.astype(np.float64) - output.astype(np.float64)) > bound):
+        if np.any(np.abs(observed.astype(np.float64) - output.astype(np.float64)) > bound):
             return False
-    c = compare(output, candidate, bound)
+    c = compare(output, observed, bound)
     if is_identical(c):
         return True
     if not within_bound(c):
         return False
     with np.errstate(invalid="ignore"):
-        differs = (output != candidate) & ~(np.isnan(output) & np.isnan(candidate))
+        differs = (output != observed) & ~(np.isnan(output) & np.isnan(observed))
     return bool(np.all(np.isfinite(bound) | ~differs))
 
 

@@ -64,7 +64,7 @@ class Settings:
         reference: a recording whose outputs take the NumPy side's place (``--reference``).
         histogram: record each compared layer's ULP distribution.
         show_worst: record the K worst elements of each compared layer.
-        candidates: ``--order all``: orders tried on every layer, the best one compared.
+        tried_orders: ``--order all``: orders tried on every layer, the best one compared.
     """
 
     order: Order = field(default_factory=Order)
@@ -77,12 +77,7 @@ class Settings:
     reference: Recording | None = None
     histogram: bool = False
     show_worst: int = 0
-    candidates: tuple[Order, ...] = ()
-
-    @property
-    def candidate_label(self) -> str:
-        """What the Keras side is compared with."""
-        return f"recording {self.reference.path}" if self.reference else "NumPy"
+    tried_orders: tuple[Order, ...] = ()
 
     def selects(self, name: str, class_name: str) -> bool:
         """Whether ``--layers`` lets this layer be compared."""
@@ -91,7 +86,7 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.order.to_dict(),
-            "order_label": "all (best per layer)" if self.candidates else self.order.label,
+            "order_label": "all (best per layer)" if self.tried_orders else self.order.label,
             "mode": self.mode,
             "max_ulp": self.budget.global_max_ulp,
             "budget": self.budget.to_dict(),
@@ -101,7 +96,7 @@ class Settings:
             "stop_at_first": self.stop_at_first,
             "reference": self.reference.path if self.reference else None,
             "histogram": self.histogram,
-            "candidates": [o.label for o in self.candidates],
+            "orders_tried": [o.label for o in self.tried_orders],
             "show_worst": self.show_worst,
         }
 
@@ -345,16 +340,16 @@ def _compare_node(
     order = settings.order
     returned: list[str] = []  # what the user's function returned, when not an array
     try:
-        if settings.candidates and kernel is not None and impl is None:
-            result.orders = _rank_orders(kernel, spec, numpy_in, first, settings.candidates)
-            order = next(o for o in settings.candidates if o.label == result.orders[0]["order"])
+        if settings.tried_orders and kernel is not None and impl is None:
+            result.orders = _rank_orders(kernel, spec, numpy_in, first, settings.tried_orders)
+            order = next(o for o in settings.tried_orders if o.label == result.orders[0]["order"])
         run = run_kernel(
             kernel,
             spec,
             numpy_in,
             order,
             reference_inputs=keras_in,
-            candidate=_candidate(impl, spec, returned) if impl else None,
+            implementation=_implementation(impl, spec, returned) if impl else None,
         )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
@@ -377,11 +372,11 @@ def _compare_node(
     return result, [output], run.scale
 
 
-def _rank_orders(kernel, spec, inputs, keras_out: np.ndarray, candidates) -> list[dict]:
-    """``--order all``: every candidate order's figures against Keras, best first (bit-exact
+def _rank_orders(kernel, spec, inputs, keras_out: np.ndarray, orders) -> list[dict]:
+    """``--order all``: every tried order's figures against Keras, best first (bit-exact
     ones first, then by max ULP and share of differing elements)."""
     ranked = []
-    for order in candidates:
+    for order in orders:
         try:
             output = run_kernel(kernel, spec, inputs, order, bound=False).output
         except Unsupported:
@@ -433,7 +428,7 @@ def _growth(
         keras_in,
         settings.order,
         bound=False,
-        candidate=_candidate(impl, spec) if impl else None,
+        implementation=_implementation(impl, spec) if impl else None,
     ).output
     if alone.shape != keras_out.shape or not is_float(keras_out.dtype):
         return
@@ -472,11 +467,11 @@ class _RecordedOutput:
         return self.output
 
 
-def _candidate(
+def _implementation(
     impl: UserImpl, spec, returned: list[str] | None = None
 ) -> Callable[[list[np.ndarray]], np.ndarray]:
-    """The user's function as a candidate; the type of what it returns, when that is not an
-    array (a list, a scalar), is put in ``returned`` for the notes."""
+    """The user's function in the NumPy side's place; the type of what it returns, when that
+    is not an array (a list, a scalar), is put in ``returned`` for the notes."""
     weights = list(spec.weights.values())
 
     def call(inputs: list[np.ndarray]) -> np.ndarray:

@@ -79,12 +79,12 @@ def exact_order(model, inputs, layers: Sequence[str]) -> Order:
     """The first of ``--order all``'s candidate orders that reproduces every one of ``layers``
     bit for bit on this machine (isolated mode): a bit-exactness expectation computed where the
     test runs. Skips the test when no candidate reproduces them all here."""
-    from convdiff.api import candidate_orders, compare
+    from convdiff.api import compare, orders_to_try
 
     report = compare(model, inputs, order="all", layers=list(layers))
     exact = [{o["order"] for o in r.orders if o["bit_exact"]} for r in report.layers]
     common = set.intersection(*exact) if exact else set()
-    for order in candidate_orders():
+    for order in orders_to_try():
         if order.label in common:
             return order
     where = f"CPU flags {' '.join(cpu_flags()) or 'unknown'}, oneDNN {onednn_setting()}"
