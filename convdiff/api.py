@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from convdiff.budget import parse_budget
 from convdiff.errors import InputError, OptionError
 from convdiff.files import check_file
-from convdiff.graph import build_graph, layer_matches
+from convdiff.graph import Graph, build_graph, layer_matches
 from convdiff.impl import check_impls_match, parse_impls
 from convdiff.inputs import (
     Inputs,
@@ -43,12 +44,12 @@ from convdiff.report import Report
 from convdiff.runner import MODES, LayerResult, Settings, run_layers
 from convdiff.runtime import (
     Runtime,
-    apply_runtime,
     configure_tensorflow,
-    device_scope,
     environment,
     prepare_onednn,
+    prepare_runtime,
     runtime_environment,
+    runtime_scope,
     select_backend,
 )
 
@@ -63,7 +64,7 @@ def compare(
     | None = None,
     *,
     order: str | Order = "sequential",
-    fma: bool = True,
+    fma: bool | None = None,
     accumulate: str | None = None,
     tap_order: str | None = None,
     mode: str = "isolated",
@@ -85,7 +86,7 @@ def compare(
     backend: str | None = None,
     onednn: bool | None = None,
     device: str = "cpu",
-    tf32: bool = False,
+    tf32: bool | None = None,
     deterministic: bool = False,
     threads: int | None = None,
     repeat: int = 1,
@@ -99,7 +100,8 @@ def compare(
             input order, or a dict by input name; None draws a standard-normal input from
             ``seed`` (default 0), or takes the inputs recorded in ``reference``.
         order: summation order name (see :mod:`convdiff.orders`) or an :class:`Order`.
-        fma, accumulate, tap_order: refine a named order.
+        fma, accumulate, tap_order: refine a named order (fma: on unless False); with an
+            :class:`Order`, they must agree with it.
         mode: ``isolated`` (each layer fed Keras's input) or ``propagated``.
         max_ulp, atol, rtol: budgets: a number, or ``"PATTERN=N"`` strings for per-layer
             overrides (globs on layer names or classes; the last match wins).
@@ -125,11 +127,17 @@ def compare(
             TensorFlow's default for this CPU, except that it is turned on (with a note) for
             a model with channels_first convolutions, which the CPU runs only through it.
         device: run the Keras side on ``cpu`` or ``gpu``.
-        tf32: allow TensorFloat-32 on GPU (off by default, as Keras's own tests run).
-        deterministic: TensorFlow op determinism.
-        threads: TensorFlow intra-op threads (set before the runtime starts).
+        tf32: allow TensorFloat-32 on GPU, or not (the command line's default: not, as Keras's
+            own tests run); None leaves TensorFlow's setting as it is.
+        deterministic: TensorFlow op determinism for the run.
+        threads: TensorFlow intra-op threads (set before the runtime starts, and kept: the one
+            setting TensorFlow cannot take back).
         repeat: run the Keras side this many times per layer and report whether it changes.
         on_layer: called with each :class:`LayerResult` as soon as it is ready.
+
+    TF32 and op determinism are put back as they were when the run ends, and no environment
+    variable is left changed: a call leaves the process as it found it, except for what
+    TensorFlow reads once (threads, oneDNN) and the import of TensorFlow itself.
 
     Raises:
         ConvdiffError: for a model, input or option that cannot be used.
@@ -142,11 +150,7 @@ def compare(
         check_writable(str(save_outputs))
     tried = orders_to_try(accumulate, tap_order) if order == "all" else ()
     settings = Settings(
-        order=tried[0]
-        if tried
-        else order
-        if isinstance(order, Order)
-        else parse_order(order, fma, accumulate, tap_order),
+        order=tried[0] if tried else _order(order, fma, accumulate, tap_order),
         tried_orders=tried,
         mode=mode,
         budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile, ulp_metric),
@@ -159,33 +163,56 @@ def compare(
         reference=load_recording(reference) if reference is not None else None,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
-    label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
-    model, load_notes = open_model(
-        model,
-        runtime,
-        backend=backend,
-        onednn=onednn,
-        unsafe=unsafe,
-        custom_objects=custom_objects,
+    prepared = (
+        model
+        if isinstance(model, PreparedModel)
+        else prepare_model(
+            model,
+            runtime,
+            backend=backend,
+            onednn=onednn,
+            unsafe=unsafe,
+            custom_objects=custom_objects,
+        )
     )
-    graph_layers = [(n.name, n.class_name) for n in build_graph(model).nodes]
+    if prepared is model:
+        prepare_runtime(runtime)
+    graph = prepared.graph
+    graph_layers = [(n.name, n.class_name) for n in graph.nodes]
     _check_patterns(settings, graph_layers)
     if inputs is None and settings.reference is not None:
         inputs = dict(settings.reference.inputs)
-    fitted, input_label = _inputs(model, inputs, seed)
-    check_memory(estimate_memory(model, fitted.arrays, settings.order, settings.mode))
-    env = {**environment(), **runtime_environment(runtime)}
-    report = Report(label, input_label, settings.to_dict(), env, notes=load_notes + fitted.notes)
-    with device_scope(runtime), _recorder(save_outputs, fitted, model, env, settings) as record:
-        for result in run_layers(model, fitted.arrays, settings, on_output=record):
-            report.layers.append(result)
-            if on_layer is not None:
-                on_layer(result)
+    fitted, input_label = _inputs(graph, inputs, seed)
+    check_memory(estimate_memory(graph, fitted.arrays, settings.order, settings.mode))
+    with runtime_scope(runtime):
+        env = {**environment(), **runtime_environment(runtime)}
+        notes = prepared.notes + fitted.notes
+        report = Report(prepared.label, input_label, settings.to_dict(), env, notes=notes)
+        with _recorder(save_outputs, fitted, graph, env, settings) as record:
+            for result in run_layers(graph, fitted.arrays, settings, on_output=record):
+                report.layers.append(result)
+                if on_layer is not None:
+                    on_layer(result)
     report.notes += _reference_notes(settings, report, graph_layers)
     return report
 
 
-def open_model(
+@dataclass
+class PreparedModel:
+    """A model loaded once and walked once, which any number of runs then share.
+
+    Attributes:
+        graph: the model's layer calls in execution order (its Keras model in ``graph.model``).
+        label: what reports call it (the file name it came from, or the model's name).
+        notes: what convdiff chose while loading it (e.g. turning oneDNN on).
+    """
+
+    graph: Graph
+    label: str
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_model(
     model: Any,
     runtime: Runtime | None = None,
     *,
@@ -193,22 +220,27 @@ def open_model(
     onednn: bool | None = None,
     unsafe: bool = False,
     custom_objects: dict[str, Any] | str | os.PathLike | None = None,
-) -> tuple[Any, list[str]]:
-    """The Keras model to compare, with TensorFlow set up for it, and notes on what convdiff
-    chose: a path is checked and loaded (a model object passes through).
+) -> PreparedModel:
+    """Load ``model`` (a path; a Keras model object passes through) with TensorFlow set up
+    for it, and walk its graph once.
 
     The model file is read and checked in a child process while TensorFlow is imported here;
     the child first says whether the model needs oneDNN (channels_first convolutions on a
     CPU that leaves it off), which must be decided before that import.
+
+    Raises:
+        ConvdiffError: a model file or option that cannot be used.
     """
     runtime = runtime or Runtime()
     select_backend(backend)
-    probe = Probe.start(model) if isinstance(model, str | os.PathLike) else None
+    path = isinstance(model, str | os.PathLike)
+    label = str(model) if path else getattr(model, "name", "model")
+    probe = Probe.start(model) if path else None
     try:
         needs = (lambda: (probe.early() or {}).get("needs_onednn", [])) if probe else list
         note = prepare_onednn(onednn, runtime.device, needs)
-        configure_tensorflow()
-        apply_runtime(runtime)
+        configure_tensorflow(backend)
+        prepare_runtime(runtime)
         if probe is not None:
             if not isinstance(custom_objects, dict | None):
                 custom_objects = load_custom_objects(custom_objects)
@@ -216,7 +248,7 @@ def open_model(
     finally:
         if probe is not None:
             probe.close()
-    return model, [note] if note else []
+    return PreparedModel(build_graph(model), label, [note] if note else [])
 
 
 def orders_to_try(accumulate: str | None = None, tap_order: str | None = None):
@@ -228,6 +260,27 @@ def orders_to_try(accumulate: str | None = None, tap_order: str | None = None):
         parse_order(n, True, accumulate, tap_order) for n in ("eigen", "blas", "float64", "exact")
     ]
     return tuple(orders)
+
+
+def _order(
+    order: str | Order, fma: bool | None, accumulate: str | None, tap_order: str | None
+) -> Order:
+    """The run's order: a name refined by the other arguments, or an :class:`Order` they
+    must not contradict (a silently dropped ``fma=False`` would report another order).
+
+    Raises:
+        OptionError: an unknown order, or arguments that contradict the given Order.
+    """
+    if not isinstance(order, Order):
+        return parse_order(order, True if fma is None else fma, accumulate, tap_order)
+    given = {"fma": fma, "accumulate": accumulate, "tap_order": tap_order}
+    conflicts = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != getattr(order, k)]
+    if conflicts:
+        raise OptionError(
+            f"order={order.label!r} already fixes what {', '.join(conflicts)} asks otherwise; "
+            "set it in the Order, or pass the order by name"
+        )
+    return order
 
 
 def _texts(value: Any) -> list[str]:
@@ -267,12 +320,12 @@ def _check_tap_order(tap_order: str | None, classes: set[str]) -> None:
 
 
 @contextlib.contextmanager
-def _recorder(path, fitted: Inputs, model: Any, env: dict, settings: Settings):
+def _recorder(path, fitted: Inputs, graph: Graph, env: dict, settings: Settings):
     """``--save-outputs``: a writer whose ``add`` the runner calls per layer (or nothing)."""
     if path is None:
         yield None
         return
-    names = build_graph(model).input_names
+    names = graph.input_names
     with RecordingWriter(path, fitted.arrays, names, env, settings.to_dict()) as writer:
         yield writer.add
 
@@ -299,8 +352,8 @@ def _reference_notes(
     return notes
 
 
-def _inputs(model: Any, inputs: Any, seed: int | None) -> tuple[Inputs, str]:
-    specs = input_specs(model)
+def _inputs(graph: Graph, inputs: Any, seed: int | None) -> tuple[Inputs, str]:
+    specs = input_specs(graph)
     if inputs is None:
         return random_inputs(specs, 0 if seed is None else seed), "random"
     if isinstance(inputs, str | os.PathLike):
@@ -348,13 +401,12 @@ def compare_runs(
     if model is None:
         report.layers = _diff_recordings(first, second, settings)
     else:
-        configure_tensorflow()
-        if isinstance(model, str | os.PathLike):
-            model = load_model(model, unsafe=unsafe, custom_objects=custom_objects)
-        names = build_graph(model).input_names
-        arrays = [first.inputs[n] for n in names]
-        report.layers = list(run_layers(model, arrays, settings, keras_recording=first))
-    report.notes = _recording_notes(first, second)
+        prepared = prepare_model(model, unsafe=unsafe, custom_objects=custom_objects)
+        graph = prepared.graph
+        arrays = [first.inputs[n] for n in graph.input_names]
+        report.layers = list(run_layers(graph, arrays, settings, keras_recording=first))
+        report.notes = prepared.notes
+    report.notes += _recording_notes(first, second)
     return report
 
 
@@ -423,22 +475,15 @@ def expand_inputs(spec: str | os.PathLike) -> list[str]:
 def compare_many(model: Any, inputs: Sequence[str], **options: Any) -> list[Report]:
     """:func:`compare` over many input files, loading the model once; one report per input,
     each run's arrays freed before the next (memory stays that of one run)."""
-    label = str(model) if isinstance(model, str | os.PathLike) else getattr(model, "name", "model")
     runtime = Runtime(
         **{k: options[k] for k in ("device", "tf32", "deterministic", "threads") if k in options}
     )
-    model, notes = open_model(
+    prepared = prepare_model(
         model,
         runtime,
-        backend=options.get("backend"),
+        backend=options.pop("backend", None),
         onednn=options.pop("onednn", None),
         unsafe=options.pop("unsafe", False),
         custom_objects=options.pop("custom_objects", None),
     )
-    reports = []
-    for path in inputs:
-        report = compare(model, path, **options)
-        report.model = label
-        report.notes[:0] = notes
-        reports.append(report)
-    return reports
+    return [compare(prepared, path, **options) for path in inputs]

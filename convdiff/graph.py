@@ -60,12 +60,14 @@ class GraphNode:
 
 @dataclass
 class Graph:
-    """The model's input tensor keys and names, its output keys, and its nodes in order."""
+    """The model's input tensor keys and names, its output keys, and its nodes in order, built
+    once per model (:func:`as_graph`) and passed to everything that walks the model."""
 
     inputs: list[int]
     input_names: list[str]
     outputs: list[int]
     nodes: list[GraphNode] = field(default_factory=list)
+    model: Any = None
 
     def consumers(self) -> Counter[int]:
         """How many node inputs (and model outputs) read each tensor: for freeing early."""
@@ -75,12 +77,17 @@ class Graph:
         return counts
 
 
+def as_graph(model: Any) -> Graph:
+    """``model``'s :class:`Graph`: a Graph as it is, a Keras model flattened."""
+    return model if isinstance(model, Graph) else build_graph(model)
+
+
 def build_graph(model: Any) -> Graph:
     """Flatten ``model`` (Sequential or Functional, possibly nested) into a :class:`Graph`."""
     functional = _as_functional(model)
     inputs = [id(t) for t in functional.inputs]
     names = [_input_name(t, i) for i, t in enumerate(functional.inputs)]
-    graph = Graph(inputs=inputs, input_names=names, outputs=[])
+    graph = Graph(inputs=inputs, input_names=names, outputs=[], model=model)
     alias: dict[int, int] = {}
     _walk(functional, prefix="", alias=alias, graph=graph)
     graph.outputs = [alias.get(id(t), id(t)) for t in functional.outputs]

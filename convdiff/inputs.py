@@ -23,6 +23,7 @@ import numpy as np
 
 from convdiff.errors import InputError, one_line
 from convdiff.files import READ_CHUNK, ZIP_ERRORS, ZIP_MAGIC, check_file, read_head
+from convdiff.graph import as_graph
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,11 @@ class Inputs:
 
 
 def input_specs(model: Any) -> list[InputSpec]:
-    """The model's inputs, in order."""
-    from convdiff.graph import build_graph
-
-    names = build_graph(model).input_names
+    """The inputs of a model (or of its :class:`~convdiff.graph.Graph`), in order."""
+    graph = as_graph(model)
     return [
         InputSpec(name, tuple(t.shape), str(getattr(t, "dtype", "float32")))
-        for name, t in zip(names, model.inputs, strict=True)
+        for name, t in zip(graph.input_names, graph.model.inputs, strict=True)
     ]
 
 

@@ -186,17 +186,17 @@ def estimate(
     """The memory a run of ``model`` on ``inputs`` needs at its peak (see the module docstring).
 
     Args:
-        model: a Keras model.
+        model: a Keras model or its :class:`~convdiff.graph.Graph`.
         inputs: the fitted input arrays, in model input order.
         order: an :class:`~convdiff.orders.Order` or an order name (``float64`` and ``exact``
             need more).
         mode: ``isolated`` or ``propagated`` (the same figure: both sides' values are held).
     """
-    from convdiff.graph import build_graph
+    from convdiff.graph import as_graph
 
     del mode  # both modes keep Keras's and the NumPy side's value of every live tensor
-    graph = build_graph(model)
-    sizes = _tensor_sizes(model, graph, inputs)
+    graph = as_graph(model)
+    sizes = _tensor_sizes(graph.model, graph, inputs)
     order_name = getattr(order, "name", order) or "sequential"
     remaining = graph.consumers()
     live = {k: sizes[k][0] * sizes[k][1] for k in graph.inputs}

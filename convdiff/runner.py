@@ -27,7 +27,7 @@ from convdiff.errors import BackendError
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.explain import likely_cause
 from convdiff.floats import is_float, round_to
-from convdiff.graph import Graph, GraphNode, build_graph, layer_matches
+from convdiff.graph import Graph, GraphNode, as_graph, layer_matches
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import Unsupported, find_kernel
 from convdiff.metrics import (
@@ -199,7 +199,7 @@ def run_layers(
     """
     import keras
 
-    graph = build_graph(model)
+    graph = as_graph(model)
     public = vars(keras.layers)
     keras_values: dict[int, np.ndarray] = dict(zip(graph.inputs, inputs, strict=True))
     numpy_values = dict(zip(graph.inputs, _numpy_inputs(graph, inputs, settings), strict=True))

@@ -107,34 +107,51 @@ def choose_onednn(onednn: bool | None) -> None:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = wanted
 
 
-def configure_tensorflow(onednn: bool | None = None, threads: int | None = None) -> None:
-    """Import TensorFlow (quietly), after setting what must be set before its first import.
+def configure_tensorflow(backend: str | None = None) -> None:
+    """Import Keras (with ``backend``, validated by :func:`select_backend`) and TensorFlow,
+    quietly, after what must be set before their first import (:func:`prepare_onednn`).
 
     Raises:
-        OptionError: when TensorFlow is already imported and ``onednn`` asks for a change.
+        OptionError: an unknown or missing backend, or another one than Keras already has.
     """
-    choose_onednn(onednn)
-    _import_tensorflow_quietly()
-    if threads is not None:
-        import tensorflow as tf
+    backend = select_backend(backend)
+    with _environment(KERAS_BACKEND=backend):
+        _import_tensorflow_quietly()
 
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables set for the duration (read by a library's import), then put back
+    as they were: a library call leaves the process's environment as it found it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its start-up log lines (oneDNN notice, CUDA probing) kept off
-    stderr, unless the user asked for them (TF_CPP_MIN_LOG_LEVEL 0 or 1). Some of those lines
-    are written by C++ before TensorFlow reads the variable, whatever it says, so stderr itself
-    is muted meanwhile; an import error still surfaces as a Python exception."""
+    """Import Keras and TensorFlow with their start-up log lines (oneDNN notice, CUDA probing)
+    kept off stderr, unless the user asked for them (TF_CPP_MIN_LOG_LEVEL 0 or 1). Some of
+    those lines are written by C++ before TensorFlow reads the variable, whatever it says, so
+    stderr itself is muted meanwhile; an import error still surfaces as a Python exception."""
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        import keras
         import tensorflow
 
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as devnull:
+        with (
+            open(os.devnull, "w") as devnull,
+            _environment(TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")),
+        ):
             os.dup2(devnull.fileno(), 2)
             import keras  # noqa: F401
             import tensorflow  # noqa: F401
@@ -206,13 +223,14 @@ class Runtime:
     Attributes:
         device: ``cpu`` or ``gpu``.
         tf32: allow TensorFloat-32 for float32 matmuls and convolutions on Ampere and newer GPUs
-            (inputs rounded to 10 mantissa bits). Off by default, as Keras's own tests run.
+            (inputs rounded to 10 mantissa bits); None leaves TensorFlow's setting as it is.
         deterministic: TensorFlow op determinism (same result run to run on the same machine).
-        threads: intra-op thread count (None: TensorFlow's default).
+        threads: intra-op thread count (None: TensorFlow's default); TensorFlow takes it only
+            before its runtime starts, and keeps it for the rest of the process.
     """
 
     device: str = "cpu"
-    tf32: bool = False
+    tf32: bool | None = None
     deterministic: bool = False
     threads: int | None = None
 
@@ -221,8 +239,8 @@ class Runtime:
 
 
 def select_backend(backend: str | None) -> str:
-    """Make ``backend`` Keras's backend (KERAS_BACKEND, before Keras is imported); return the
-    backend in use.
+    """The Keras backend to use: ``backend``, else ``KERAS_BACKEND``, else tensorflow, checked
+    (:func:`configure_tensorflow` sets it for Keras's import).
 
     Raises:
         OptionError: an unknown backend, one whose package is not installed (with the extra to
@@ -246,7 +264,6 @@ def select_backend(backend: str | None) -> str:
             f"--backend {backend}: Keras was already imported with the "
             f"{sys.modules['keras'].backend.backend()} backend in this process"
         )
-    os.environ["KERAS_BACKEND"] = backend
     return backend
 
 
@@ -261,8 +278,9 @@ def backend_environment() -> dict[str, Any]:
     return {"backend": backend, "backend_version": getattr(module, "__version__", "unknown")}
 
 
-def apply_runtime(runtime: Runtime) -> None:
-    """Configure TensorFlow for ``runtime``.
+def prepare_runtime(runtime: Runtime) -> None:
+    """Check ``runtime`` against this machine and set what TensorFlow takes only before its
+    runtime starts (the thread count); the rest is applied by :func:`runtime_scope`.
 
     Raises:
         OptionError: an unknown device, ``gpu`` where TensorFlow sees none, or thread counts
@@ -289,9 +307,6 @@ def apply_runtime(runtime: Runtime) -> None:
             f"--device gpu: TensorFlow sees no GPU (it sees {seen}); run on a machine with an "
             "NVIDIA GPU and a CUDA build of TensorFlow (pip install 'tensorflow[and-cuda]')"
         )
-    tf.config.experimental.enable_tensor_float_32_execution(runtime.tf32)
-    if runtime.deterministic:
-        tf.config.experimental.enable_op_determinism()
     if runtime.threads is not None:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
@@ -304,29 +319,44 @@ def apply_runtime(runtime: Runtime) -> None:
 
 
 @contextlib.contextmanager
-def device_scope(runtime: Runtime) -> Iterator[None]:
-    """Run the Keras side on the chosen device."""
+def runtime_scope(runtime: Runtime) -> Iterator[None]:
+    """Run the Keras side on the chosen device with TF32 and op determinism as asked, and put
+    both settings back as they were afterwards: a library call leaves TensorFlow as it found
+    it (the thread count, which TensorFlow fixes once, is the exception)."""
     import keras
-
-    if keras.backend.backend() != "tensorflow":
-        yield
-        return
     import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
 
-    with tf.device("/GPU:0" if runtime.device == "gpu" else "/CPU:0"):
-        yield
+    tf32_before = tf.config.experimental.tensor_float_32_execution_enabled()
+    determinism_before = tf_config.is_op_determinism_enabled()
+    if runtime.tf32 is not None:
+        tf.config.experimental.enable_tensor_float_32_execution(runtime.tf32)
+    if runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    try:
+        if keras.backend.backend() != "tensorflow":
+            yield
+        else:
+            with tf.device("/GPU:0" if runtime.device == "gpu" else "/CPU:0"):
+                yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(tf32_before)
+        if not determinism_before:
+            tf_config.disable_op_determinism()
 
 
 def runtime_environment(runtime: Runtime) -> dict[str, Any]:
-    """What the report records about the device the Keras side ran on."""
+    """What the report records about the device the Keras side ran on (inside
+    :func:`runtime_scope`: the settings in force)."""
     import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
 
     environment: dict[str, Any] = {
         **backend_environment(),
         "device": runtime.device,
         "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled())
         and runtime.device == "gpu",
-        "deterministic": runtime.deterministic,
+        "deterministic": bool(tf_config.is_op_determinism_enabled()),
         "cpu_flags": cpu_flags(),
     }
     gpus = tf.config.list_physical_devices("GPU")
