@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -105,6 +105,61 @@ def _of_dtype(x: Any, dtype: np.dtype) -> bool:
     """An array or NumPy scalar of exactly ``dtype`` (a Python number is not: NumPy would
     round it to the array's dtype before the operation)."""
     return isinstance(x, np.ndarray | np.generic) and x.dtype == dtype
+
+
+class Arithmetic(Protocol):
+    """The contract a kernel is written against, which :class:`Rounded` and :class:`Bounded`
+    both keep. Values are opaque to kernels (arrays for Rounded, :class:`Tracked` for
+    Bounded): a kernel only moves them, combines them with these operations, and reads a
+    plain array through :meth:`value` for data-dependent decisions.
+
+    Each operation is one step Keras takes, rounded once to ``dtype`` unless it is exact (data
+    movement, negation, comparisons, max/min); reductions add in the run's order (Rounded) or
+    are bounded for every order (Bounded).
+    """
+
+    dtype: np.dtype
+
+    def move(self, fn: Callable[..., np.ndarray], *xs: Any) -> Any:
+        """Apply a function that only moves, copies or selects elements (exact)."""
+
+    def const(self, x: Any) -> Any:
+        """A weight or constant, in the layer's dtype (as Keras casts it)."""
+
+    def value(self, x: Any) -> np.ndarray:
+        """The plain array (for data-dependent decisions such as argmax)."""
+
+    def widened(self, dtype: Any, keras_accumulator: Any = None) -> Arithmetic:
+        """This arithmetic carried out in a wider ``dtype``."""
+
+    def accumulating_in(self, dtype: Any) -> Arithmetic:
+        """Reductions accumulated in ``dtype`` unless the user chose an accumulator."""
+
+    def round(self, x: Any) -> Any:
+        """``x`` from a wider arithmetic, rounded to this dtype: one rounding."""
+
+    def dot(self, a: Any, b: Any = None, axes: str = "k") -> Any:
+        """``sum`` over the leading ``len(axes)`` labelled axes of ``a * b`` (or of ``a``)."""
+
+    def sum(self, x: Any, axis: int | Sequence[int], keepdims: bool = False) -> Any:
+        """Sum of ``x`` over ``axis``, terms in index order."""
+
+    def add(self, x: Any, y: Any) -> Any: ...
+    def sub(self, x: Any, y: Any) -> Any: ...
+    def mul(self, x: Any, y: Any) -> Any: ...
+    def div(self, x: Any, y: Any) -> Any: ...
+    def neg(self, x: Any) -> Any: ...
+    def abs(self, x: Any) -> Any: ...
+    def maximum(self, x: Any, y: Any) -> Any: ...
+    def minimum(self, x: Any, y: Any) -> Any: ...
+    def max(self, x: Any, axis: Any, keepdims: bool = False) -> Any: ...
+    def min(self, x: Any, axis: Any, keepdims: bool = False) -> Any: ...
+
+    def where(self, x: Any, threshold: float, below: Any, above: Any, strict: bool = True) -> Any:
+        """``above`` where ``x > threshold`` (``>=`` if not strict), else ``below``."""
+
+    def apply(self, name: str, x: Any) -> Any:
+        """A library function (exp, tanh, erf, ...) of :data:`FUNCTIONS`."""
 
 
 class Rounded:

@@ -1,8 +1,9 @@
 """Kernel registry: a Keras layer class -> its pure-NumPy kernel.
 
 A kernel is a pure function ``kernel(spec, inputs, nx) -> output`` of the layer's
-:class:`LayerSpec` (config and weights), its input arrays and the arithmetic ``nx``
-(:class:`~convdiff.numerics.Rounded` or :class:`~convdiff.numerics.Bounded`). It never imports
+:class:`LayerSpec` (config and weights), its input values and the arithmetic ``nx`` (any
+:class:`~convdiff.numerics.Arithmetic`: :class:`~convdiff.numerics.Rounded` or
+:class:`~convdiff.numerics.Bounded`). It never imports
 TensorFlow, Keras, JAX or SciPy: it is a second, independent implementation.
 
 Classes are matched exactly, never through subclasses, so a subclass does not inherit the wrong
@@ -15,9 +16,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from convdiff.numerics import Arithmetic
 
 _FAMILIES = (
     "activations",
@@ -57,7 +61,7 @@ class LayerSpec:
         return self.weights.get(name)
 
 
-Kernel = Callable[..., Any]
+Kernel = Callable[[LayerSpec, list[Any], "Arithmetic"], Any]
 REGISTRY: dict[str, Kernel] = {}
 
 
