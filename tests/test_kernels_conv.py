@@ -230,7 +230,8 @@ def test_matches_keras(case, rng):
 
 
 def test_seed_model_bit_exact():
-    """NUMERICS.md's one-layer model: sequential FMA over (row, col, channel) is Keras's order."""
+    """The seed one-layer model (docs/numerics.md): sequential FMA over (row, col, channel) is
+    Keras's order."""
     rng = np.random.default_rng(0)
     layer = L.Conv2D(32, 3, padding="same", activation="relu")
     layer.build((1, 64, 64, 1))

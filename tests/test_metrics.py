@@ -613,7 +613,7 @@ def test_worst_elements_top_k_matches_full_sort(rng: np.random.Generator) -> Non
 
 
 def test_scaled_ulp_of_a_small_difference_of_large_terms() -> None:
-    # NUMERICS.md: 0.0071908 vs 0.0071906 is hundreds of float32 ULPs at 0.0072, but less than
+    # docs/numerics.md: 0.0071908 vs 0.0071906 is hundreds of float32 ULPs at 0.0072, but less than
     # one ULP of terms of magnitude ~3.
     ref = np.array([0.0071908], dtype=np.float32)
     cand = np.array([0.0071906], dtype=np.float32)
