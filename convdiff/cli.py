@@ -198,11 +198,15 @@ def _run(
         check_custom_objects(custom_objects)
     # TensorFlow is imported inside compare(), while a child process checks the model file
     options.update(onednn=onednn, custom_objects=custom_objects)
+    # The live progress line must be gone before anything else is written: it sits on stderr
+    # while the table goes to stdout, and the terminal shows both at one cursor.
     with _progress(quiet or json_path == "-") as on_layer:
         if len(paths) == 1:
             report = compare(model, paths[0], reference=reference, on_layer=on_layer, **options)
-            return _emit(report, json_path, junit_path, quiet)
-        reports = compare_many(model, paths, reference=reference, on_layer=on_layer, **options)
+        else:
+            reports = compare_many(model, paths, reference=reference, on_layer=on_layer, **options)
+    if len(paths) == 1:
+        return _emit(report, json_path, junit_path, quiet)
     return _emit_many(reports, json_path, junit_path, quiet)
 
 
