@@ -194,6 +194,7 @@ def compare(
                 if on_layer is not None:
                     on_layer(result)
     report.notes += _reference_notes(settings, report, graph_layers)
+    report.layers_not_compared = _not_compared(settings, graph_layers, report.layers)
     return report
 
 
@@ -249,6 +250,16 @@ def prepare_model(
         if probe is not None:
             probe.close()
     return PreparedModel(build_graph(model), label, [note] if note else [])
+
+
+def _not_compared(
+    settings: Settings, graph_layers: list[tuple[str, str]], compared: list
+) -> list[str]:
+    """The selected layers a ``stop_at_first`` run never reached (after the divergent one)."""
+    if not settings.stop_at_first or not compared or compared[-1].status != "divergent":
+        return []
+    reached = {r.name for r in compared}
+    return [n for n, c in graph_layers if settings.selects(n, c) and n not in reached]
 
 
 def orders_to_try(accumulate: str | None = None, tap_order: str | None = None):

@@ -277,7 +277,7 @@ def _emit_many(reports: list, json_path: str | None, junit_path: str | None, qui
 
     from convdiff.junit import to_junit
     from convdiff.outputs import write_atomic
-    from convdiff.report import render, summary_line, to_json
+    from convdiff.report import plural, render, summary_line, to_json
 
     out = Console(highlight=False, width=_width())
     err = Console(stderr=True, highlight=False)
@@ -297,7 +297,8 @@ def _emit_many(reports: list, json_path: str | None, junit_path: str | None, qui
     if json_path == "-":
         sys.stdout.write(document + "\n")
     else:
-        overall = f"{len(reports)} inputs: {len(reports) - len(failed)} PASS, {len(failed)} FAIL"
+        overall = f"{plural(len(reports), 'input')}: {len(reports) - len(failed)} PASS, "
+        overall += f"{len(failed)} FAIL"
         out.print(overall, style="bold red" if failed else "bold green")
     if json_path not in (None, "-"):
         write_atomic(json_path, (document + "\n").encode())

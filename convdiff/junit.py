@@ -27,7 +27,7 @@ from pathlib import PurePath
 from typing import Any
 
 from convdiff.outputs import json_safe
-from convdiff.report import Report
+from convdiff.report import Report, compared_side
 from convdiff.runner import LayerResult
 
 __all__ = ["to_junit"]
@@ -136,7 +136,8 @@ def _details(r: LayerResult, report: Report) -> str:
         if worst is not None:
             lines.append(
                 f"worst at {tuple(worst['index'])}: Keras {worst['reference']!r}, "
-                f"NumPy {worst['candidate']!r}, {worst['ulp']:,} ULP, bound {worst['bound']!r}"
+                f"{compared_side(report, r)} {worst['candidate']!r}, {worst['ulp']:,} ULP, "
+                f"bound {worst['bound']!r}"
             )
     lines += [f"budget: {v}" for v in _budget_violations(r, report)]
     if r.reason:

@@ -8,12 +8,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich import box
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from convdiff import __version__
+from convdiff.layout import HEADINGS, NARROW, SHORTEN, Column, FittedTable
 from convdiff.metrics import Comparison, describe_nonfinite
 from convdiff.outputs import json_safe
 from convdiff.runner import LayerResult
@@ -29,7 +28,10 @@ STATUS_STYLE = {
 
 @dataclass
 class Report:
-    """Everything a run found: the data behind the table, the JSON and the exit status."""
+    """Everything a run found: the data behind the table, the JSON and the exit status.
+
+    ``layers_not_compared`` names the selected layers a ``stop_at_first`` run never reached.
+    """
 
     model: str
     inputs: str
@@ -37,6 +39,7 @@ class Report:
     environment: dict[str, Any]
     layers: list[LayerResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layers_not_compared: list[str] = field(default_factory=list)
 
     @property
     def first_divergent(self) -> LayerResult | None:
@@ -67,6 +70,8 @@ class Report:
             "first_divergent": first.name if first else None,
             "over_budget": [r.name for r in self.over_budget],
             "counts": dict(self.counts()),
+            "stopped_early": bool(self.layers_not_compared),
+            "layers_not_compared": self.layers_not_compared,
             "settings": self.settings,
             "environment": self.environment,
             "notes": self.notes,
@@ -113,44 +118,64 @@ def _fmt_ratio(value: float | None) -> str:
     return repr(value)
 
 
-def render_table(report: Report) -> Table:
-    """One row per layer call: index, name, class, shape, status and the error figures."""
-    table = Table(
-        title=f"convdiff: {report.model}  (order {report.settings.get('order_label')}, "
-        f"mode {report.settings.get('mode')})",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    for header, justify in (
-        ("#", "right"),
-        ("layer", "left"),
-        ("class", "left"),
-        ("shape", "left"),
-        ("status", "left"),
-        ("max ULP", "right"),
-        ("p99 ULP", "right"),
-        ("max abs", "right"),
-        ("differ", "right"),
-        ("/bound", "right"),
-    ):
-        table.add_column(header, justify=justify, overflow="fold", no_wrap=header != "layer")
-    for r in report.layers:
-        c = r.comparison
-        status = Text(r.status + (" !" if r.over_budget else ""), style=STATUS_STYLE[r.status])
-        table.add_row(
-            str(r.index),
-            r.name,
-            r.class_name,
-            "x".join(str(n) for n in r.output_shape),
-            status,
-            _fmt_max_ulp(c),
-            _fmt_float(c.p99_ulp if c else None, ".3g"),
-            _fmt_float(c.max_abs if c else None, ".2e"),
-            "-" if c is None else f"{100 * c.mismatch_fraction:.1f}%",
-            _fmt_ratio(c.bound_ratio if c else None),
+# What the layer table gives up at narrow widths, first to go first (README, "Narrow
+# terminals"): the index (the name says which layer), the 99th percentile (max ULP and /bound
+# carry the verdict), the class, the largest absolute difference, the shape; then long layer
+# names are shortened in the middle, to 16 cells at least; then the share of differing elements,
+# max ULP and /bound. The layer name and the status always stay; no figure is ever cut.
+TABLE_STEPS = ("#", "p99 ULP", "class", "max abs", "shape", SHORTEN, "differ", "max ULP", "/bound")
+
+
+def render_table(report: Report) -> FittedTable:
+    """One row per layer call: index, name, class, shape, status and the error figures, laid
+    out for the width it is printed at (:data:`TABLE_STEPS`)."""
+    rows = [_layer_cells(r) for r in report.layers]
+    headers = ("#", "layer", "class", "shape", "status", "max ULP", "p99 ULP", "max abs")
+    headers += ("differ", "/bound")
+    columns = [
+        Column(
+            header,
+            [row[i] for row in rows],
+            justify="left" if header in ("layer", "class", "shape", "status") else "right",
+            names=header == "layer",
         )
-    return table
+        for i, header in enumerate(headers)
+    ]
+    title = f"convdiff: {report.model}  ({comparison_label(report)})"
+    return FittedTable(columns, TABLE_STEPS, title=title)
+
+
+def _layer_cells(r: LayerResult) -> list[str | Text]:
+    c = r.comparison
+    return [
+        str(r.index),
+        r.name,
+        r.class_name,
+        "x".join(str(n) for n in r.output_shape),
+        Text(r.status + (" !" if r.over_budget else ""), style=STATUS_STYLE[r.status]),
+        _fmt_max_ulp(c),
+        _fmt_float(c.p99_ulp if c else None, ".3g"),
+        _fmt_float(c.max_abs if c else None, ".2e"),
+        "-" if c is None else f"{100 * c.mismatch_fraction:.1f}%",
+        _fmt_ratio(c.bound_ratio if c else None),
+    ]
+
+
+def comparison_label(report: Report) -> str:
+    """The title's account of what Keras was compared with, and the mode: the NumPy order only
+    where convdiff's kernels computed a layer, never for a user's implementation."""
+    settings = report.settings
+    mode = f"mode {settings.get('mode')}"
+    if settings.get("reference"):
+        return f"compared with recording {settings['reference']}, {mode}"
+    order = f"order {settings.get('order_label')}"
+    yours = [r.name for r in report.layers if r.impl]
+    if not yours:
+        return f"{order}, {mode}"
+    named = ", ".join(yours) if len(yours) <= 2 else f"{len(yours)} layers"
+    kernels = any(r.impl is None and r.status != "skipped" for r in report.layers)
+    mine = f"your implementation for {named}"
+    return f"{mine}, {order} elsewhere, {mode}" if kernels else f"{mine}, {mode}"
 
 
 def render_summary(report: Report) -> Text:
@@ -167,7 +192,7 @@ def render_summary(report: Report) -> Text:
         if changed:
             worst = max(changed, key=lambda r: r.repeat_max_ulp)
             lines.append(
-                f"Keras changed between its {repeat} runs in {len(changed)} layers "
+                f"Keras changed between its {repeat} runs in {plural(len(changed), 'layer')} "
                 f"(worst {worst.name}: {worst.repeat_max_ulp:,} ULP)\n",
                 style="yellow",
             )
@@ -199,7 +224,7 @@ def _headline(report: Report, lines: Text) -> None:
             )
     elif errors:
         lines.append("No compared layer diverged", style="bold")
-        lines.append(f", but {_count(len(errors), 'layer')} could not be compared: ")
+        lines.append(f", but {plural(len(errors), 'layer')} could not be compared: ")
         lines.append(", ".join(errors), style="bold magenta")
         lines.append(" (see below).\n")
     elif not any(r.compared for r in report.layers):
@@ -209,15 +234,22 @@ def _headline(report: Report, lines: Text) -> None:
         lines.append(": every compared difference is within its rounding bound.\n")
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+def plural(count: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``, ``1,024 layers``."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def summary_line(report: Report) -> Text:
     """One line: layer count, statuses, PASS or FAIL (all ``--quiet`` prints)."""
     counts = report.counts()
     tally = ", ".join(f"{counts[s]} {s}" for s in STATUS_STYLE if counts[s]) or "none compared"
-    line = Text(f"{len(report.layers)} layers: {tally}. ")
+    line = Text(f"{plural(len(report.layers), 'layer')}: {tally}. ")
+    skipped = len(report.layers_not_compared)
+    if skipped:
+        total = skipped + len(report.layers)
+        line.append(
+            f"Stopped after the first divergent layer: {skipped} of {total} layers not compared. "
+        )
     if report.over_budget:
         line.append(f"{len(report.over_budget)} over budget. ")
     line.append(
@@ -288,42 +320,86 @@ def render_growth(report: Report) -> Text | None:
     return text
 
 
-def render_histograms(report: Report) -> Table | None:
+# --histogram gives up, first to go first: bar length (down to 10 cells), the length of long
+# layer names (to 16 cells), then the layer column (each name heads its layer's rows instead).
+HISTOGRAM_STEPS = (NARROW, SHORTEN, HEADINGS)
+
+
+def render_histograms(report: Report) -> FittedTable | None:
     """``--histogram``: each compared layer's ULP distribution as counts and bars."""
-    rows = [r for r in report.layers if r.histogram]
-    if not rows:
+    layers = [r for r in report.layers if r.histogram]
+    if not layers:
         return None
-    table = Table(title="ULP distribution", title_justify="left", box=box.SIMPLE_HEAD)
-    for header in ("layer", "ULP", "count", ""):
-        table.add_column(header, justify="right" if header == "count" else "left")
-    for r in rows:
+    names, buckets, counts, bars = [], [], [], []
+    for r in layers:
         total = max(sum(count for _, count in r.histogram), 1)
         for i, (bucket, count) in enumerate(r.histogram):
-            bar = "█" * max(int(40 * count / total + 0.5), 1 if count else 0)
-            table.add_row(r.name if i == 0 else "", bucket, f"{count:,}", bar)
-    return table
+            names.append(r.name if i == 0 else None)
+            buckets.append(bucket)
+            counts.append(f"{count:,}")
+            bars.append(count / total)
+    columns = [
+        Column("layer", names, names=True),
+        Column("ULP", buckets),
+        Column("count", counts, justify="right"),
+        Column("", bars=bars),
+    ]
+    return FittedTable(columns, HISTOGRAM_STEPS, title="ULP distribution")
 
 
-def render_worst(report: Report) -> Table | None:
-    """``--show-worst K``: the worst elements with both values, the exact value and bound."""
-    rows = [r for r in report.layers if r.worst_elements]
-    if not rows:
+# --show-worst gives up, first to go first: the bound, the correctly rounded value, the length
+# of long layer names (to 16 cells), the layer column (each name heads its layer's rows
+# instead), the ULP distance. The index and both compared values always stay.
+WORST_STEPS = ("bound", "exact", SHORTEN, HEADINGS, "ULP")
+
+
+def render_worst(report: Report) -> FittedTable | None:
+    """``--show-worst K``: the worst elements with both values, the exact value and bound; the
+    second value's column is named after the side that was compared with Keras."""
+    layers = [r for r in report.layers if r.worst_elements]
+    if not layers:
         return None
-    table = Table(title="Worst elements", title_justify="left", box=box.SIMPLE_HEAD)
-    for header in ("layer", "index", "Keras", "NumPy", "exact", "ULP", "bound"):
-        table.add_column(header, justify="left" if header in ("layer", "index") else "right")
-    for r in rows:
-        for i, w in enumerate(r.worst_elements):
-            table.add_row(
-                r.name if i == 0 else "",
-                str(tuple(w["index"])),
-                _fmt_float(w["reference"], ".9g"),
-                _fmt_float(w["candidate"], ".9g"),
-                _fmt_float(w.get("exact"), ".9g"),
-                _fmt_int(w.get("ulp")),
-                _fmt_float(w.get("bound"), ".3g"),
+    side, caption = _worst_side(report, layers)
+    cells: list[list[str | None]] = []
+    for r in layers:
+        for i, w in enumerate(r.worst_elements or ()):
+            cells.append(
+                [
+                    r.name if i == 0 else None,
+                    str(tuple(w["index"])),
+                    _fmt_float(w["reference"], ".9g"),
+                    _fmt_float(w["candidate"], ".9g"),
+                    _fmt_float(w.get("exact"), ".9g"),
+                    _fmt_int(w.get("ulp")),
+                    _fmt_float(w.get("bound"), ".3g"),
+                ]
             )
-    return table
+    headers = ("layer", "index", "Keras", side, "exact", "ULP", "bound")
+    columns = [
+        Column(h, [row[i] for row in cells], "left" if i < 2 else "right", names=i == 0)
+        for i, h in enumerate(headers)
+    ]
+    return FittedTable(columns, WORST_STEPS, title="Worst elements", caption=caption)
+
+
+def compared_side(report: Report, r: LayerResult) -> str:
+    """Who computed the values Keras's were compared with for layer ``r``: ``recording``
+    (``--reference``), ``yours`` (``--impl``) or ``NumPy`` (convdiff's kernel)."""
+    if report.settings.get("reference"):
+        return "recording"
+    return "yours" if r.impl else "NumPy"
+
+
+def _worst_side(report: Report, layers: list[LayerResult]) -> tuple[str, str | None]:
+    """The header of the compared side's values (and a caption when layers differ in it)."""
+    sides = {compared_side(report, r) for r in layers}
+    if len(sides) == 1:
+        return sides.pop(), None
+    yours = ", ".join(r.name for r in layers if r.impl)
+    return "yours/NumPy", (
+        f"yours/NumPy: your implementation's values for {yours}; convdiff's NumPy kernel's "
+        "for the other layers"
+    )
 
 
 def render(report: Report) -> Group:

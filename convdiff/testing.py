@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from convdiff.orders import Order
-from convdiff.report import Report
+from convdiff.report import Report, compared_side, comparison_label, plural
 from convdiff.runner import LayerResult
 
 __all__ = ["assert_layers_match", "failing_layers"]
@@ -80,18 +80,14 @@ def _message(report: Report, failing: list[LayerResult]) -> str:
     if worst is not None:
         lines.append(
             f"  worst element {worst.index}: Keras {worst.reference!r}, "
-            f"NumPy {worst.candidate!r} ({worst.ulp:,} ULP)"
+            f"{compared_side(report, first)} {worst.candidate!r} ({worst.ulp:,} ULP)"
         )
     others = failing[1:]
     if others:
         names = ", ".join(f"{r.name}: {_verdict(r)}" for r in others[:5])
         more = f" and {len(others) - 5} more" if len(others) > 5 else ""
-        lines.append(f"  {len(others)} later layer(s) failed too: {names}{more}")
-    settings = report.settings
-    lines.append(
-        f"  order {settings.get('order_label', settings.get('order'))}, "
-        f"mode {settings.get('mode')}, model {report.model}"
-    )
+        lines.append(f"  {plural(len(others), 'later layer')} failed too: {names}{more}")
+    lines.append(f"  {comparison_label(report)}, model {report.model}")
     return "\n".join(lines)
 
 

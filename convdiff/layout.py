@@ -1,0 +1,202 @@
+"""Tables that fit the width they are printed at, without ever cutting a value.
+
+Left to itself, rich squeezes a table that is wider than the terminal by cropping cells
+(``1,024`` shown as ``1,02``, ``identical`` as ``identic``) and, first of all, the cells with
+``overflow="fold"``: the layer names. A :class:`FittedTable` decides instead, at render time and
+for the width it is given, what to leave out, taking steps in a fixed order until the table
+fits:
+
+- dropping a named column (each table states which, least useful first);
+- :data:`SHORTEN`: shortening layer names in the middle (``block_16…d_relu``), to no fewer than
+  :data:`NAME_MIN` cells, so both the block and the role of a layer stay readable;
+- :data:`NARROW`: narrowing an elastic column (the histogram's bars) to its minimum;
+- :data:`HEADINGS`: moving the layer names out of their column onto rows of their own above
+  their layer's rows (for tables that show several rows per layer).
+
+The layer name and the verdict are never dropped. Every kept cell is shown in full; only when
+even the last step leaves the table too wide (a terminal under ~40 columns) do cells wrap onto
+further lines, still whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions
+from rich.table import Table
+from rich.text import Text
+
+SHORTEN = "shorten names"
+NARROW = "narrow bars"
+HEADINGS = "names as headings"
+NAME_MIN = 16
+ELLIPSIS = "…"
+
+
+def shorten_middle(name: str, width: int) -> str:
+    """``name`` in at most ``width`` cells, its middle replaced by an ellipsis.
+
+    Both ends are kept (the head a cell longer): layer names differ at either end
+    (``block_16_expand`` vs ``block_15_expand``; ``..._BN`` vs ``..._relu``; a ``#2`` call).
+    """
+    if cell_len(name) <= width:
+        return name
+    if width <= 1:
+        return ELLIPSIS[:width]
+    tail = (width - 1) // 2
+    head = width - 1 - tail
+    return name[:head] + ELLIPSIS + (name[-tail:] if tail else "")
+
+
+@dataclass
+class Column:
+    """One column: header, cells, alignment.
+
+    Attributes:
+        header: the column's title; also its name in a table's drop order.
+        cells: one per row; ``None`` in the layer column marks a row continuing the layer above.
+        justify: ``left`` or ``right``.
+        names: whether the cells are layer names (shortened in the middle, or made headings).
+        bars: for an elastic bar column, each row's fraction of the full bar (0..1); the cells
+            are drawn at the width the layout leaves.
+        bar_cells: the bar column's widest width.
+    """
+
+    header: str
+    cells: list[str | Text | None] = field(default_factory=list)
+    justify: str = "left"
+    names: bool = False
+    bars: list[float] | None = None
+    bar_cells: int = 40
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a fitted table leaves out at one width."""
+
+    dropped: tuple[str, ...] = ()
+    name_cells: int | None = None
+    bar_cells: int | None = None
+    headings: bool = False
+    wraps: bool = False
+    taken: int = 0
+
+
+@dataclass
+class FittedTable:
+    """A rich renderable: a table laid out for the width it is printed at.
+
+    Attributes:
+        columns: every column, in display order.
+        steps: what to give up, in order, while the table is too wide: column headers, and
+            :data:`SHORTEN`, :data:`NARROW`, :data:`HEADINGS`.
+        title: printed above the table (wrapped at the console's width, not the table's).
+        caption: printed under the table.
+        bar_min: the narrowest bars (:data:`NARROW`).
+    """
+
+    columns: list[Column]
+    steps: Sequence[str]
+    title: str | Text | None = None
+    caption: str | None = None
+    bar_min: int = 10
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator:
+        if isinstance(self.title, str):
+            yield Text(self.title, style="table.title")
+        elif self.title is not None:
+            yield self.title
+        yield self.table(self.plan(console, options.max_width, options))
+
+    def plan(
+        self,
+        console: Console,
+        width: int,
+        options: ConsoleOptions | None = None,
+        max_steps: int | None = None,
+    ) -> Plan:
+        """The first plan along :attr:`steps` whose table fits in ``width`` cells (taking at
+        most ``max_steps`` of them; if none fits, the last one, with wrapping cells)."""
+        options = (options or console.options).update(max_width=10**6)
+        steps = list(self.steps)[:max_steps]
+        plan = Plan()
+        for taken in range(len(steps) + 1):
+            if taken:
+                plan = replace(plan, taken=taken)
+                plan = self._take(steps[taken - 1], plan, console, width, options)
+            if self.width(plan, console, options) <= width:
+                return plan
+        return plan if max_steps is not None else replace(plan, wraps=True)
+
+    def width(self, plan: Plan, console: Console, options: ConsoleOptions) -> int:
+        """Cells the table takes under ``plan`` (what rich's own measurement says)."""
+        return console.measure(self.table(plan), options=options).maximum
+
+    def _take(self, step: str, plan: Plan, console, width: int, options) -> Plan:
+        """Apply one step; SHORTEN and NARROW give up only as many cells as the fit needs."""
+        if step == HEADINGS:
+            return replace(plan, headings=True)
+        if step not in (SHORTEN, NARROW):
+            return replace(plan, dropped=(*plan.dropped, step))
+        excess = self.width(plan, console, options) - width
+        if step == SHORTEN:
+            full = max((cell_len(n) for n in self._names()), default=0)
+            return replace(plan, name_cells=max(NAME_MIN, min(full, full - excess)))
+        bars = next((c for c in self.columns if c.bars), None)
+        if bars is None or bars.bars is None:
+            return plan
+        # the column is as wide as its longest bar, int(cells * largest + 0.5); find the cells
+        # for 100% that make that bar ``excess`` shorter
+        largest = max(bars.bars)
+        longest = _bar_length(plan.bar_cells or bars.bar_cells, largest)
+        cells = int((longest - excess + 0.5) / largest - 1e-9) if largest > 0 else self.bar_min
+        return replace(plan, bar_cells=max(self.bar_min, min(cells, bars.bar_cells)))
+
+    def _names(self) -> list[str]:
+        return [str(c) for col in self.columns if col.names for c in col.cells if c is not None]
+
+    def table(self, plan: Plan) -> Table:
+        """The rich table for ``plan`` (columns at their natural widths)."""
+        kept = [c for c in self.columns if c.header not in plan.dropped]
+        names = next((c for c in kept if c.names), None)
+        if plan.headings and names is not None:
+            kept = [c for c in kept if c is not names]
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption=self.caption)
+        table.caption_justify = "left"
+        for column in kept:
+            table.add_column(
+                column.header,
+                justify=column.justify,  # type: ignore[arg-type]
+                no_wrap=not plan.wraps,
+                overflow="fold",
+            )
+        for row in self._rows(plan, kept, names):
+            table.add_row(*row)
+        return table
+
+    def _rows(self, plan: Plan, kept: list[Column], names: Column | None) -> Iterator[list]:
+        width = plan.name_cells or 10**6
+        for i in range(len(kept[0].cells) if kept else 0):
+            name = names.cells[i] if names is not None else None
+            if plan.headings and name is not None:
+                heading = Text(shorten_middle(str(name), width), style="bold")
+                yield [heading, *([""] * (len(kept) - 1))]
+            yield [self._cell(c, i, plan) for c in kept]
+
+    def _cell(self, column: Column, i: int, plan: Plan) -> str | Text:
+        if column.bars is not None:
+            return "█" * _bar_length(plan.bar_cells or column.bar_cells, column.bars[i])
+        cell = column.cells[i]
+        if cell is None:
+            return ""
+        if column.names and plan.name_cells is not None:
+            return shorten_middle(str(cell), plan.name_cells)
+        return cell
+
+
+def _bar_length(cells: int, fraction: float) -> int:
+    """A bar of ``fraction`` of ``cells``, at least one cell for any nonzero count."""
+    return max(int(cells * fraction + 0.5), 1 if fraction > 0 else 0)
