@@ -39,7 +39,8 @@ ELLIPSIS = "…"
 def shorten_middle(name: str, width: int) -> str:
     """``name`` in at most ``width`` cells, its middle replaced by an ellipsis.
 
-    Both ends are kept (the head a cell longer): layer names differ at either end
+    Both ends are kept (the head a cell longer where they cannot be equal): layer names
+    differ at either end
     (``block_16_expand`` vs ``block_15_expand``; ``..._BN`` vs ``..._relu``; a ``#2`` call).
     """
     if cell_len(name) <= width:
@@ -137,12 +138,15 @@ class FittedTable:
 
     def _take(self, step: str, plan: Plan, console, width: int, options) -> Plan:
         """Apply one step; SHORTEN and NARROW give up only as many cells as the fit needs."""
-        if step == HEADINGS:
-            return replace(plan, headings=True)
-        if step not in (SHORTEN, NARROW):
+        if step not in (SHORTEN, NARROW, HEADINGS):
             return replace(plan, dropped=(*plan.dropped, step))
+        if step == HEADINGS:
+            # on rows of their own the names may take the room of the column they left
+            plan = replace(plan, headings=True, name_cells=None)
         excess = self.width(plan, console, options) - width
-        if step == SHORTEN:
+        if step in (SHORTEN, HEADINGS):
+            if excess <= 0:
+                return plan
             full = max((cell_len(n) for n in self._names()), default=0)
             return replace(plan, name_cells=max(NAME_MIN, min(full, full - excess)))
         bars = next((c for c in self.columns if c.bars), None)
