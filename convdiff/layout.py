@@ -129,8 +129,17 @@ class FittedTable:
                 plan = replace(plan, taken=taken)
                 plan = self._take(steps[taken - 1], plan, console, width, options)
             if self.width(plan, console, options) <= width:
-                return plan
+                return self._relax(plan, console, width, options)
         return plan if max_steps is not None else replace(plan, wraps=True)
+
+    def _relax(self, plan: Plan, console: Console, width: int, options) -> Plan:
+        """Give shortened names back the room a later step freed (a dropped column)."""
+        slack = width - self.width(plan, console, options)
+        if plan.name_cells is None or slack <= 0:
+            return plan
+        full = max((cell_len(n) for n in self._names()), default=0)
+        wider = replace(plan, name_cells=min(full, plan.name_cells + slack))
+        return wider if self.width(wider, console, options) <= width else plan
 
     def width(self, plan: Plan, console: Console, options: ConsoleOptions) -> int:
         """Cells the table takes under ``plan`` (what rich's own measurement says)."""
