@@ -36,6 +36,7 @@ from convdiff.report import (
     TABLE_STEPS,
     WORST_STEPS,
     Report,
+    _layer_cells,
     render_growth,
     render_histograms,
     render_summary,
@@ -153,27 +154,16 @@ def name_shown(shown: str, name: str) -> bool:
 
 
 def expected_cells(r: LayerResult) -> dict[str, str]:
-    """The full text of every cell of a layer's row, from the result's own figures."""
+    """The full text of every cell of a layer's row (before any layout), with the figures that
+    do not depend on the report's formatting checked against the result itself."""
+    headers = ("#", "layer", "class", "shape", "status", "max ULP", "p99 ULP", "max abs")
+    cells = dict(zip((*headers, "differ", "/bound"), map(str, _layer_cells(r)), strict=True))
     c = r.comparison
-
-    def ulp(v):
-        return "-" if v is None else (f"{v:,}" if v < 10_000_000 else f"{v:.3g}")
-
-    def num(v, spec):
-        return "-" if v is None else ("inf" if v == float("inf") else format(v, spec))
-
-    return {
-        "#": str(r.index),
-        "layer": r.name,
-        "class": r.class_name,
-        "shape": "x".join(str(n) for n in r.output_shape),
-        "status": r.status + (" !" if r.over_budget else ""),
-        "max ULP": ulp(c.max_ulp if c else None),
-        "p99 ULP": num(c.p99_ulp if c else None, ".3g"),
-        "max abs": num(c.max_abs if c else None, ".2e"),
-        "differ": "-" if c is None else f"{100 * c.mismatch_fraction:.1f}%",
-        "/bound": num(c.bound_ratio if c else None, ".2g"),
-    }
+    assert cells["layer"] == r.name and cells["status"].split()[0] == r.status
+    assert cells["shape"] == "x".join(str(n) for n in r.output_shape)
+    if c is not None and not (c.nan_mismatch or c.inf_mismatch) and c.max_ulp < 10_000_000:
+        assert cells["max ULP"] == f"{c.max_ulp:,}"
+    return cells
 
 
 def check_layer_table(report: Report, width: int) -> list[str]:
