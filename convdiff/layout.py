@@ -110,73 +110,98 @@ class FittedTable:
             yield Text(self.title, style="table.title")
         elif self.title is not None:
             yield self.title
-        yield self.table(self.plan(console, options.max_width, options))
+        yield self.table(self.plan(options.max_width))
 
-    def plan(
-        self,
-        console: Console,
-        width: int,
-        options: ConsoleOptions | None = None,
-        max_steps: int | None = None,
-    ) -> Plan:
+    def plan(self, width: int, max_steps: int | None = None) -> Plan:
         """The first plan along :attr:`steps` whose table fits in ``width`` cells (taking at
         most ``max_steps`` of them; if none fits, the last one, with wrapping cells)."""
-        options = (options or console.options).update(max_width=10**6)
         steps = list(self.steps)[:max_steps]
         plan = Plan()
         for taken in range(len(steps) + 1):
             if taken:
-                plan = replace(plan, taken=taken)
-                plan = self._take(steps[taken - 1], plan, console, width, options)
-            if self.width(plan, console, options) <= width:
-                return self._relax(plan, console, width, options)
+                plan = self._take(steps[taken - 1], replace(plan, taken=taken), width)
+            if self.width(plan) <= width:
+                return self._relax(plan, width)
         return plan if max_steps is not None else replace(plan, wraps=True)
 
-    def _relax(self, plan: Plan, console: Console, width: int, options) -> Plan:
+    def _relax(self, plan: Plan, width: int) -> Plan:
         """Give shortened names back the room a later step freed (a dropped column)."""
-        slack = width - self.width(plan, console, options)
+        slack = width - self.width(plan)
         if plan.name_cells is None or slack <= 0:
             return plan
-        full = max((cell_len(n) for n in self._names()), default=0)
-        wider = replace(plan, name_cells=min(full, plan.name_cells + slack))
-        return wider if self.width(wider, console, options) <= width else plan
+        wider = replace(plan, name_cells=min(self._longest_name(), plan.name_cells + slack))
+        return wider if self.width(wider) <= width else plan
 
-    def width(self, plan: Plan, console: Console, options: ConsoleOptions) -> int:
-        """Cells the table takes under ``plan`` (what rich's own measurement says)."""
-        return console.measure(self.table(plan), options=options).maximum
+    def width(self, plan: Plan) -> int:
+        """Cells the table takes under ``plan``: its columns' widths, one padding cell either
+        side of each inner edge plus the separator between them, and the two outer edges (the
+        arithmetic of rich's SIMPLE_HEAD box without edge padding; a test holds it to rich's
+        own measurement)."""
+        widths = self._widths(plan)
+        return sum(widths) + 3 * (len(widths) - 1) + 2 if widths else 0
 
-    def _take(self, step: str, plan: Plan, console, width: int, options) -> Plan:
+    def _widths(self, plan: Plan) -> list[int]:
+        kept, names = self._kept(plan)
+        widths = []
+        for column in kept:
+            cells = column.cells
+            if column.bars is not None:
+                longest = _bar_length(plan.bar_cells or column.bar_cells, max(column.bars))
+                cells = ["█" * longest]
+            elif column.names and plan.name_cells is not None:
+                cells = [shorten_middle(self._longest_name_text(), plan.name_cells)]
+            widths.append(max([cell_len(column.header)] + [_cells(c) for c in cells]))
+        if names is not None and widths:
+            # the headings are rows of the first kept column
+            widths[0] = max(widths[0], min(self._longest_name(), plan.name_cells or 10**6))
+        return widths
+
+    def _kept(self, plan: Plan) -> tuple[list[Column], Column | None]:
+        """The columns shown under ``plan``, and the names column when its names are headings."""
+        kept = [c for c in self.columns if c.header not in plan.dropped]
+        names = next((c for c in kept if c.names), None)
+        if plan.headings and names is not None:
+            return [c for c in kept if c is not names], names
+        return kept, None
+
+    def _take(self, step: str, plan: Plan, width: int) -> Plan:
         """Apply one step; SHORTEN and NARROW give up only as many cells as the fit needs."""
         if step not in (SHORTEN, NARROW, HEADINGS):
             return replace(plan, dropped=(*plan.dropped, step))
         if step == HEADINGS:
             # on rows of their own the names may take the room of the column they left
             plan = replace(plan, headings=True, name_cells=None)
-        excess = self.width(plan, console, options) - width
+        excess = self.width(plan) - width
+        if excess <= 0:
+            return plan
         if step in (SHORTEN, HEADINGS):
-            if excess <= 0:
-                return plan
-            full = max((cell_len(n) for n in self._names()), default=0)
+            full = self._longest_name()
             return replace(plan, name_cells=max(NAME_MIN, min(full, full - excess)))
-        bars = next((c for c in self.columns if c.bars), None)
-        if bars is None or bars.bars is None:
+        bars = next((c.bars for c in self.columns if c.bars), None)
+        if not bars:
             return plan
         # the column is as wide as its longest bar, int(cells * largest + 0.5); find the cells
         # for 100% that make that bar ``excess`` shorter
-        largest = max(bars.bars)
-        longest = _bar_length(plan.bar_cells or bars.bar_cells, largest)
+        largest = max(bars)
+        longest = _bar_length(plan.bar_cells or self._bar_cells(), largest)
         cells = int((longest - excess + 0.5) / largest - 1e-9) if largest > 0 else self.bar_min
-        return replace(plan, bar_cells=max(self.bar_min, min(cells, bars.bar_cells)))
+        return replace(plan, bar_cells=max(self.bar_min, min(cells, self._bar_cells())))
+
+    def _bar_cells(self) -> int:
+        return next(c.bar_cells for c in self.columns if c.bars is not None)
+
+    def _longest_name(self) -> int:
+        return max((cell_len(n) for n in self._names()), default=0)
+
+    def _longest_name_text(self) -> str:
+        return max(self._names(), key=cell_len, default="")
 
     def _names(self) -> list[str]:
         return [str(c) for col in self.columns if col.names for c in col.cells if c is not None]
 
     def table(self, plan: Plan) -> Table:
         """The rich table for ``plan`` (columns at their natural widths)."""
-        kept = [c for c in self.columns if c.header not in plan.dropped]
-        names = next((c for c in kept if c.names), None)
-        if plan.headings and names is not None:
-            kept = [c for c in kept if c is not names]
+        kept, names = self._kept(plan)
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption=self.caption)
         table.caption_justify = "left"
         for column in kept:
@@ -191,10 +216,13 @@ class FittedTable:
         return table
 
     def _rows(self, plan: Plan, kept: list[Column], names: Column | None) -> Iterator[list]:
+        """Each row's cells; under a heading row of the layer's name where names are headings."""
         width = plan.name_cells or 10**6
-        for i in range(len(kept[0].cells) if kept else 0):
+        first = self.columns[0]
+        count = len(first.bars) if first.bars is not None else len(first.cells)
+        for i in range(count):
             name = names.cells[i] if names is not None else None
-            if plan.headings and name is not None:
+            if name is not None:
                 heading = Text(shorten_middle(str(name), width), style="bold")
                 yield [heading, *([""] * (len(kept) - 1))]
             yield [self._cell(c, i, plan) for c in kept]
@@ -213,3 +241,10 @@ class FittedTable:
 def _bar_length(cells: int, fraction: float) -> int:
     """A bar of ``fraction`` of ``cells``, at least one cell for any nonzero count."""
     return max(int(cells * fraction + 0.5), 1 if fraction > 0 else 0)
+
+
+def _cells(cell: str | Text | None) -> int:
+    """Terminal cells a one-line cell takes."""
+    if cell is None:
+        return 0
+    return cell.cell_len if isinstance(cell, Text) else cell_len(cell)

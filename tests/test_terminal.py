@@ -124,9 +124,20 @@ def text_at(width: int, *renderables) -> str:
     return console.export_text()
 
 
-def fitted_plan(table: FittedTable, width: int):
-    console = Console(width=width, color_system=None, file=io.StringIO())
-    return table.plan(console, width), console
+def check_plan(fitted: FittedTable, width: int):
+    """The plan at ``width`` fits and is minimal: with one step fewer the table (as rich
+    measures it) is wider than ``width``; the layout's own width arithmetic agrees with rich."""
+    console = Console(width=10**4, color_system=None, file=io.StringIO())
+
+    def measured(plan):
+        return console.measure(fitted.table(plan)).maximum
+
+    plan = fitted.plan(width)
+    assert fitted.width(plan) == measured(plan) <= width
+    if plan.taken:
+        fewer = fitted.plan(width, max_steps=plan.taken - 1)
+        assert fitted.width(fewer) == measured(fewer) > width
+    return plan
 
 
 def table_parts(text: str) -> tuple[str, list[str]]:
@@ -179,11 +190,7 @@ def check_layer_table(report: Report, width: int) -> list[str]:
     dropped = [h for h in documented if h not in shown]
     assert dropped == documented[: len(dropped)], (dropped, text)
     assert shown == [c.header for c in fitted.columns if c.header not in dropped], text
-    plan, console = fitted_plan(fitted, width)
-    assert list(plan.dropped) == dropped
-    if plan.taken:
-        fewer = fitted.plan(console, width, max_steps=plan.taken - 1)
-        assert fitted.width(fewer, console, console.options.update(max_width=10**6)) > width
+    assert list(check_plan(fitted, width).dropped) == dropped
     # one line per layer (rows never wrap), every cell in full
     assert len(body) == len(report.layers), text
     for r, line in zip(report.layers, body, strict=True):
@@ -210,6 +217,7 @@ def check_rows_whole(fitted: FittedTable, width: int, rows: list[tuple[str, list
     documented = [s for s in fitted.steps if s in {c.header for c in fitted.columns}]
     dropped = [h for h in documented if h not in shown]
     assert dropped == documented[: len(dropped)], (dropped, text)
+    assert list(check_plan(fitted, width).dropped) == dropped
     position = 0
     for name, cells in rows:
         # the layer's first row: the name, then the cells (the name may be a heading line)
