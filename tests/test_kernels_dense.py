@@ -102,8 +102,8 @@ EXACT_CASES = [
     ids=[_case_id(c[:2]) + f"-{c[2].label}" for c in EXACT_CASES],
 )
 def test_bit_exact_on_reference_cpu(kwargs, shape, order, rng):
-    """Where it was measured (AVX-512, oneDNN on; docs/orders.md), the order reproduces Keras exactly;
-    elsewhere it must still be within the bound. (Dense(units=1) is a GEMV in TF and uses
+    """Where it was measured (AVX-512, oneDNN on; docs/orders.md), the order reproduces Keras
+    exactly; elsewhere it must still be within the bound. (Dense(units=1) is a GEMV in TF and uses
     another, unidentified order.)"""
     layer, x = _build(kwargs, shape, rng)
     check = assert_matches_keras(layer, x, order)
