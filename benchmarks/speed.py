@@ -2,12 +2,14 @@
 
     python benchmarks/speed.py              # all cases (several minutes on 2 cores)
     python benchmarks/speed.py --quick      # the one-layer example and MobileNetV2 only
+    python benchmarks/speed.py --case ResNet50:8 --html   # one case, and the cost of --html
 
 For each case, in separate processes (so peak memory is each one's own):
   baseline  import TensorFlow, load the saved model, one forward pass returning every layer's
             output (a Keras model whose outputs are all layer outputs);
   convdiff  the same model and input through convdiff with default settings, and with
-            --order blas.
+            --order blas;
+  html      (with --html) default settings writing the --html report, whose size is printed.
 Each measurement runs --repeat times (default 3), the three kinds interleaved, and the median
 wall time and the largest peak resident memory are printed, with each convdiff figure as a
 ratio to the baseline.
@@ -106,42 +108,64 @@ def main() -> None:
         help="runs of each measurement, interleaved; the median is reported (default 3)",
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--case",
+        action="append",
+        metavar="MODEL:BATCH",
+        help="only these cases (repeatable), e.g. ResNet50:8",
+    )
+    parser.add_argument("--html", action="store_true", help="also time writing --html")
     args = parser.parse_args()
     cases = [("one_layer", 1), ("MobileNetV2", 1)]
     if not args.quick:
         cases += [("ResNet50", 1), ("ResNet50", 8)]
-    runs = {
-        "baseline": (BASELINE, [], "stdout"),
-        "default": (CONVDIFF, [], "stderr"),
-        "blas": (CONVDIFF, ["--order", "blas"], "stderr"),
-    }
-    rows = []
+    if args.case:
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.case]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, batch in cases:
-            stem = os.path.join(tmp, f"{name}_{batch}")
-            subprocess.run([sys.executable, "-c", BUILD, name, str(batch), stem], check=True)
-            model, inputs = stem + ".keras", stem + ".npy"
-            # Interleaved rounds: a slow spell of a shared machine hits every label alike.
-            samples: dict[str, list[tuple[float, int]]] = {label: [] for label in runs}
-            for _ in range(args.repeat):
-                for label, (code, extra, stream) in runs.items():
-                    samples[label].append(measure(code, model, inputs, *extra, stream=stream))
-            row: dict = {"model": name, "batch": batch, "repeat": args.repeat}
-            for label, values in samples.items():
-                row[f"{label}_s"] = statistics.median(s for s, _ in values)
-                row[f"{label}_rss"] = max(rss for _, rss in values)
-            rows.append(row)
-            base_s, base_rss = row["baseline_s"], row["baseline_rss"]
-            print(
-                f"{name:12s} batch {batch}: baseline {base_s:6.1f} s {base_rss / 2**30:5.2f} GiB | "
-                f"convdiff {row['default_s']:6.1f} s (x{row['default_s'] / base_s:4.2f}) "
-                f"{row['default_rss'] / 2**30:5.2f} GiB (x{row['default_rss'] / base_rss:3.1f}) | "
-                f"--order blas {row['blas_s']:6.1f} s (x{row['blas_s'] / base_s:4.2f}) "
-                f"{row['blas_rss'] / 2**30:5.2f} GiB (x{row['blas_rss'] / base_rss:3.1f})",
-                flush=True,
-            )
+        page = os.path.join(tmp, "report.html")
+        runs = {
+            "baseline": (BASELINE, [], "stdout"),
+            "default": (CONVDIFF, [], "stderr"),
+            "blas": (CONVDIFF, ["--order", "blas"], "stderr"),
+        }
+        if args.html:
+            runs["html"] = (CONVDIFF, ["--html", page], "stderr")
+        rows = [_case(name, batch, runs, args.repeat, tmp, page) for name, batch in cases]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -> dict:
+    """Build the case's model and input, measure every run kind, print one line."""
+    stem = os.path.join(tmp, f"{name}_{batch}")
+    subprocess.run([sys.executable, "-c", BUILD, name, str(batch), stem], check=True)
+    model, inputs = stem + ".keras", stem + ".npy"
+    # Interleaved rounds: a slow spell of a shared machine hits every label alike.
+    samples: dict[str, list[tuple[float, int]]] = {label: [] for label in runs}
+    for _ in range(repeat):
+        for label, (code, extra, stream) in runs.items():
+            samples[label].append(measure(code, model, inputs, *extra, stream=stream))
+    row: dict = {"model": name, "batch": batch, "repeat": repeat}
+    for label, values in samples.items():
+        row[f"{label}_s"] = statistics.median(s for s, _ in values)
+        row[f"{label}_rss"] = max(rss for _, rss in values)
+    base_s, base_rss = row["baseline_s"], row["baseline_rss"]
+    line = (
+        f"{name:12s} batch {batch}: baseline {base_s:6.1f} s {base_rss / 2**30:5.2f} GiB | "
+        f"convdiff {row['default_s']:6.1f} s (x{row['default_s'] / base_s:4.2f}) "
+        f"{row['default_rss'] / 2**30:5.2f} GiB (x{row['default_rss'] / base_rss:3.1f}) | "
+        f"--order blas {row['blas_s']:6.1f} s (x{row['blas_s'] / base_s:4.2f}) "
+        f"{row['blas_rss'] / 2**30:5.2f} GiB (x{row['blas_rss'] / base_rss:3.1f})"
+    )
+    if "html" in runs:
+        row["html_page_bytes"] = os.path.getsize(page)
+        line += (
+            f" | --html {row['html_s']:6.1f} s (x{row['html_s'] / row['default_s']:4.2f} of "
+            f"default) {row['html_rss'] / 2**30:5.2f} GiB, page "
+            f"{row['html_page_bytes'] / 2**20:.2f} MiB"
+        )
+    print(line, flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def compare(
     deterministic: bool = False,
     threads: int | None = None,
     repeat: int = 1,
+    spatial: bool = False,
     on_layer: Callable[[LayerResult], None] | None = None,
 ) -> Report:
     """Compare every layer of ``model`` between Keras and convdiff's NumPy kernels.
@@ -133,6 +134,8 @@ def compare(
         threads: TensorFlow intra-op threads (set before the runtime starts, and kept: the one
             setting TensorFlow cannot take back).
         repeat: run the Keras side this many times per layer and report whether it changes.
+        spatial: record where in each layer's output the differences sit (a map, a channel
+            profile, the ULP histogram: ``LayerResult.spatial``; what ``--html`` draws).
         on_layer: called with each :class:`LayerResult` as soon as it is ready.
 
     TF32 and op determinism are put back as they were when the run ends, and no environment
@@ -161,6 +164,7 @@ def compare(
         histogram=histogram,
         show_worst=show_worst,
         reference=load_recording(reference) if reference is not None else None,
+        spatial=spatial,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
     prepared = (
@@ -391,6 +395,7 @@ def compare_runs(
     layers: str | Sequence[str] = (),
     unsafe: bool = False,
     custom_objects: dict[str, Any] | None = None,
+    spatial: bool = False,
 ) -> Report:
     """Diff two recorded runs (``save_outputs``: CPU and GPU, oneDNN on and off, two TF
     versions) layer by layer, A as the reference side and B as the candidate.
@@ -398,7 +403,8 @@ def compare_runs(
     With ``model`` (the model both were recorded from), each layer gets convdiff's rounding
     bound, carried through from the differences of its inputs, and so a verdict; without it,
     layers that are not bitwise equal show their figures with no verdict (``skipped``), and
-    budgets still apply.
+    budgets still apply. ``spatial``: record where the differences sit (``--html``; in ULPs
+    without ``model``).
     """
     first, second = load_recording(recording_a), load_recording(recording_b)
     settings = Settings(
@@ -406,6 +412,7 @@ def compare_runs(
         budget=parse_budget(_texts(max_ulp), _texts(atol), _texts(rtol), quantile, ulp_metric),
         layers=tuple(_texts(layers)),
         reference=second,
+        spatial=spatial,
     )
     label = f"{first.path} vs {second.path}"
     report = Report(label, "recorded", settings.to_dict(), first.environment)
@@ -424,6 +431,7 @@ def compare_runs(
 def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
     """Without a model: each layer both recordings hold, compared bit for bit, no bound."""
     from convdiff.metrics import compare_outputs, is_identical
+    from convdiff.spatial import summarize
 
     matched, _, _ = match_layers(second, list(first.layers))
     results = []
@@ -440,6 +448,7 @@ def _diff_recordings(first, second, settings: Settings) -> list[LayerResult]:
             else:
                 result.reason = "figures only: give --model to bound the rounding"
             result.budget_violations = settings.budget.check(name, "", a, b)
+            result.spatial = summarize(a, b) if settings.spatial else None
         results.append(result)
     return results
 

@@ -87,6 +87,12 @@ def _budget_options(fn: Callable) -> Callable:
             ),
             click.option("--json", "json_path", default=None, help="JSON report to PATH ('-')."),
             click.option("--junit", "junit_path", default=None, help="JUnit XML report to PATH."),
+            click.option(
+                "--html",
+                "html_path",
+                default=None,
+                help="Visual report to PATH: where in each layer the differences sit.",
+            ),
             click.option("--quiet", "-q", is_flag=True, help="Print the summary line only."),
         ]
     ):
@@ -181,6 +187,7 @@ def _run(
     custom_objects: str | None,
     json_path: str | None,
     junit_path: str | None,
+    html_path: str | None,
     quiet: bool,
     reference: str | None,
     **options: Any,
@@ -189,7 +196,8 @@ def _run(
         raise OptionError(f"give either INPUT ({input!r}) or --random-input, not both")
     if input is None and not random_input and reference is None:
         raise OptionError("give either an INPUT file or --random-input (or --reference)")
-    _check_outputs(json_path, junit_path)
+    _check_outputs(json_path, junit_path, html_path)
+    options["spatial"] = html_path is not None
     from convdiff.api import compare, compare_many, expand_inputs
     from convdiff.loading import check_custom_objects
 
@@ -206,8 +214,8 @@ def _run(
         else:
             reports = compare_many(model, paths, reference=reference, on_layer=on_layer, **options)
     if len(paths) == 1:
-        return _emit(report, json_path, junit_path, quiet)
-    return _emit_many(reports, json_path, junit_path, quiet)
+        return _emit(report, json_path, junit_path, quiet, html_path)
+    return _emit_many(reports, json_path, junit_path, quiet, html_path)
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -222,32 +230,43 @@ def compare_runs_command(
     recording_b: str,
     json_path: str | None,
     junit_path: str | None,
+    html_path: str | None,
     quiet: bool,
     custom_objects: str | None,
     **options: Any,
 ) -> None:
     """Diff two runs recorded with --save-outputs (CPU and GPU, oneDNN on and off, two
     TensorFlow versions) layer by layer: A is the reference, B the candidate."""
-    _check_outputs(json_path, junit_path)
+    _check_outputs(json_path, junit_path, html_path)
     from convdiff.api import compare_runs
     from convdiff.loading import load_custom_objects
 
     report = compare_runs(
-        recording_a, recording_b, custom_objects=load_custom_objects(custom_objects), **options
+        recording_a,
+        recording_b,
+        custom_objects=load_custom_objects(custom_objects),
+        spatial=html_path is not None,
+        **options,
     )
-    sys.exit(_emit(report, json_path, junit_path, quiet))
+    sys.exit(_emit(report, json_path, junit_path, quiet, html_path))
 
 
-def _check_outputs(*paths: str | None) -> None:
-    """Output paths are checked before any work starts."""
+def _check_outputs(json_path: str | None, junit_path: str | None, html_path: str | None) -> None:
+    """Output paths (and what --html needs) are checked before any work starts."""
     from convdiff.outputs import check_writable
 
-    for path in paths:
+    if html_path is not None:
+        from convdiff.figures import require_matplotlib
+
+        require_matplotlib()
+    for path in (json_path, junit_path, html_path):
         if path is not None:
             check_writable(path)
 
 
-def _emit(report, json_path: str | None, junit_path: str | None, quiet: bool) -> int:
+def _emit(
+    report, json_path: str | None, junit_path: str | None, quiet: bool, html_path: str | None
+) -> int:
     """Notes on stderr; table and summary (or the summary line, or JSON) on stdout; files."""
     from convdiff.junit import to_junit
     from convdiff.outputs import write_atomic
@@ -267,10 +286,13 @@ def _emit(report, json_path: str | None, junit_path: str | None, quiet: bool) ->
         write_atomic(json_path, to_json(report).encode())
     if junit_path is not None:
         write_atomic(junit_path, to_junit(report))
+    _write_html(html_path, report)
     return report.exit_code
 
 
-def _emit_many(reports: list, json_path: str | None, junit_path: str | None, quiet: bool) -> int:
+def _emit_many(
+    reports: list, json_path: str | None, junit_path: str | None, quiet: bool, html_path: str | None
+) -> int:
     """Many inputs: each input's table (or summary line), then one line over all inputs; JSON
     holds every report under ``runs``; JUnit one test suite per input."""
     import json
@@ -304,7 +326,18 @@ def _emit_many(reports: list, json_path: str | None, junit_path: str | None, qui
         write_atomic(json_path, (document + "\n").encode())
     if junit_path is not None:
         write_atomic(junit_path, to_junit(reports))
+    _write_html(html_path, reports)
     return 1 if failed else 0
+
+
+def _write_html(path: str | None, report) -> None:
+    """``--html``: the visual report (one page; a section per input for many inputs)."""
+    if path is None:
+        return
+    from convdiff.outputs import write_atomic
+    from convdiff.page import to_html
+
+    write_atomic(path, to_html(report))
 
 
 class _progress:

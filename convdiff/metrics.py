@@ -27,6 +27,7 @@ __all__ = [
     "compare",
     "is_identical",
     "scaled_ulp",
+    "ulp_buckets",
     "ulp_distance",
     "ulp_histogram",
     "ulp_of",
@@ -678,11 +679,22 @@ def ulp_histogram(reference: np.ndarray, candidate: np.ndarray) -> list[tuple[st
     ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
     finite, nan_mask, inf_mask = _finite_and_nonfinite_mismatch(ref64, cand64)
     ulp = ulp_distance(reference, candidate)[finite]
+    nonfinite = int(np.count_nonzero(nan_mask | inf_mask))
+    return ulp_buckets(ulp, int(reference.size - ulp.size - nonfinite), nonfinite)
+
+
+def ulp_buckets(ulp: np.ndarray, zeros: int = 0, nonfinite: int = 0) -> list[tuple[str, int]]:
+    """ULP distances counted in :func:`ulp_histogram`'s power-of-two buckets.
+
+    Args:
+        ulp: ULP distances (uint64) of finite pairs.
+        zeros: more distances of 0 (equal positions not in ``ulp``).
+        nonfinite: NaN and inf mismatches (a last ``"nan/inf"`` bucket when nonzero).
+    """
     # Bucket b >= 1 holds [2**(b-1), 2**b - 1]: exactly the distances with bit length b.
     counts = np.bincount(_bit_length(ulp), minlength=1).tolist()
-    counts[0] += int(reference.size - ulp.size - np.count_nonzero(nan_mask | inf_mask))
+    counts[0] += zeros
     histogram = [(_bucket_label(b), int(n)) for b, n in enumerate(counts)]
-    nonfinite = int(np.count_nonzero(nan_mask | inf_mask))
     if nonfinite:
         histogram.append(("nan/inf", nonfinite))
     return histogram

@@ -126,12 +126,14 @@ def _fmt_ratio(value: float | None) -> str:
 TABLE_STEPS = ("#", "p99 ULP", "class", "max abs", "shape", SHORTEN, "differ", "max ULP", "/bound")
 
 
+TABLE_HEADERS = ("#", "layer", "class", "shape", "status", "max ULP", "p99 ULP", "max abs")
+TABLE_HEADERS += ("differ", "/bound")
+
+
 def render_table(report: Report) -> FittedTable:
     """One row per layer call: index, name, class, shape, status and the error figures, laid
     out for the width it is printed at (:data:`TABLE_STEPS`)."""
     rows = [_layer_cells(r) for r in report.layers]
-    headers = ("#", "layer", "class", "shape", "status", "max ULP", "p99 ULP", "max abs")
-    headers += ("differ", "/bound")
     columns = [
         Column(
             header,
@@ -139,10 +141,16 @@ def render_table(report: Report) -> FittedTable:
             justify="left" if header in ("layer", "class", "shape", "status") else "right",
             names=header == "layer",
         )
-        for i, header in enumerate(headers)
+        for i, header in enumerate(TABLE_HEADERS)
     ]
     title = f"convdiff: {report.model}  ({comparison_label(report)})"
     return FittedTable(columns, TABLE_STEPS, title=title)
+
+
+def table_row(r: LayerResult) -> list[str]:
+    """A layer's cells of the table as plain text, one per :data:`TABLE_HEADERS` (the HTML
+    page's table); `` !`` after the status marks a layer over budget."""
+    return [c.plain if isinstance(c, Text) else c for c in _layer_cells(r)]
 
 
 def _layer_cells(r: LayerResult) -> list[str | Text]:

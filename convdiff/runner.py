@@ -43,6 +43,7 @@ from convdiff.metrics import (
 )
 from convdiff.orders import Order
 from convdiff.recording import Recording
+from convdiff.spatial import Spatial, summarize
 
 MODES = ("isolated", "propagated")
 STATUSES = ("identical", "rounding", "divergent", "skipped", "error")
@@ -65,6 +66,8 @@ class Settings:
         histogram: record each compared layer's ULP distribution.
         show_worst: record the K worst elements of each compared layer.
         tried_orders: ``--order all``: orders tried on every layer, the best one compared.
+        spatial: record where in each compared layer's output the differences sit
+            (:mod:`convdiff.spatial`; ``--html``).
     """
 
     order: Order = field(default_factory=Order)
@@ -78,6 +81,7 @@ class Settings:
     histogram: bool = False
     show_worst: int = 0
     tried_orders: tuple[Order, ...] = ()
+    spatial: bool = False
 
     def selects(self, name: str, class_name: str) -> bool:
         """Whether ``--layers`` lets this layer be compared."""
@@ -98,6 +102,7 @@ class Settings:
             "histogram": self.histogram,
             "orders_tried": [o.label for o in self.tried_orders],
             "show_worst": self.show_worst,
+            "spatial": self.spatial,
         }
 
 
@@ -128,6 +133,7 @@ class LayerResult:
     resumed_after: str | None = None
     side: str = "NumPy"
     seconds: float = 0.0
+    spatial: Spatial | None = None
 
     @property
     def over_budget(self) -> bool:
@@ -176,6 +182,7 @@ class LayerResult:
             "resumed_after": self.resumed_after,
             "compared_with": self.side,
             "seconds": self.seconds,
+            "spatial": self.spatial.to_dict() if self.spatial is not None else None,
         }
 
 
@@ -364,6 +371,10 @@ def _compare_node(
         return result, keras_out, None
     result.reason = notes
     _judge(result, first, output, run, settings)
+    if settings.spatial:
+        # while both outputs and the bound exist: they are freed after this layer
+        first_axis = spec.config.get("data_format") == "channels_first"
+        result.spatial = summarize(first, output, run.bound, channels_first=first_axis)
     if result.status == "divergent":
         result.likely_cause = _explain(kernel, spec, numpy_in, run.output, impl, settings)
     if settings.mode == "propagated" and settings.reference is None and kernel is not None:
