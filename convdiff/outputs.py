@@ -43,10 +43,28 @@ def check_writable(path: str) -> None:
         raise OutputError(f"cannot write {path!r}: permission denied")
 
 
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` (the same file system, so that it can be renamed into
+    place), with the permissions a newly created file gets here (mkstemp's own are 0600).
+
+    Raises:
+        OutputError: when it cannot be created.
+    """
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename: never a half file."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
+    fd, tmp = temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

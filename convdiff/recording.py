@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 
 from convdiff import __version__
 from convdiff.errors import InputError, OutputError, one_line
-from convdiff.outputs import json_safe
+from convdiff.outputs import json_safe, temp_beside
 
 __all__ = [
     "FORMAT",
@@ -125,7 +124,7 @@ class RecordingWriter:
         self._zip: zipfile.ZipFile | None = None
 
     def __enter__(self) -> RecordingWriter:
-        fd, self._tmp = _temp_beside(self.path)
+        fd, self._tmp = temp_beside(self.path)
         try:
             self._file = os.fdopen(fd, "wb")
             self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_DEFLATED)
@@ -221,14 +220,6 @@ def save_outputs(
     with RecordingWriter(path, inputs, input_names, environment, settings) as writer:
         for name, output in per_layer_outputs.items():
             writer.add(name, output)
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- reading

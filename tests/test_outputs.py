@@ -31,3 +31,17 @@ def test_json_safe_values_are_strict_json():
         "path": "a/b",
         "3": [1.5, "nan"],
     }
+
+
+def test_written_files_get_the_permissions_of_a_new_file(tmp_path):
+    import os
+
+    from convdiff.outputs import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_atomic(str(tmp_path / "report.json"), b"{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
