@@ -1,7 +1,7 @@
-"""The ``convdiff`` command: parse, call the library once, render, map errors to exit codes.
+"""The ``convdiff`` commands: parse, call the library once, render, map errors to exit codes.
 
-    convdiff MODEL [INPUT] [options]          diff every layer against NumPy (or a recording)
-    convdiff compare-runs A.npz B.npz         diff two recorded runs
+    convdiff [compare] MODEL [INPUT] [options]    diff every layer against NumPy (or a recording)
+    convdiff compare-runs A.npz B.npz             diff two recorded runs
 
 Exit status: 0 no layer divergent, in error or over budget; 1 at least one; 2 the run could not
 be made (one ``Error: ...`` line on stderr, no traceback).
@@ -20,18 +20,30 @@ from rich.console import Console
 from convdiff.errors import ConvdiffError, OptionError
 
 
-class _Command(click.Command):
-    """A click command whose every user error is one ``Error:`` line and exit status 2, and
-    which hands ``compare-runs ...`` to that subcommand."""
+class _Group(click.Group):
+    """convdiff's commands, with one as the default: ``convdiff MODEL INPUT`` is ``convdiff
+    compare MODEL INPUT`` (sqlite-utils' pattern). Every user error of any command is one
+    ``Error:`` line and exit status 2."""
+
+    default_command = "compare"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The default command's help (what ``convdiff MODEL INPUT`` takes), then the
+        commands."""
+        command = self.commands[self.default_command]
+        with click.Context(command, info_name=ctx.info_name, parent=ctx.parent) as inner:
+            command.format_help(inner, formatter)
+        self.format_commands(ctx, formatter)
 
     def main(self, args=None, prog_name=None, **kwargs):  # type: ignore[override]
-        args = list(sys.argv[1:] if args is None else args)
-        command: click.Command = self
-        if args and args[0] == "compare-runs" and self is cli:
-            command, args, prog_name = compare_runs_command, args[1:], "convdiff compare-runs"
         kwargs["standalone_mode"] = False
         try:
-            return click.Command.main(command, args, prog_name or "convdiff", **kwargs)
+            return super().main(args, prog_name or "convdiff", **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
@@ -53,128 +65,237 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _budget_options(fn: Callable) -> Callable:
-    """--max-ulp / --atol / --rtol / --quantile, shared by both commands."""
+# Option groups in --help, in this order (the README's option tables follow them).
+GROUPS = (
+    "Input",
+    "What the NumPy side computes",
+    "Budgets and reports (CI)",
+    "Looking closer",
+    "Where Keras runs",
+    "Loading",
+)
+
+
+class _Option(click.Option):
+    """An option that belongs to one of :data:`GROUPS` in ``--help``."""
+
+    def __init__(self, *args: Any, group: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class _Command(click.Command):
+    """A command whose ``--help`` lists its options by concern (:data:`GROUPS`)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is not None:
+                rows.setdefault(getattr(param, "group", "Other"), []).append(record)
+        for group in (*GROUPS, "Other"):
+            if group in rows:
+                with formatter.section(group):
+                    formatter.write_dl(rows[group])
+
+
+def _option(group: str, *names: str, **kwargs: Any) -> Callable:
+    return click.option(*names, cls=_Option, group=group, **kwargs)
+
+
+def _report_options(fn: Callable) -> Callable:
+    """Budgets, layer selection and report files: shared by both commands."""
+    ci = "Budgets and reports (CI)"
+    path = click.Path(dir_okay=False)
     for decorator in reversed(
         [
-            click.option(
+            _option(
+                ci,
                 "--max-ulp",
                 multiple=True,
                 metavar="N|PATTERN=N",
                 help="Budget: fail a layer above N ULP; PATTERN=N for layers matching a glob "
                 "(repeatable; the last match wins; 'off' removes it).",
             ),
-            click.option("--atol", multiple=True, metavar="A|PATTERN=A", help="Absolute tol."),
-            click.option("--rtol", multiple=True, metavar="R|PATTERN=R", help="Relative tol."),
-            click.option(
+            _option(ci, "--atol", multiple=True, metavar="A|PATTERN=A", help="Absolute tol."),
+            _option(ci, "--rtol", multiple=True, metavar="R|PATTERN=R", help="Relative tol."),
+            _option(
+                ci,
                 "--quantile",
                 type=float,
                 default=None,
                 help="Budget the Q-quantile of the ULP distribution instead of the max.",
             ),
-            click.option(
+            _option(
+                ci,
                 "--ulp-metric",
                 type=click.Choice(["raw", "scaled"]),
                 default="raw",
                 show_default=True,
                 help="Budget raw ULPs of each output, or ULPs of its terms' magnitude.",
             ),
-            click.option(
+            _option(
+                ci,
                 "--layers",
                 multiple=True,
                 metavar="PATTERN",
                 help="Compare only layers whose name or class matches (glob, repeatable).",
             ),
-            click.option("--json", "json_path", default=None, help="JSON report to PATH ('-')."),
-            click.option("--junit", "junit_path", default=None, help="JUnit XML report to PATH."),
-            click.option(
+            _option(ci, "--json", "json_path", type=path, help="JSON report to PATH ('-')."),
+            _option(ci, "--junit", "junit_path", type=path, help="JUnit XML report to PATH."),
+            _option(
+                ci,
                 "--html",
                 "html_path",
-                default=None,
+                type=path,
                 help="Visual report to PATH: where in each layer the differences sit.",
             ),
-            click.option("--quiet", "-q", is_flag=True, help="Print the summary line only."),
+            _option(ci, "--quiet", "-q", is_flag=True, help="Print the summary line only."),
         ]
     ):
         fn = decorator(fn)
     return fn
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+def _loading_options(fn: Callable) -> Callable:
+    fn = _option(
+        "Loading",
+        "--custom-objects",
+        type=click.Path(dir_okay=False),
+        help="Python file defining custom layers (imported: it runs).",
+    )(fn)
+    return _option(
+        "Loading",
+        "--unsafe",
+        is_flag=True,
+        help="Allow Lambda layers: runs code stored in the file.",
+    )(fn)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=False,
+    no_args_is_help=True,
+)
+@click.version_option(package_name="convdiff")
+def cli() -> None:
+    """convdiff: layer-by-layer numerical diff of Keras models against independent pure-NumPy
+    kernels."""
+
+
+_NUMPY = "What the NumPy side computes"
+_KERAS = "Where Keras runs"
+
+
+@cli.command(
+    "compare",
+    cls=_Command,
+    short_help="Diff every layer against NumPy (the default: convdiff MODEL INPUT).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    options_metavar="[OPTIONS]",
+)
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("input", required=False, type=click.Path(dir_okay=True))
-@click.option("--random-input", is_flag=True, help="Draw a standard-normal input instead.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-input.")
-@click.option(
+@_option("Input", "--random-input", is_flag=True, help="Draw a standard-normal input instead.")
+@_option("Input", "--seed", type=int, default=0, show_default=True, help="Seed for it.")
+@_option(
+    _NUMPY,
     "--order",
     default="sequential",
     show_default=True,
-    help="NumPy summation order: sequential, reverse, pairwise, kahan, blocked:K, blas, "
-    "float64, exact, eigen.",
+    help="Summation order: sequential, reverse, pairwise, kahan, blocked:K, blas, float64, "
+    "exact, eigen; all: every one, the best compared.",
 )
-@click.option("--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
-@click.option(
-    "--accumulate", default=None, help="Accumulator: float16, bfloat16, float32, float64."
-)
-@click.option("--tap-order", default=None, help="Nesting of reduction axes, e.g. hwc or chw.")
-@click.option(
+@_option(_NUMPY, "--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
+@_option(_NUMPY, "--accumulate", help="Accumulator: float16, bfloat16, float32, float64.")
+@_option(_NUMPY, "--tap-order", help="Nesting of reduction axes, e.g. hwc or chw.")
+@_option(
+    _NUMPY,
     "--mode",
     type=click.Choice(["isolated", "propagated"]),
     default="isolated",
     show_default=True,
     help="isolated: each layer gets Keras's input; propagated: NumPy feeds its own outputs.",
 )
-@_budget_options
-@click.option("--stop-at-first", is_flag=True, help="Stop after the first divergent layer.")
-@click.option("--histogram", is_flag=True, help="Print each layer's ULP distribution.")
-@click.option(
-    "--show-worst",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="K",
-    help="Print the K worst elements of each compared layer.",
-)
-@click.option("--save-outputs", default=None, help="Record every layer's Keras output (.npz).")
-@click.option("--reference", default=None, help="Compare with a recording instead of NumPy.")
-@click.option(
+@_option(
+    _NUMPY,
     "--impl",
     "impls",
     multiple=True,
     metavar="KEY=FILE.py:FUNC",
     help="Your own NumPy implementation for layers named or of class KEY (repeatable).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["tensorflow", "jax", "torch"]),
-    default=None,
-    help="Keras backend for the Keras side (default: KERAS_BACKEND or tensorflow).",
+@_option(
+    _NUMPY,
+    "--reference",
+    type=click.Path(dir_okay=False),
+    help="Compare with a recording (--save-outputs) instead of NumPy.",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "gpu"]),
-    default="cpu",
-    show_default=True,
-    help="Where the Keras side runs.",
+@_report_options
+@_option(
+    "Budgets and reports (CI)",
+    "--stop-at-first",
+    is_flag=True,
+    help="Stop after the first divergent layer.",
 )
-@click.option("--tf32/--no-tf32", default=False, show_default=True, help="TensorFloat-32 on GPU.")
-@click.option("--deterministic", is_flag=True, help="TensorFlow op determinism.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
-@click.option(
+@_option(
+    "Budgets and reports (CI)",
+    "--save-outputs",
+    type=click.Path(dir_okay=False),
+    help="Record every layer's Keras output, the inputs and the environment (.npz).",
+)
+@_option("Looking closer", "--histogram", is_flag=True, help="Each layer's ULP distribution.")
+@_option(
+    "Looking closer",
+    "--show-worst",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="K",
+    help="The K worst elements of each compared layer.",
+)
+@_option(
+    "Looking closer",
     "--repeat",
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Run the Keras side N times; report whether it changes run to run.",
 )
-@click.option("--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the file.")
-@click.option("--custom-objects", default=None, help="Python file defining custom layers.")
-@click.option("--onednn/--no-onednn", default=None, help="Set TF_ENABLE_ONEDNN_OPTS before TF.")
-@click.version_option(package_name="convdiff")
-def cli(**options: Any) -> None:
-    """Diff every layer of a Keras MODEL (.h5 or .keras) on INPUT (.npy or .npz) against
-    convdiff's pure-NumPy kernels, with ULP figures and a rounding-or-divergent verdict.
+@_option(
+    _KERAS,
+    "--backend",
+    type=click.Choice(["tensorflow", "jax", "torch"]),
+    default=None,
+    help="Keras backend for the Keras side (default: KERAS_BACKEND or tensorflow).",
+)
+@_option(
+    _KERAS,
+    "--device",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="Where the Keras side runs.",
+)
+@_option(
+    _KERAS, "--tf32/--no-tf32", default=False, show_default=True, help="TensorFloat-32 on GPU."
+)
+@_option(_KERAS, "--deterministic", is_flag=True, help="TensorFlow op determinism.")
+@_option(_KERAS, "--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@_option(
+    _KERAS,
+    "--onednn/--no-onednn",
+    default=None,
+    help="TensorFlow's oneDNN path on or off (default: TensorFlow's for this CPU).",
+)
+@_loading_options
+def compare_command(**options: Any) -> None:
+    """Diff every layer of a Keras MODEL (.keras, .h5, or a Keras 2 SavedModel directory) on
+    INPUT (.npy or .npz; a directory or quoted glob of them) against convdiff's pure-NumPy
+    kernels: ULP figures and a verdict per layer (identical, rounding, divergent).
 
-    Also: convdiff compare-runs A.npz B.npz (diff two runs recorded with --save-outputs).
+    Exit status: 0 every layer passed; 1 a layer is divergent, in error or over budget; 2 the
+    run could not be made (one Error: line).
     """
     sys.exit(_run(**options))
 
@@ -218,13 +339,23 @@ def _run(
     return _emit_many(reports, json_path, junit_path, quiet, html_path)
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("recording_a", type=click.Path(dir_okay=True))
-@click.argument("recording_b", type=click.Path(dir_okay=True))
-@click.option("--model", default=None, help="The model both were recorded from: gives bounds.")
-@_budget_options
-@click.option("--unsafe", is_flag=True, help="Allow Lambda layers: runs code stored in the file.")
-@click.option("--custom-objects", default=None, help="Python file defining custom layers.")
+@cli.command(
+    "compare-runs",
+    cls=_Command,
+    short_help="Diff two runs recorded with --save-outputs.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    options_metavar="[OPTIONS]",
+)
+@click.argument("recording_a", type=click.Path(dir_okay=False))
+@click.argument("recording_b", type=click.Path(dir_okay=False))
+@_option(
+    _NUMPY,
+    "--model",
+    type=click.Path(dir_okay=True),
+    help="The model both were recorded from: gives each layer its rounding bound.",
+)
+@_report_options
+@_loading_options
 def compare_runs_command(
     recording_a: str,
     recording_b: str,
@@ -236,7 +367,8 @@ def compare_runs_command(
     **options: Any,
 ) -> None:
     """Diff two runs recorded with --save-outputs (CPU and GPU, oneDNN on and off, two
-    TensorFlow versions) layer by layer: A is the reference, B the candidate."""
+    TensorFlow versions) layer by layer: RECORDING_A is the reference, RECORDING_B the other
+    side."""
     _check_outputs(json_path, junit_path, html_path)
     from convdiff.api import compare_runs
     from convdiff.loading import load_custom_objects
@@ -272,9 +404,8 @@ def _emit(
     from convdiff.outputs import write_atomic
     from convdiff.report import render, summary_line, to_json
 
-    err = Console(stderr=True, highlight=False)
-    for note in report.notes:
-        err.print(f"Note: {note}")
+    for note in report.notes:  # one line each (a CI log is grepped), no markup read in it
+        click.echo(f"Note: {note}", err=True)
     out = Console(highlight=False, width=_width())
     if json_path == "-":
         sys.stdout.write(to_json(report))
@@ -302,10 +433,9 @@ def _emit_many(
     from convdiff.report import plural, render, summary_line, to_json
 
     out = Console(highlight=False, width=_width())
-    err = Console(stderr=True, highlight=False)
     for report in reports:
         for note in report.notes:
-            err.print(f"Note: {report.inputs}: {note}")
+            click.echo(f"Note: {report.inputs}: {note}", err=True)
         if json_path == "-":
             continue
         if quiet:

@@ -426,3 +426,24 @@ def test_tensorflow_is_imported_after_the_model_check_starts(examples):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "tensorflow imported: False" in done.stdout
+
+
+def test_help_lists_commands_and_options_by_concern():
+    result = run("--help")
+    assert result.exit_code == 0
+    text = result.stdout
+    sections = ["Input:", "What the NumPy side computes:", "Budgets and reports (CI):"]
+    sections += ["Looking closer:", "Where Keras runs:", "Loading:"]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions), positions
+    assert "compare-runs" in text.split("Commands:")[1] and "--order" in text
+    assert text.index("--tf32") > text.index("Where Keras runs:") > text.index("--show-worst")
+    assert "RECORDING_A RECORDING_B" in run("compare-runs", "--help").stdout
+
+
+def test_the_compare_command_is_the_default(examples):
+    args = [examples / "one_layer.h5", examples / "one_layer_input.npy", "--json", "-"]
+    default, named = run(*args), run("compare", *args)
+    assert default.exit_code == named.exit_code == 0
+    layers = [json.loads(r.stdout)["layers"][0]["status"] for r in (default, named)]
+    assert layers[0] == layers[1] in ("identical", "rounding")
