@@ -165,6 +165,43 @@ def _name(layer: dict[str, Any]) -> str:
     return str(layer["config"].get("name", "?"))
 
 
+# --------------------------------------------------------------------------- .keras layout
+
+# Keys tf-keras's .keras serializer adds to every layer entry, which its .h5 writer does not.
+_ARCHIVE_LAYER_KEYS = ("module", "registered_name", "build_config", "compile_config")
+
+
+def archive_to_h5_layout(config: dict[str, Any]) -> None:
+    """Bring the config.json of a Keras 2 ``.keras`` archive to the layout of Keras 2's .h5
+    files (in place), so that both go through the same fix-ups and the same deserializer.
+
+    tf-keras's .keras writer adds ``module``, ``registered_name`` and ``build_config`` to every
+    layer entry. Keras 3 sends a layer entry with a ``module`` to its new deserializer, which
+    hands the Keras 2 config to the constructor as it is (BatchNormalization's ``axis: [3]``
+    fails there), and an entry without it to the legacy deserializer its .h5 loader uses, which
+    converts Keras 2 configurations. Only the model and layer entries change; the objects
+    inside a layer's config (initializers...) keep their keys, as in .h5 files.
+    """
+    models = [config]
+    while models:
+        model = models.pop()
+        for key in _ARCHIVE_LAYER_KEYS:
+            model.pop(key, None)
+        for layer in listed_layers(model):
+            for key in _ARCHIVE_LAYER_KEYS:
+                layer.pop(key, None)
+            if listed_layers(layer):
+                models.append(layer)
+
+
+def listed_layers(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layer entries a Sequential or Functional entry lists, in the order of its
+    ``layers`` (none for another layer)."""
+    body = entry.get("config")
+    layers = body.get("layers") if isinstance(body, dict) else None
+    return [layer for layer in layers if isinstance(layer, dict)] if isinstance(layers, list) else []
+
+
 # --------------------------------------------------------------------------- layer fix-ups
 
 _GROUPLESS_CONVS = frozenset(

@@ -52,12 +52,15 @@ def load_model(
     custom_objects: dict | None = None,
     probe: Probe | None = None,
 ):
-    """Load a .keras or .h5 (Keras 3 or Keras 2) model in Keras safe mode (``probe``: the
-    file's checks already started, see :func:`read_model_config`).
+    """Load a .keras or .h5 (Keras 3 or Keras 2) model, or a Keras 2 SavedModel directory, in
+    Keras safe mode (``probe``: the file's checks already started, see
+    :func:`read_model_config`).
 
     An .h5 file is loaded from an in-memory copy whose configuration :mod:`convdiff.compat`
     brought to Keras 3 (a Keras 2 file's fix-ups, Keras 3's own ``keras.ops`` nodes); the file
-    itself is never written.
+    itself is never written. Keras 2 .keras archives and SavedModels are rebuilt from their
+    configuration with the same fix-ups, and their weights assigned layer by layer
+    (:mod:`convdiff.keras2`).
 
     Raises:
         ModelLoadError: missing, empty, corrupt, weights-only, unsafe or incomplete files, and
@@ -70,9 +73,12 @@ def load_model(
     import keras
     from keras.src.legacy.saving import legacy_h5_format
 
-    from convdiff import compat
+    from convdiff import compat, keras2
 
     try:
+        if keras2.is_keras2(path, config):
+            known = {**h5_builtin_objects(set()), **custom_objects}
+            return keras2.load_model(path, config, known, unsafe)
         if read_head(path, len(HDF5_MAGIC), "model file", ModelLoadError) != HDF5_MAGIC:
             return keras.saving.load_model(
                 path, custom_objects=custom_objects, compile=False, safe_mode=not unsafe

@@ -1,7 +1,8 @@
 """Model files -> their stored configuration, checked, without running anything.
 
 Before Keras sees a model file, the whole file is read and checked in a child process with a
-time limit (h5py and zipfile only: libhdf5 can loop forever or crash on a damaged file) and its
+time limit (h5py and zipfile only: libhdf5 can loop forever or crash on a damaged file; a
+SavedModel directory is read by :mod:`convdiff.savedmodel`, without TensorFlow) and its
 stored configuration is checked: a Lambda layer (stored Python bytecode) is refused unless
 ``unsafe`` is set, and a custom class that nobody supplied is named, instead of surfacing as
 Keras's deserialization traceback. Every damaged file gives a
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convdiff import savedmodel
 from convdiff.errors import ModelLoadError, one_line
 from convdiff.files import HDF5_MAGIC, READ_CHUNK, ZIP_ERRORS, ZIP_MAGIC, check_file, read_head
 
@@ -36,7 +38,8 @@ _MODEL_CLASSES = frozenset({"Sequential", "Functional", "Model"})
 def read_model_config(
     path: Path, isolated: bool = True, probe: Probe | None = None
 ) -> dict[str, Any]:
-    """The stored model configuration of a .keras or .h5 file, without running anything.
+    """The stored model configuration of a .keras or .h5 file or of a SavedModel directory,
+    without running anything.
 
     The whole file is read and checked first (every .keras member passes its CRC check, every
     HDF5 object, attribute and dataset can be read, inside .keras archives too), so that a
@@ -56,7 +59,7 @@ def read_model_config(
     """
     if probe is not None:
         return probe.result()
-    check_file(path, "model file", ModelLoadError)
+    check_model_path(path)
     if not isolated or not sys.executable:  # embedded interpreters cannot start a child
         return _inspect_model_file(path)
     return Probe.start(path).result()
@@ -94,7 +97,7 @@ class Probe:
         import subprocess
 
         path = Path(path)
-        check_file(path, "model file", ModelLoadError)
+        check_model_path(path)
         # the child imports this very package, wherever it was imported from here
         package_root = str(Path(__file__).resolve().parent.parent)
         paths = (package_root, os.environ.get("PYTHONPATH"))
@@ -130,7 +133,7 @@ class Probe:
         return answer.get("early") if isinstance(answer, dict) else None
 
     def _limit(self) -> float:
-        return PROBE_TIMEOUT_S + PROBE_SECONDS_PER_GB * self.path.stat().st_size / 1e9
+        return PROBE_TIMEOUT_S + PROBE_SECONDS_PER_GB * _model_bytes(self.path) / 1e9
 
     def result(self) -> dict[str, Any]:
         """The configuration the child read (waiting for it), or its one-line error."""
@@ -158,6 +161,21 @@ class Probe:
             self.process.kill()
         if self.process is not None:
             self.process.communicate()
+
+
+def check_model_path(path: Path) -> None:
+    """Refuse what cannot be a model: a missing, empty or unreadable file, or a directory that
+    is not a Keras SavedModel (see :func:`convdiff.savedmodel.describe_directory`)."""
+    if path.is_dir():
+        problem = savedmodel.describe_directory(path)
+        if problem is not None:
+            raise ModelLoadError(problem)
+        return
+    check_file(path, "model file", ModelLoadError)
+
+
+def _model_bytes(path: Path) -> int:
+    return savedmodel.directory_bytes(path) if path.is_dir() else path.stat().st_size
 
 
 def _probe_answer(path: Path, returncode: int, stdout: bytes, stderr: bytes) -> dict[str, Any]:
@@ -226,6 +244,8 @@ def _inspect_model_file(
     """The checked configuration; ``on_config`` gets it as soon as it is read, before the
     rest of the file is checked."""
     on_config = on_config or (lambda _: None)
+    if path.is_dir():
+        return savedmodel.read_config(path, on_config)
     magic = read_head(path, len(HDF5_MAGIC), "model file", ModelLoadError)
     if magic.startswith(ZIP_MAGIC):
         if path.suffix.lower() != ".keras":
@@ -416,7 +436,7 @@ def check_model_config(
             _check_layer_list(inner, name, path)
         module = _field(item, "module", path) or ""
         registered = _field(item, "registered_name", path) or name
-        builtin = module.startswith("keras")
+        builtin = module.startswith(("keras", "tf_keras"))  # Keras 3's, or Keras 2's own
         if module and not builtin and not _known(registered, name, known_custom):
             raise ModelLoadError(
                 f"{str(path)!r} needs the custom class {registered!r} (layer {layer_name!r}), "
