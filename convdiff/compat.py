@@ -199,7 +199,9 @@ def listed_layers(entry: dict[str, Any]) -> list[dict[str, Any]]:
     ``layers`` (none for another layer)."""
     body = entry.get("config")
     layers = body.get("layers") if isinstance(body, dict) else None
-    return [layer for layer in layers if isinstance(layer, dict)] if isinstance(layers, list) else []
+    if not isinstance(layers, list):
+        return []
+    return [layer for layer in layers if isinstance(layer, dict)]
 
 
 # --------------------------------------------------------------------------- layer fix-ups

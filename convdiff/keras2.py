@@ -123,9 +123,9 @@ def _keras2_layers(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """A model entry's layers as Keras 2's ``model.layers`` lists them: a Sequential's
     configuration starts with an InputLayer that its ``layers`` leave out."""
     layers = compat.listed_layers(entry)
-    if entry.get("class_name") == "Sequential" and layers:
-        if layers[0].get("class_name") == "InputLayer":
-            return layers[1:]
+    sequential = entry.get("class_name") == "Sequential"
+    if sequential and layers and layers[0].get("class_name") == "InputLayer":
+        return layers[1:]
     return layers
 
 

@@ -1,6 +1,7 @@
-"""Fuzz the loaders: mutated .npy/.npz/.h5/.keras files (truncated at random offsets, random
-bits flipped, headers overwritten, random chunks replaced) must each load or give a clean
-ConvdiffError naming the file; never another exception, never a crash, never a hang.
+"""Fuzz the loaders: mutated .npy/.npz/.h5/.keras files and SavedModel directories (one of their
+files truncated at a random offset, random bits flipped, headers overwritten, random chunks
+replaced) must each load or give a clean ConvdiffError naming the file; never another
+exception, never a crash, never a hang.
 
 Each load runs in a worker process that answers one case at a time: a case that takes longer
 than CASE_TIMEOUT_S (a hang) or kills the worker (a crash in libhdf5 or zlib) is recorded as a
@@ -13,6 +14,7 @@ import json
 import os
 import random
 import selectors
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,7 +26,7 @@ import numpy as np
 import pytest
 
 SEED = 20261127
-MODEL_MUTATIONS = 60
+MODEL_MUTATIONS = 80
 ARRAY_MUTATIONS = 120
 CASE_TIMEOUT_S = 30.0
 # The loader reads a model file in a child process it kills after this long (libhdf5 loops
@@ -154,14 +156,16 @@ _KERAS2_SCRIPT = textwrap.dedent(
     import tf_keras as k
     m = k.Sequential([k.Input((6, 6, 2)), k.layers.Conv2D(3, 3), k.layers.BatchNormalization(),
                       k.layers.Flatten(), k.layers.Dense(4)])
-    m.save(sys.argv[1])
+    for name in ("keras2.h5", "keras2.keras", "keras2_savedmodel"):
+        m.save(sys.argv[1] + "/" + name)
     """
 )
 
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> dict[str, Path]:
-    """Healthy files to damage: Keras 3 .keras and .h5, a Keras 2 .h5, .npy, .npz."""
+    """Healthy files to damage: Keras 3 .keras and .h5, Keras 2 .h5, .keras and SavedModel,
+    .npy, .npz."""
     import keras
 
     d = tmp_path_factory.mktemp("fuzz_seeds")
@@ -177,9 +181,7 @@ def seeds(tmp_path_factory) -> dict[str, Path]:
     )
     model.save(d / "model.keras")
     model.save(d / "model.h5")
-    done = subprocess.run(
-        [sys.executable, "-c", _KERAS2_SCRIPT, str(d / "keras2.h5")], capture_output=True
-    )
+    done = subprocess.run([sys.executable, "-c", _KERAS2_SCRIPT, str(d)], capture_output=True)
     assert done.returncode == 0, done.stderr[-2000:]
     x = np.random.default_rng(1).standard_normal((1, 6, 6, 2)).astype(np.float32)
     np.save(d / "x.npy", x)
@@ -188,20 +190,34 @@ def seeds(tmp_path_factory) -> dict[str, Path]:
     return {p.name: p for p in d.iterdir()}
 
 
+# The files of a SavedModel that convdiff reads (saved_model.pb, the traced graph, is not read).
+SAVEDMODEL_PARTS = (
+    "keras_metadata.pb",
+    "variables/variables.index",
+    "variables/variables.data-00000-of-00001",
+)
+
+
 def _cases(seeds: dict[str, Path], directory: Path) -> list[Case]:
     rng = random.Random(SEED)
+    models = ["model.keras", "model.h5", "keras2.h5", "keras2.keras", "keras2_savedmodel"]
     plan = [
-        (["model.keras", "model.h5", "keras2.h5"], "model", MODEL_MUTATIONS),
+        (models, "model", MODEL_MUTATIONS),
         (["x.npy", "x.npz", "xc.npz"], "input", ARRAY_MUTATIONS),
     ]
     cases = []
     for names, kind, count in plan:
         for i in range(count):
             seed = seeds[names[i % len(names)]]
-            data, mutation = mutate(seed.read_bytes(), rng)
             path = directory / f"{i:03d}_{seed.name}"
-            path.write_bytes(data)
-            cases.append(Case(path, kind, f"{seed.name}: {mutation}"))
+            target, label = path, seed.name
+            if seed.is_dir():  # a SavedModel: one of its files is damaged
+                shutil.copytree(seed, path)
+                part = rng.choice(SAVEDMODEL_PARTS)
+                target, label = path / part, f"{seed.name}/{part}"
+            data, mutation = mutate((seed / part if seed.is_dir() else seed).read_bytes(), rng)
+            target.write_bytes(data)
+            cases.append(Case(path, kind, f"{label}: {mutation}"))
     return cases
 
 
