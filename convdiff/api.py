@@ -96,7 +96,8 @@ def compare(
     """Compare every layer of ``model`` between Keras and convdiff's NumPy kernels.
 
     Args:
-        model: a path to a .keras/.h5 file, or a Keras model object.
+        model: a path to a .keras/.h5 file or a Keras 2 SavedModel directory, or a Keras
+            model object.
         inputs: a path to .npy/.npz, an array (one-input model), a list of arrays in model
             input order, or a dict by input name; None draws a standard-normal input from
             ``seed`` (default 0), or takes the inputs recorded in ``reference``.

@@ -8,7 +8,7 @@ uses), in safe mode; then every layer's weights are assigned from the file, laye
 their number and shapes checked, and every weight of the rebuilt model must have received a
 value. Nothing stored in the file runs: a SavedModel's traced TensorFlow functions
 (``saved_model.pb``) are never read, and Lambda layers are refused before this module is
-reached unless the user passed ``--unsafe`` (:func:`convdiff.loading.check_model_config`).
+reached unless the user passed ``--unsafe`` (:func:`convdiff.modelfile.check_model_config`).
 
 Where Keras 2 keeps a layer's weights:
 
@@ -73,7 +73,7 @@ def load_model(
 
     Args:
         path: the archive or the SavedModel directory, already read and checked
-            (:class:`convdiff.loading.Probe`).
+            (:class:`convdiff.modelfile.Probe`).
         config: its stored model configuration, as read there.
         custom_objects: classes by name for the deserializer.
         unsafe: let Keras deserialize Lambda layers.

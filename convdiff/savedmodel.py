@@ -14,7 +14,7 @@ A Keras SavedModel directory holds:
 
 The protobuf wire format is decoded here in a few lines (varints and length-delimited fields)
 instead of with TensorFlow's generated classes, so that the child process that checks model
-files (:class:`convdiff.loading.Probe`) never imports TensorFlow: it starts in a fraction of a
+files (:class:`convdiff.modelfile.Probe`) never imports TensorFlow: it starts in a fraction of a
 second, and a damaged file is refused before any TensorFlow C++ parser sees it. The weights
 themselves are read later, in the parent, by TensorFlow's checkpoint reader
 (:mod:`convdiff.keras2`), which checks each tensor's CRC32C as it reads it.
