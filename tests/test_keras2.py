@@ -409,3 +409,25 @@ def _extra_weights(src: Path) -> bytes:
     with h5py.File(buffer, "r+") as f:
         f["layers/stray/vars/0"] = np.zeros(3, "float32")
     return buffer.getvalue()
+
+
+def test_exact_error_lines(k2, tmp_path):
+    """The whole line, for the cases a user meets most."""
+    shardless = _savedmodel_copy(k2, tmp_path)
+    (shardless / _SHARD).unlink()
+    configless = tmp_path / "configless.keras"
+    _rezip(k2 / "functional_mix.keras", configless, drop="config.json")
+    expected = {
+        shardless: "is incomplete: its checkpoint has no data shard "
+        "variables.data-00000-of-00001 in variables/",
+        configless: "is a zip file without config.json; not a .keras model",
+        k2 / "tf_module_savedmodel": "is a SavedModel without keras_metadata.pb: it was saved "
+        "with tf.saved_model.save (or by TensorFlow before 2.5), not by Keras's model.save, so "
+        "it holds no Keras layers to compare; save the Keras model with "
+        "model.save('model.keras') or model.save('model.h5')",
+    }
+    for path, message in expected.items():
+        result = run_cli(path, "--random-input")
+        label = f"{str(path)!r} (a SavedModel)" if path == shardless else repr(str(path))
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == f"Error: {label} {message}\n"
