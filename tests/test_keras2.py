@@ -174,6 +174,16 @@ def test_plain_keras3_fails_on_both_formats(k2):
             keras.saving.load_model(k2 / f"sequential_cnn{fmt}", compile=False)
 
 
+def test_the_archive_needs_its_layout_fixup(k2, monkeypatch):
+    """Without compat.archive_to_h5_layout, Keras 3's new deserializer gets the Keras 2
+    entries of config.json and fails on them (BatchNormalization's axis list)."""
+    from convdiff import compat
+
+    monkeypatch.setattr(compat, "archive_to_h5_layout", lambda config: None)
+    with pytest.raises(ModelLoadError, match=r"Keras could not load .*BatchNormalization"):
+        load_model(k2 / "sequential_cnn.keras")
+
+
 _H5_REPORTS: dict[str, list] = {}
 
 
