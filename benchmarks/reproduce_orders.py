@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense")
+AUTO_CLASSES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
 # "NAME/nofma": the order with multiply and add rounded apart (compare(..., fma=False)).
 FIXED_ORDERS = (
     "sequential",
@@ -260,6 +261,74 @@ def probe(setting: str, geometry: str, term: int) -> list[list[int]]:
     return runs
 
 
+def auto_worker(setting: str, models: list[str], batches: list[int]) -> dict:
+    """``--order auto`` (no cache) on every Conv2D, DepthwiseConv2D, SeparableConv2D and Dense
+    layer of each model and batch size: which layers it reproduces bit for bit, what it found
+    for the others, its probe calls and its time."""
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if setting == "on" else "0"
+    from convdiff.api import compare
+    from convdiff.runtime import configure_tensorflow
+
+    configure_tensorflow()
+    import tensorflow as tf
+
+    out: dict[str, Any] = {"setting": setting, "tensorflow": tf.__version__, "runs": []}
+    for model_name in models:
+        model, x1 = build(model_name)
+        classes = sorted({type(layer).__name__ for layer in model.layers} & set(AUTO_CLASSES))
+        for batch in batches:
+            x = np.random.default_rng(1).standard_normal((batch, *x1.shape[1:])).astype("float32")
+            started = time.perf_counter()
+            report = compare(model, x, order="auto", cache=False, layers=classes)
+            seconds = time.perf_counter() - started
+            rows = [
+                {
+                    "name": r.name,
+                    "class": r.class_name,
+                    "status": r.status,
+                    "max_ulp": None if r.comparison is None else int(r.comparison.max_ulp),
+                    "found": r.order_found,
+                }
+                for r in report.layers
+            ]
+            calls = sum(r["found"]["probe_calls"] for r in rows if r["found"])
+            print(
+                f"  {model_name} batch {batch}: {seconds:.1f} s, {calls} probe calls",
+                file=sys.stderr,
+                flush=True,
+            )
+            out["runs"].append(
+                {"model": model_name, "batch": batch, "seconds": seconds, "layers": rows}
+            )
+    return out
+
+
+def summarize_auto(result: dict) -> str:
+    lines = [f"## `--order auto`, oneDNN {result['setting']} (TensorFlow {result['tensorflow']})"]
+    lines.append("\n| model | batch | " + " | ".join(AUTO_CLASSES) + " | probe calls | time |")
+    lines.append("|---" * (len(AUTO_CLASSES) + 4) + "|")
+    misses = []
+    for run in result["runs"]:
+        cells = []
+        for cls in AUTO_CLASSES:
+            rows = [r for r in run["layers"] if r["class"] == cls]
+            same = sum(r["status"] == "identical" for r in rows)
+            cells.append(f"{same}/{len(rows)}" if rows else "-")
+            misses += [(run, r) for r in rows if r["status"] != "identical"]
+        calls = sum(r["found"]["probe_calls"] for r in run["layers"] if r["found"])
+        lines.append(
+            f"| {run['model']} | {run['batch']} | {' | '.join(cells)} | {calls} | "
+            f"{run['seconds']:.0f} s |"
+        )
+    for run, r in misses:
+        found = r["found"] or {}
+        lines.append(
+            f"- {run['model']} batch {run['batch']} {r['name']} ({r['class']}): {r['status']}, "
+            f"max {r['max_ulp']} ULP; {found.get('status')}: {found.get('description')}"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report side
 
 
@@ -313,8 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--probe", default=None, help="KH,KW,CIN,COUT,SIZE[,STRIDE]: probe")
     parser.add_argument("--term", type=int, default=0, help="the probe's fixed term i")
+    parser.add_argument("--auto", action="store_true", help="check --order auto instead")
+    parser.add_argument("--batches", default="1,8", help="batch sizes for --auto")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.auto:
+        return _run_auto(args)
     if args.probe:
         for first, last, lo, hi in probe(args.onednn.split(",")[0], args.probe, args.term):
             sizes = f"{lo}" if lo == hi else f"{lo}..{hi} (a chain)"
@@ -328,6 +401,24 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_setting(s, models, orders) for s in args.onednn.split(",")]
     for result in results:
         print(summarize(result), "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _run_auto(args: argparse.Namespace) -> int:
+    models, batches = args.models.split(","), [int(b) for b in args.batches.split(",")]
+    if args.worker:
+        print(json.dumps(auto_worker(args.worker, models, batches)))
+        return 0
+    results = []
+    for setting in args.onednn.split(","):
+        cmd = [sys.executable, __file__, "--auto", "--worker", setting, "--models", args.models]
+        cmd += ["--batches", args.batches]
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        results.append(json.loads(done.stdout))
+        print(summarize_auto(results[-1]), "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,6 +3,7 @@
     python benchmarks/speed.py              # all cases (several minutes on 2 cores)
     python benchmarks/speed.py --quick      # the one-layer example and MobileNetV2 only
     python benchmarks/speed.py --case ResNet50:8 --html   # one case, and the cost of --html
+    python benchmarks/speed.py --case ResNet50:1 --auto     # and --order auto, first and cached
 
 For each case, in separate processes (so peak memory is each one's own):
   baseline  import TensorFlow, load the saved model, one forward pass returning every layer's
@@ -10,6 +11,8 @@ For each case, in separate processes (so peak memory is each one's own):
   convdiff  the same model and input through convdiff with default settings, and with
             --order blas;
   html      (with --html) default settings writing the --html report, whose size is printed.
+  auto      (with --auto) --order auto: a first run from an empty cache of revealed trees,
+            and a run right after it that reads the trees the first one stored.
 Each measurement runs --repeat times (default 3), the three kinds interleaved, and the median
 wall time and the largest peak resident memory are printed, with each convdiff figure as a
 ratio to the baseline.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +119,11 @@ def main() -> None:
         help="only these cases (repeatable), e.g. ResNet50:8",
     )
     parser.add_argument("--html", action="store_true", help="also time writing --html")
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="also time --order auto: its first run (no revealed trees cached) and a cached run",
+    )
     args = parser.parse_args()
     cases = [("one_layer", 1), ("MobileNetV2", 1)]
     if not args.quick:
@@ -130,6 +139,12 @@ def main() -> None:
         }
         if args.html:
             runs["html"] = (CONVDIFF, ["--html", page], "stderr")
+        if args.auto:
+            # "auto_first" starts each time from an empty tree cache (the compiled chains'
+            # own cache stays); "auto_cached" runs right after it, reading what it stored
+            runs["auto_first"] = (CONVDIFF, ["--order", "auto"], "stderr")
+            runs["auto_cached"] = (CONVDIFF, ["--order", "auto"], "stderr")
+        os.environ["CONVDIFF_CACHE_DIR"] = os.path.join(tmp, "cache")
         rows = [_case(name, batch, runs, args.repeat, tmp, page) for name, batch in cases]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -144,6 +159,8 @@ def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -
     samples: dict[str, list[tuple[float, int]]] = {label: [] for label in runs}
     for _ in range(repeat):
         for label, (code, extra, stream) in runs.items():
+            if label == "auto_first":
+                shutil.rmtree(os.path.join(tmp, "cache", "trees"), ignore_errors=True)
             samples[label].append(measure(code, model, inputs, *extra, stream=stream))
     row: dict = {"model": name, "batch": batch, "repeat": repeat}
     for label, values in samples.items():
@@ -165,7 +182,23 @@ def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -
             f"{row['html_page_bytes'] / 2**20:.2f} MiB"
         )
     print(line, flush=True)
+    if "auto_first" in runs:
+        print(_auto_line(row), flush=True)
     return row
+
+
+def _auto_line(row: dict) -> str:
+    """``--order auto``'s figures: against the baseline and against the default run."""
+    base_s, default_s = row["baseline_s"], row["default_s"]
+    parts = []
+    for label, name in (("auto_first", "first run"), ("auto_cached", "cached")):
+        seconds = row[f"{label}_s"]
+        parts.append(
+            f"{name} {seconds:6.1f} s (x{seconds / base_s:4.2f}; "
+            f"x{seconds / default_s:4.2f} of the default run)"
+        )
+    peak = row["auto_first_rss"] / 2**30
+    return f"{'':12s} --order auto: {', '.join(parts)}; peak {peak:5.2f} GiB"
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def compare(
     threads: int | None = None,
     repeat: int = 1,
     spatial: bool = False,
+    cache: bool = True,
     on_layer: Callable[[LayerResult], None] | None = None,
 ) -> Report:
     """Compare every layer of ``model`` between Keras and convdiff's NumPy kernels.
@@ -101,7 +102,9 @@ def compare(
         inputs: a path to .npy/.npz, an array (one-input model), a list of arrays in model
             input order, or a dict by input name; None draws a standard-normal input from
             ``seed`` (default 0), or takes the inputs recorded in ``reference``.
-        order: summation order name (see :mod:`convdiff.orders`) or an :class:`Order`.
+        order: summation order name (see :mod:`convdiff.orders`) or an :class:`Order`;
+            ``auto`` reveals each layer's order on this machine's backend (see
+            :mod:`convdiff.autoorder`), ``all`` tries every order (``auto`` included).
         fma, accumulate, tap_order: refine a named order (fma: on unless False); with an
             :class:`Order`, they must agree with it.
         mode: ``isolated`` (each layer fed Keras's input) or ``propagated``.
@@ -137,6 +140,8 @@ def compare(
         repeat: run the Keras side this many times per layer and report whether it changes.
         spatial: record where in each layer's output the differences sit (a map, a channel
             profile, the ULP histogram: ``LayerResult.spatial``; what ``--html`` draws).
+        cache: read and store the orders ``auto`` reveals in the on-disk cache
+            (:mod:`convdiff.treecache`); False reveals every layer afresh.
         on_layer: called with each :class:`LayerResult` as soon as it is ready.
 
     TF32 and op determinism are put back as they were when the run ends, and no environment
@@ -166,6 +171,7 @@ def compare(
         show_worst=show_worst,
         reference=load_recording(reference) if reference is not None else None,
         spatial=spatial,
+        cache=cache,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
     prepared = (
@@ -268,9 +274,10 @@ def _not_compared(
 
 
 def orders_to_try(accumulate: str | None = None, tap_order: str | None = None):
-    """The orders ``--order all`` tries on every layer."""
+    """The orders ``--order all`` tries on every layer (``auto`` first: it wins ties)."""
     names = ["sequential", "reverse", "pairwise", "kahan"]
-    orders = [parse_order(n, fma, accumulate, tap_order) for n in names for fma in (True, False)]
+    orders = [parse_order("auto", True, accumulate, tap_order)]
+    orders += [parse_order(n, fma, accumulate, tap_order) for n in names for fma in (True, False)]
     orders += [parse_order(f"blocked:{k}", True, accumulate, tap_order) for k in (8, 16, 64, 256)]
     orders += [
         parse_order(n, True, accumulate, tap_order) for n in ("eigen", "blas", "float64", "exact")

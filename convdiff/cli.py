@@ -204,8 +204,14 @@ _KERAS = "Where Keras runs"
     "--order",
     default="sequential",
     show_default=True,
-    help="Summation order: sequential, reverse, pairwise, kahan, blocked:K, blas, float64, "
-    "exact, eigen; all: every one, the best compared.",
+    help="Summation order: sequential, auto (revealed on this machine's backend), reverse, "
+    "pairwise, kahan, blocked:K, blas, float64, exact, eigen; all: every one, the best compared.",
+)
+@click.option(
+    "--cache/--no-cache",
+    default=True,
+    show_default=True,
+    help="Reuse the orders --order auto revealed before (user cache directory).",
 )
 @_option(_NUMPY, "--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
 @_option(_NUMPY, "--accumulate", help="Accumulator: float16, bfloat16, float32, float64.")

@@ -31,7 +31,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from convdiff import accel
+from convdiff import accel, trees
 from convdiff.errors import OptionError
 from convdiff.floats import (
     exact_products,
@@ -42,8 +42,10 @@ from convdiff.floats import (
     round_to,
     two_product,
 )
+from convdiff.trees import ReductionTree
 
 ORDER_NAMES = (
+    "auto",
     "sequential",
     "reverse",
     "pairwise",
@@ -85,6 +87,11 @@ class Order:
     block: int = 0
     accumulate: str | None = None
     tap_order: str | None = None
+    trees: tuple[tuple[tuple[int, tuple[int, ...]], ReductionTree], ...] = ()
+
+    def tree_for(self, terms: int, shape: tuple[int, ...]) -> ReductionTree | None:
+        """``auto``: the revealed tree of the reduction of ``terms`` terms into ``shape``."""
+        return next((t for key, t in self.trees if key == (terms, tuple(shape))), None)
 
     @property
     def label(self) -> str:
@@ -174,6 +181,7 @@ class _Engine:
         # the operands for compiled chains (see chain()), None where they are not compiled
         self._compiled = accel.operands(a, b_compiled, dtype)
         self._ready = False
+        self._sum: np.ndarray | None = None
 
     def _prepare(self) -> None:
         """The float64 operands and scratch buffers of the NumPy steps (made on first use:
@@ -186,9 +194,8 @@ class _Engine:
         if b is None:  # the terms themselves, rounded to the accumulator once
             self.a = self._rounded_copy(self.a)
         self._prod = np.empty(self.shape)
-        self._sum = np.empty(self.shape)
+        self._scratch()
         self._low = np.empty(self.shape, np.uint64)
-        self._cast = np.empty(self.shape, dtype)
         nmant = mantissa_bits(dtype)
         # Shifting the float64 bits left by 12 + nmant keeps the 52 - nmant bits that the cast
         # drops, at the top: a midpoint (1000...0) becomes the sign bit alone, int64's minimum.
@@ -208,13 +215,30 @@ class _Engine:
         # float64 operands' products are not exact in float64: a true fused step (fma64)
         self._fma64 = self.fused and dtype == np.float64 and not exact_products(a.dtype, b.dtype)
 
+    def _scratch(self) -> None:
+        """The buffers of a rounded sum (all that :meth:`add` needs: joining partial sums never
+        reads the operands, so it does not convert them)."""
+        if self._sum is None:
+            self._sum = np.empty(self.shape)
+            self._cast = np.empty(self.shape, self.dtype)
+
     def zeros(self) -> np.ndarray:
         return np.zeros(self.shape)
 
-    def fma(self, acc: np.ndarray, k: int) -> None:
-        """``acc = round(acc + a[k]*b[k])`` (fused or not), or ``round(acc + a[k])``."""
+    def fma(self, acc: np.ndarray, k: int, fused: bool | None = None) -> None:
+        """``acc = round(acc + a[k]*b[k])`` (fused or not), or ``round(acc + a[k])``.
+
+        ``fused=False`` makes this step unfused in an engine built fused (a revealed tree may
+        mix fused and unfused chains); an unfused engine cannot fuse.
+        """
         if not self._ready:
             self._prepare()
+        if fused is False and self.fused and self.b is not None:
+            np.multiply(self.a[k], self.b[k], out=self._prod)
+            self._round_into(self._prod, self._prod)
+            np.add(acc, self._prod, out=self._sum)
+            self._round_into(self._sum, acc)
+            return
         if self._fast:  # the common case, six NumPy passes
             np.multiply(self.a[k], self.b[k], out=self._prod)
             np.add(acc, self._prod, out=self._sum)
@@ -240,14 +264,15 @@ class _Engine:
                 self._round_to_odd(acc, self._prod, self._sum)
         self._round_into(self._sum, acc)
 
-    def chain(self, acc: np.ndarray, terms: range) -> None:
+    def chain(self, acc: np.ndarray, terms: range, fused: bool | None = None) -> None:
         """:meth:`fma` for each term in ``terms``, in order: compiled when
-        :mod:`convdiff.accel` can (same bits), else one NumPy step per term."""
+        :mod:`convdiff.accel` can (same bits), else one NumPy step per term. ``fused=False``
+        as in :meth:`fma`."""
         if self._compiled is not None:
-            accel.fma_chain(*self._compiled, acc, terms, self.fused)
+            accel.fma_chain(*self._compiled, acc, terms, self.fused and fused is not False)
             return
         for k in terms:
-            self.fma(acc, k)
+            self.fma(acc, k, fused)
 
     def fma_from(self, acc: np.ndarray, start: np.ndarray, k: int) -> None:
         """``acc = round(start + a[k]*b[k])`` for a fresh ``start`` array (used by Kahan)."""
@@ -266,8 +291,7 @@ class _Engine:
 
     def add(self, acc: np.ndarray, other: np.ndarray) -> None:
         """``acc = round(acc + other)``."""
-        if not self._ready:
-            self._prepare()
+        self._scratch()
         np.add(acc, other, out=self._sum)
         self._round_into(self._sum, acc)
 
@@ -489,6 +513,129 @@ def _blocked(eng: _Engine, block: int) -> np.ndarray:
     for start in range(0, eng.size, block):
         eng.add(total, _sequential(eng, range(start, min(start + block, eng.size))))
     return total
+
+
+# --------------------------------------------------------------------------- revealed trees
+
+
+def _reduce_tree(a, b, shape, dtype: np.dtype, tree: ReductionTree) -> np.ndarray:
+    """A revealed :class:`~convdiff.trees.ReductionTree`: its main tree on every output, then
+    each position exception's tree on its positions, each column class's trees on its
+    columns."""
+    out = np.asarray(_tree_run(a, b, shape, dtype, tree, tree.main))
+    if tree.exceptions:
+        grid = _Grid(a, b, shape)
+        out = np.array(out)
+        for runs, node in tree.exceptions:
+            sub_a, sub_b, sub_shape, put = grid.rows(np.array(trees.from_runs(runs), np.intp))
+            put(out, _tree_run(sub_a, sub_b, sub_shape, dtype, tree, node))
+    if tree.columns:
+        grid = _Grid(a, b, shape)
+        out = np.array(out)
+        for runs, sub in tree.columns:
+            sub_a, sub_b, sub_shape, put = grid.columns(np.array(trees.from_runs(runs), np.intp))
+            put(out, _reduce_tree(sub_a, sub_b, sub_shape, dtype, sub))
+    return out
+
+
+def _tree_run(a, b, shape, dtype: np.dtype, tree: ReductionTree, node: trees.Node):
+    fused = trees.any_fused(tree) and b is not None
+    program = lambda eng: trees.evaluate(node, eng)  # noqa: E731
+    return _run_blocked(a, b, shape, dtype, fused, program)
+
+
+def reduce_positions(
+    a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dtype, rows: np.ndarray
+) -> np.ndarray:
+    """:func:`reduce_terms` at some output positions only (numbered in C order over the output
+    axes along which ``b`` is constant), each in its own tree under ``auto``: shaped
+    ``(len(rows), ...the other output axes)``. Only the operands of those positions are
+    copied."""
+    shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
+    rows = np.asarray(rows, np.intp)
+    sub_a, sub_b, sub_shape, _ = _Grid(a, b, shape).rows(rows)
+    tree = order.tree_for(a.shape[0], shape) if order.name == "auto" else None
+    if tree is None:
+        return reduce_terms(sub_a, sub_b, order, dtype).reshape(sub_shape)
+    # the selected positions are a reduction of their own: its exceptions renumbered
+    renumbered = _renumbered(tree, {int(r): i for i, r in enumerate(rows)})
+    acc_dtype = accumulator_dtype(order, dtype)
+    return round_to(np.asarray(_reduce_tree(sub_a, sub_b, sub_shape, acc_dtype, renumbered)), dtype)
+
+
+def _renumbered(tree: ReductionTree, local: dict[int, int]) -> ReductionTree:
+    """``tree`` for the positions in ``local`` only, numbered as ``local`` says (its column
+    classes' own position exceptions too)."""
+    exceptions = []
+    for runs, node in tree.exceptions:
+        mine = sorted(local[r] for r in trees.from_runs(runs) if r in local)
+        if mine:
+            exceptions.append((trees.to_runs(mine), node))
+    columns = tuple((cols, _renumbered(sub, local)) for cols, sub in tree.columns)
+    return ReductionTree(tree.main, tuple(exceptions), columns)
+
+
+class _Grid:
+    """A reduction's operands seen as positions (the output axes along which ``b`` is
+    constant) by columns (the others), to take out some positions or some columns as a
+    reduction of their own and put its result back."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) -> None:
+        d = len(shape)
+        self.shape = tuple(shape)
+        self.a = a.reshape((a.shape[0], *([1] * (d + 1 - a.ndim)), *a.shape[1:]))
+        self.b = (
+            None if b is None else b.reshape((b.shape[0], *([1] * (d + 1 - b.ndim)), *b.shape[1:]))
+        )
+        varies = [False] * d if self.b is None else [n != 1 for n in self.b.shape[1:]]
+        self.row_axes = [i for i in range(d) if not varies[i]]
+        self.col_axes = [i for i in range(d) if varies[i]]
+
+    def _moved(self, x: np.ndarray) -> np.ndarray:
+        return x.transpose([0, *(1 + i for i in self.row_axes), *(1 + i for i in self.col_axes)])
+
+    def rows(self, picked: np.ndarray):
+        """Positions ``picked`` (flat): operands shaped ``(K, n, ...columns)`` and a function
+        that writes their result into an output of the full shape."""
+        row_shape = [self.shape[i] for i in self.row_axes]
+        index = np.unravel_index(picked, row_shape)
+        a = self._moved(self.a)
+        a = a[(slice(None), *index)]
+        b = (
+            None
+            if self.b is None
+            else self._moved(self.b)[(slice(None), *([0] * len(index)))][:, None]
+        )
+        sub_shape = (len(picked), *(self.shape[i] for i in self.col_axes))
+
+        def put(out: np.ndarray, sub: np.ndarray) -> None:
+            out.transpose(self.row_axes + self.col_axes)[index] = np.asarray(sub).reshape(sub_shape)
+
+        return a, b, sub_shape, put
+
+    def columns(self, picked: np.ndarray):
+        """Columns ``picked`` (flat): operands shaped ``(K, ...positions, n)`` and a function
+        that writes their result into an output of the full shape."""
+        col_shape = [self.shape[i] for i in self.col_axes]
+        index = np.unravel_index(picked, col_shape)
+        a = self._moved(self.a)
+        rows = len(self.row_axes)
+        a_varies = [a.shape[1 + rows + q] > 1 for q in range(len(index))]
+        if any(a_varies):
+            a = a[
+                (slice(None),) * (1 + rows)
+                + tuple(ix if v else 0 * ix for ix, v in zip(index, a_varies, strict=True))
+            ]
+        else:
+            a = a[(slice(None),) * (1 + rows) + (0,) * len(index)][..., None]
+        b = self._moved(self.b)[(slice(None),) * (1 + rows) + tuple(index)]
+        sub_shape = (*(self.shape[i] for i in self.row_axes), len(picked))
+
+        def put(out: np.ndarray, sub: np.ndarray) -> None:
+            view = out.transpose(self.row_axes + self.col_axes)
+            view[(slice(None),) * rows + tuple(index)] = np.asarray(sub).reshape(sub_shape)
+
+        return a, b, sub_shape, put
 
 
 # --------------------------------------------------------------------------- TensorFlow's Eigen
@@ -761,7 +908,12 @@ def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dt
         "kahan": _kahan,
         "blocked": lambda eng: _blocked(eng, order.block),
     }
-    if order.name in programs:
+    tree = order.tree_for(a.shape[0], shape) if order.name == "auto" else None
+    if tree is not None:
+        out = _reduce_tree(a, b, shape, acc_dtype, tree)
+    elif order.name == "auto":  # a reduction nobody revealed: the default order
+        out = _run_blocked(a, b, shape, acc_dtype, fma, _sequential)
+    elif order.name in programs:
         out = _run_blocked(a, b, shape, acc_dtype, fma, programs[order.name])
     elif order.name == "eigen":
         out = _eigen(a, b, shape, acc_dtype)

@@ -283,6 +283,10 @@ def _layer_notes(r: LayerResult, lines: Text) -> None:
         lines.append(f"Note: {r.name}: {r.reason}\n")
     if r.likely_cause:
         lines.append(f"Likely cause: {r.name}: {r.likely_cause}\n", style="bold")
+    if r.order_found:
+        found = r.order_found
+        how = "from the cache" if found["cached"] else f"{found['probe_calls']} backend calls"
+        lines.append(f"Order: {r.name}: {found['description']} [{found['status']}; {how}]\n")
     if r.orders:
         exact = [o["order"] for o in r.orders if o["bit_exact"]]
         rest = ", ".join(f"{o['order']} {o['max_ulp']:,}" for o in r.orders if not o["bit_exact"])

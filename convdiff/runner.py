@@ -17,11 +17,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from convdiff.autoorder import find_order
 from convdiff.budget import Budget
 from convdiff.errors import BackendError
 from convdiff.evaluate import KernelRun, run_kernel
@@ -82,6 +83,12 @@ class Settings:
     show_worst: int = 0
     tried_orders: tuple[Order, ...] = ()
     spatial: bool = False
+    cache: bool = True
+
+    @property
+    def reveals(self) -> bool:
+        """Whether layers' orders are revealed (``auto``, alone or among the tried orders)."""
+        return self.order.name == "auto" or any(o.name == "auto" for o in self.tried_orders)
 
     def selects(self, name: str, class_name: str) -> bool:
         """Whether ``--layers`` lets this layer be compared."""
@@ -103,6 +110,7 @@ class Settings:
             "orders_tried": [o.label for o in self.tried_orders],
             "show_worst": self.show_worst,
             "spatial": self.spatial,
+            "cache": self.cache,
         }
 
 
@@ -134,6 +142,7 @@ class LayerResult:
     side: str = "NumPy"
     seconds: float = 0.0
     spatial: Spatial | None = None
+    order_found: dict[str, Any] | None = None
 
     @property
     def over_budget(self) -> bool:
@@ -183,6 +192,7 @@ class LayerResult:
             "compared_with": self.side,
             "seconds": self.seconds,
             "spatial": self.spatial.to_dict() if self.spatial is not None else None,
+            "order_found": self.order_found,
         }
 
 
@@ -344,12 +354,14 @@ def _compare_node(
     result.impl = impl.source if isinstance(impl, UserImpl) else None
     if impl is not None:
         result.side = result.impl or "the recording"
-    order = settings.order
+    order, tried = settings.order, settings.tried_orders
     returned: list[str] = []  # what the user's function returned, when not an array
     try:
-        if settings.tried_orders and kernel is not None and impl is None:
-            result.orders = _rank_orders(kernel, spec, numpy_in, first, settings.tried_orders)
-            order = next(o for o in settings.tried_orders if o.label == result.orders[0]["order"])
+        if settings.reveals and kernel is not None and impl is None:
+            order, tried = _reveal(result, node, kernel, spec, numpy_in, settings)
+        if tried and kernel is not None and impl is None:
+            result.orders = _rank_orders(kernel, spec, numpy_in, first, tried)
+            order = next(o for o in tried if o.label == result.orders[0]["order"])
         run = run_kernel(
             kernel,
             spec,
@@ -381,6 +393,20 @@ def _compare_node(
         sides = (keras_in, numpy_in, in_scales)
         _growth(result, kernel, spec, sides, first, output, run, impl, settings)
     return result, [output], run.scale
+
+
+def _reveal(result: LayerResult, node, kernel, spec, inputs, settings: Settings):
+    """``auto``: the layer's revealed trees put into the order (and into the ``auto`` order
+    ``--order all`` tries); the finding recorded on the result."""
+    finding = find_order(node.layer, kernel, spec, [np.shape(x) for x in inputs], settings.cache)
+    if finding is None:
+        return settings.order, settings.tried_orders
+    result.order_found = finding.to_dict()
+
+    def laden(o: Order) -> Order:
+        return replace(o, trees=finding.trees) if o.name == "auto" else o
+
+    return laden(settings.order), tuple(laden(o) for o in settings.tried_orders)
 
 
 def _rank_orders(kernel, spec, inputs, keras_out: np.ndarray, orders) -> list[dict]:

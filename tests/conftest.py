@@ -20,3 +20,15 @@ def examples():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _tree_cache(tmp_path_factory, monkeypatch):
+    """Every test reveals into its own tree cache (``--order auto``), never the user's.
+
+    The compiled chains' numba cache is placed once per process, when they are first loaded:
+    loading them first keeps it in the user's cache (no recompilation per test session)."""
+    from convdiff import accel
+
+    accel.enabled()
+    monkeypatch.setenv("CONVDIFF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

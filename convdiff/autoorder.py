@@ -1,0 +1,631 @@
+"""``--order auto``: reveal each layer's summation trees on this machine's TensorFlow.
+
+For a layer whose NumPy kernel reduces (Conv1D/2D/3D, DepthwiseConv, SeparableConv, the
+transposed convolutions, Dense), this module asks TensorFlow, through the same Keras op the
+layer calls (``ops.conv``, ``ops.depthwise_conv``, ``ops.matmul``...) on the layer's exact
+problem (input shape and batch, kernel shape, strides, padding, dilation, data format, dtype,
+in this process and so with its thread count and oneDNN setting), how it adds the terms of
+each output, with the probes of :mod:`convdiff.reveal`; then checks the trees found bit for bit
+on random data against that op. The trees are used only to order the NumPy kernel's own
+additions: every value compared stays computed by convdiff.
+
+Which term of the reduction is which, and which output element, is read off convdiff's own
+kernel: it runs once on marker values (each kernel weight its own index, an input of ones,
+each reduction output its own index) with an arithmetic that records its reduction operands
+instead of adding them. So every kernel's own tap order and layout are used as they are.
+
+TensorFlow and Keras are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from convdiff.kernels import LayerSpec, Unsupported
+from convdiff.numerics import Rounded
+from convdiff.orders import Order, reduce_positions
+from convdiff.reveal import Mismatch, NotATree, Revealed, patterns, reveal
+from convdiff.trees import ReductionTree, from_runs
+
+# Layer classes whose reduction is revealed, and the Keras op each one's call makes.
+REVEALED_CLASSES = (
+    "SeparableConv1D",
+    "SeparableConv2D",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "Dense",
+)
+
+
+class _Recorder(Rounded):
+    """Records each reduction's operands (as :func:`reduce_terms` receives them) and returns
+    marker values in place of its result: each output element its own number, distinct
+    across the reductions of one kernel run."""
+
+    def __init__(self, dtype: Any) -> None:
+        super().__init__(dtype, Order())
+        self.dots: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._next = 1
+
+    def dot(self, a, b=None, axes="k"):
+        a, b = self._nest(a, b, axes)
+        self.dots.append((a, b))
+        shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
+        size = math.prod(shape)
+        first, self._next = self._next, self._next + size
+        return np.arange(first, first + size, dtype=np.float64).reshape(shape)
+
+
+# Probing one reduction stops after PROBE_CALLS backend calls, or more for small problems:
+# as many as PROBE_FLOPS of multiply-adds allow (the best tree found by then is kept). A
+# tree far from the common shapes, seen through few output columns, can take thousands; the
+# common shapes take 3 to 6. A count from the problem's size, not a time: what is found must
+# not depend on the machine's load.
+PROBE_CALLS = 128
+PROBE_FLOPS = 2e10
+
+
+def _max_calls(reduction: Reduction) -> int:
+    terms, rows, columns = reduction.weight_index.shape[0], *reduction.output_index.shape
+    flops = 2.0 * terms * rows * columns
+    return int(min(4096, max(PROBE_CALLS, PROBE_FLOPS // max(flops, 1.0))))
+
+
+# The float weights a reduction multiplies by (the bias is added after it).
+KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+
+@dataclass
+class Reduction:
+    """One reduction of a layer call, as the probe sees it.
+
+    Attributes:
+        key: ``(terms, output shape)``, what :meth:`Order.tree_for` looks a tree up by.
+        present: ``(terms, rows)``: where each position reads an input element.
+        weight_index: ``(terms, columns)``: each term's weight, as a flat index into the
+            layer's kernels laid end to end (in :data:`KERNELS` order).
+        output_index: ``(rows, columns)``: the element (flat) of the layer's raw output that
+            holds each reduction output (for a first stage: where the next stage, set to pass
+            it through, shows it).
+        axes: the reduction output's axes, positions first, then columns.
+    """
+
+    key: tuple[int, tuple[int, ...]]
+    present: np.ndarray
+    weight_index: np.ndarray
+    output_index: np.ndarray
+    axes: tuple[int, ...]
+
+
+def _bare_spec(spec: LayerSpec) -> LayerSpec:
+    """The layer without bias and activation: its kernel's output is the reduction alone."""
+    config = {**spec.config, "use_bias": False, "activation": "linear"}
+    weights = {k: v for k, v in spec.weights.items() if k != "bias"}
+    return replace(spec, config=config, weights=weights)
+
+
+def _kernels(spec: LayerSpec) -> dict[str, np.ndarray]:
+    return {k: spec.weights[k] for k in KERNELS if k in spec.weights}
+
+
+def _layout(a: np.ndarray, b: np.ndarray):
+    """The output shape, position axes, column axes, and ``a``, ``b`` with one axis per
+    output axis."""
+    shape = np.broadcast_shapes(a.shape[1:], b.shape[1:])
+    d = len(shape)
+    a = a.reshape((a.shape[0], *([1] * (d + 1 - a.ndim)), *a.shape[1:]))
+    b = b.reshape((b.shape[0], *([1] * (d + 1 - b.ndim)), *b.shape[1:]))
+    rows = [i for i in range(d) if b.shape[1 + i] == 1]
+    cols = [i for i in range(d) if i not in rows]
+    if rows[:1] != [0]:
+        raise NotATree("the batch axis is not the reduction's leading position axis")
+    return tuple(shape), rows, cols, a, b
+
+
+def _reduction(a: np.ndarray, b: np.ndarray, raw_of: np.ndarray) -> Reduction:
+    """A reduction's map from its operands (``a`` from an input of ones, ``b`` holding
+    1 + each weight's flat index) and ``raw_of``: for each of its outputs (flat), the raw
+    output element that holds it."""
+    shape, rows, cols, a, b = _layout(a, b)
+    d = len(shape)
+    perm = [0, *(1 + i for i in rows), *(1 + i for i in cols)]
+    n_rows = math.prod(shape[i] for i in rows)
+    n_cols = math.prod(shape[i] for i in cols)
+    a = np.broadcast_to(
+        a, (a.shape[0], *[shape[i] if i in rows else a.shape[1 + i] for i in range(d)])
+    )
+    present = a.transpose(perm).reshape(a.shape[0], n_rows, -1)[:, :, 0] != 0
+    b = np.broadcast_to(b, (b.shape[0], *[1 if i in rows else shape[i] for i in range(d)]))
+    weight_index = b.transpose(perm).reshape(b.shape[0], n_cols).astype(np.int64) - 1
+    output_index = raw_of.reshape(shape).transpose([*rows, *cols]).reshape(n_rows, n_cols)
+    return Reduction((a.shape[0], shape), present, weight_index, output_index, (*rows, *cols))
+
+
+def map_reductions(
+    kernel: Callable, spec: LayerSpec, input_shape: tuple[int, ...]
+) -> list[Reduction]:
+    """Which term, weight and output element is which in each of the layer's reductions (one,
+    or a separable convolution's two stages).
+
+    The kernel runs once on one sample (batch 1): weights replaced by their own flat index
+    (plus 1, the kernels laid end to end), an input of ones, each reduction's outputs by
+    marker numbers. The batch axis leads both the positions and the raw output, so the other
+    samples repeat the first one's map.
+    """
+    bare = _bare_spec(spec)
+    kernels = _kernels(bare)
+    offset, marked = 1, {}
+    for name, w in kernels.items():
+        marked[name] = np.arange(offset, offset + w.size, dtype=np.float64).reshape(w.shape)
+        offset += w.size
+    recorder = _Recorder(np.float64)
+    one = (1, *input_shape[1:])
+    out = (
+        np.asarray(
+            kernel(
+                replace(bare, weights={**bare.weights, **marked}, dtype="float64"),
+                [np.ones(one)],
+                recorder,
+            )
+        )
+        .reshape(-1)
+        .astype(np.int64)
+    )
+    *inner, (a_last, b_last) = recorder.dots
+    if len(inner) > 1:
+        raise NotATree(f"{len(recorder.dots)} reductions in one layer")
+    first_last = out.min()  # the last reduction's markers start here
+    raw_of = np.empty(out.size, np.int64)
+    raw_of[out - first_last] = np.arange(out.size)
+    last = _reduction(a_last, b_last, raw_of)
+    found = [last]
+    if inner:
+        found = [_first_stage(inner[0], last), _second_stage(inner[0], last)]
+    return [_batched(r, input_shape[0], out.size) for r in found]
+
+
+def _first_stage(dot: tuple[np.ndarray, np.ndarray], last: Reduction) -> Reduction:
+    """A separable convolution's depthwise stage, seen through the pointwise stage set to
+    pass depthwise channel ``c`` to output channel ``c`` (as many as there are outputs)."""
+    a, b = dot
+    stage = _reduction(
+        a, b, np.zeros(math.prod(np.broadcast_shapes(a.shape[1:], b.shape[1:])), np.int64)
+    )
+    shown = min(stage.weight_index.shape[1], last.output_index.shape[1])
+    return replace(
+        stage,
+        weight_index=stage.weight_index[:, :shown],
+        output_index=last.output_index[:, :shown],
+    )
+
+
+def _second_stage(dot: tuple[np.ndarray, np.ndarray], last: Reduction) -> Reduction:
+    """A separable convolution's pointwise stage, its input passed through the depthwise stage
+    by one tap of weight 1 (the tap that reads padding least): the positions that tap reads
+    from padding see zeros."""
+    first = _reduction(
+        *dot,
+        np.zeros(1, np.int64).repeat(
+            math.prod(np.broadcast_shapes(dot[0].shape[1:], dot[1].shape[1:]))
+        ),
+    )
+    tap = int(np.argmax(first.present.sum(axis=1)))
+    present = np.broadcast_to(first.present[tap], last.present.shape).copy()
+    return replace(last, present=present)
+
+
+def _batched(r: Reduction, batch: int, per_sample: int) -> Reduction:
+    """A batch-1 map repeated for every sample."""
+    rows = r.present.shape[1]
+    offsets = (np.arange(batch) * per_sample)[:, None, None]
+    output_index = (r.output_index[None] + offsets).reshape(batch * rows, -1)
+    terms, shape = r.key
+    return replace(
+        r,
+        key=(terms, (batch, *shape[1:])),
+        present=np.tile(r.present, (1, batch)),
+        output_index=output_index,
+    )
+
+
+def raw_op(layer: Any, class_name: str) -> Callable[..., np.ndarray]:
+    """The Keras op the layer's ``call`` makes for its reduction (no bias, no activation):
+    a function of the input and the kernels (in :data:`KERNELS` order)."""
+    import keras
+
+    ops = keras.ops
+    common = (
+        {"dilation_rate": layer.dilation_rate, "data_format": layer.data_format}
+        if (class_name != "Dense")
+        else {}
+    )
+
+    def numpy(y) -> np.ndarray:
+        return np.asarray(ops.convert_to_numpy(y))
+
+    if class_name == "Dense":
+        return lambda x, k: numpy(ops.matmul(x, k))
+    if class_name.startswith("Depthwise"):
+        return lambda x, k: numpy(
+            ops.depthwise_conv(x, k, strides=layer.strides, padding=layer.padding, **common)
+        )
+    if class_name.startswith("Separable"):
+        return lambda x, dk, pk: numpy(
+            ops.separable_conv(x, dk, pk, strides=layer.strides, padding=layer.padding, **common)
+        )
+    if class_name.endswith("Transpose"):
+        return lambda x, k: numpy(
+            ops.conv_transpose(
+                x,
+                k,
+                strides=list(layer.strides),
+                padding=layer.padding,
+                output_padding=layer.output_padding,
+                **common,
+            )
+        )
+
+    def conv(x, k):
+        padding = layer.padding
+        if padding == "causal":  # as Conv1D.call: pad the input, then a 'valid' convolution
+            width = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            pads = [[0, 0], [width, 0], [0, 0]]
+            if layer.data_format == "channels_first":
+                pads = [[0, 0], [0, 0], [width, 0]]
+            x, padding = ops.pad(x, pads), "valid"
+        return numpy(ops.conv(x, k, strides=list(layer.strides), padding=padding, **common))
+
+    return conv
+
+
+@dataclass
+class LayerBackend:
+    """One reduction of a layer as a :class:`~convdiff.reveal.TermBackend`: its weights set
+    from the probe's, the layer's other kernels (a separable convolution's other stage) set
+    to pass values through unchanged."""
+
+    reduction: Reduction
+    op: Callable[..., np.ndarray]
+    input_shape: tuple[int, ...]
+    kernel_shapes: dict[str, tuple[int, ...]]
+    dtype: np.dtype
+    passing: dict[str, np.ndarray] = field(default_factory=dict)
+    calls: int = 0
+    _inputs: dict[float, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def terms(self) -> int:
+        return self.reduction.present.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.reduction.present.shape[1]
+
+    @property
+    def columns(self) -> int:
+        return self.reduction.weight_index.shape[1]
+
+    def present(self) -> np.ndarray:
+        return self.reduction.present
+
+    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+        n = weights.shape[1]
+        flat = np.zeros(sum(math.prod(s) for s in self.kernel_shapes.values()), self.dtype)
+        index = self.reduction.weight_index[:, :n]
+        valid = index >= 0
+        flat[index[valid]] = weights[valid]
+        raw = self.call(self._filled(fill), self._split(flat)).reshape(-1)
+        return raw[self.reduction.output_index[:, :n]]
+
+    def _filled(self, fill: float) -> Any:
+        """An input of ``fill`` everywhere, made (and handed to the backend) once per value."""
+        if fill not in self._inputs:
+            import keras
+
+            x = np.full(self.input_shape, fill, self.dtype)
+            self._inputs[fill] = keras.ops.convert_to_tensor(x)
+        return self._inputs[fill]
+
+    def call(self, x: np.ndarray, kernels: dict[str, np.ndarray]) -> np.ndarray:
+        """The raw op on ``x`` with ``kernels``, the passing stage's in place of its own."""
+        return self.raw(x, {**kernels, **self.passing})
+
+    def raw(self, x: np.ndarray, kernels: dict[str, np.ndarray]) -> np.ndarray:
+        """The raw op on ``x`` with ``kernels`` (by name)."""
+        self.calls += 1
+        return self.op(x, *(kernels[k] for k in self.kernel_shapes))
+
+    def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        out, at = {}, 0
+        for name, shape in self.kernel_shapes.items():
+            size = math.prod(shape)
+            out[name] = flat[at : at + size].reshape(shape)
+            at += size
+        return out
+
+
+def _pass_through(
+    spec: LayerSpec, stage: int, reductions: list[Reduction]
+) -> dict[str, np.ndarray]:
+    """A separable convolution's other stage, set to pass values through: for the depthwise
+    stage, the pointwise kernel maps depthwise channel ``c`` to output ``c``; for the pointwise
+    stage, the depthwise kernel has weight 1 at the tap that reads padding least."""
+    depth = spec.weights["depthwise_kernel"]
+    point = spec.weights["pointwise_kernel"]
+    dtype = np.dtype(spec.dtype)
+    if stage == 0:
+        k = np.zeros(point.shape, dtype)
+        shown = reductions[0].weight_index.shape[1]
+        k[..., np.arange(shown), np.arange(shown)] = 1
+        return {"pointwise_kernel": k}
+    tap = int(np.argmax(reductions[0].present.sum(axis=1)))
+    k = np.zeros(depth.shape, dtype)
+    k.reshape(-1, *depth.shape[-2:])[tap] = 1
+    return {"depthwise_kernel": k}
+
+
+def verify(
+    kernel: Callable,
+    spec: LayerSpec,
+    backends: list[LayerBackend],
+    trees: list[ReductionTree],
+    seed: int = 0,
+) -> Mismatch:
+    """Which outputs of the layer's raw op, on random input and the layer's own weights,
+    differ from the NumPy kernel's reduction in the trees found (none: reproduced bit for bit).
+    One reduction is checked at a sample of positions that holds every tree's positions and
+    every padding pattern; a separable convolution is checked whole."""
+    rng = np.random.default_rng(seed)
+    first = backends[0]
+    dtype = first.dtype
+    x = rng.standard_normal(first.input_shape).astype(dtype)
+    bare = _bare_spec(spec)
+    raw = first.raw(x, {k: v.astype(dtype) for k, v in _kernels(bare).items()})
+    order = Order(
+        name="auto", trees=tuple((b.reduction.key, t) for b, t in zip(backends, trees, strict=True))
+    )
+    if len(backends) > 1:
+        got = np.asarray(kernel(bare, [x], Rounded(dtype, order)))
+        return Mismatch(int(_differences(got, raw).sum()), np.empty(0, int), np.empty(0, int))
+    rows = _sample_rows(trees[0], first.reduction.present, rng)
+    rec = _Recorder(dtype)
+    kernel(bare, [x], rec)
+    a, b = rec.dots[0]
+    want = raw.reshape(-1)[first.reduction.output_index[rows]]
+    got = reduce_positions(a, b, order, dtype, rows).reshape(want.shape)
+    differ = _differences(got, want)
+    return Mismatch(int(differ.sum()), rows[differ.any(axis=1)], np.flatnonzero(differ.any(axis=0)))
+
+
+def _differences(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    return ~((got == want) | (np.isnan(got) & np.isnan(want)))
+
+
+# Positions of each tree checked on random data (all of a tree's that has fewer), beside one
+# of each padding pattern.
+VERIFY_ROWS = 48
+
+
+def _sample_rows(tree: ReductionTree, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    rows = present.shape[1]
+    mine = np.zeros(rows, bool)
+    picked: list[np.ndarray] = []
+    for runs, _ in tree.exceptions:
+        members = np.array(from_runs(runs), np.int64)
+        mine[members] = True
+        picked.append(_some(members, rng))
+    picked.append(_some(np.flatnonzero(~mine), rng))
+    _, inverse = patterns(present)
+    _, first = np.unique(inverse, return_index=True)
+    picked.append(first[:256])
+    return np.unique(np.concatenate(picked))
+
+
+def _some(members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if members.size <= VERIFY_ROWS:
+        return members
+    return rng.choice(members, VERIFY_ROWS, replace=False)
+
+
+def reveal_layer(
+    layer: Any, kernel: Callable, spec: LayerSpec, input_shape
+) -> tuple[list[tuple[tuple[int, tuple[int, ...]], Revealed]], int]:
+    """Reveal and verify the trees of one layer call (no cache): each reduction's key and
+    what was found, and how many outputs the verification found different. Guessed trees
+    that fail the check are revealed again by FPRev's full recursion."""
+    input_shape = tuple(input_shape)
+    reductions = map_reductions(kernel, spec, input_shape)
+    op = raw_op(layer, spec.class_name)
+    shapes = {k: tuple(v.shape) for k, v in _kernels(spec).items()}
+    backends = [
+        LayerBackend(
+            r,
+            op,
+            input_shape,
+            shapes,
+            np.dtype(spec.dtype),
+            _pass_through(spec, i, reductions) if len(reductions) > 1 else {},
+        )
+        for i, r in enumerate(reductions)
+    ]
+    if len(backends) == 1:
+        check = lambda t: verify(kernel, spec, backends, [t])  # noqa: E731
+        found = [reveal(backends[0], check=check, max_calls=_max_calls(reductions[0]))]
+        bad = found[0].mismatches or 0
+    else:  # a separable convolution's stages are checked together, as the op runs them
+        found = [reveal(b, max_calls=_max_calls(b.reduction)) for b in backends]
+        bad = verify(kernel, spec, backends, [f.tree for f in found]).count
+        if bad:
+            found = [
+                reveal(b, exhaustive=True, max_calls=_max_calls(b.reduction)) for b in backends
+            ]
+            bad = verify(kernel, spec, backends, [f.tree for f in found]).count
+    calls = sum(b.calls for b in backends)
+    return [
+        (b.reduction.key, Revealed(f.tree, calls)) for b, f in zip(backends, found, strict=True)
+    ], bad
+
+
+# --------------------------------------------------------------------------- findings
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What ``auto`` found for one layer call.
+
+    Attributes:
+        status: ``reproduced`` (the trees matched TensorFlow bit for bit on random data),
+            ``not reproduced`` (trees found, but the check found differences), ``not a tree``
+            (the backend's answers fit no summation tree, or the layer's arithmetic is not
+            one), or ``not revealed`` (a reduction ``auto`` does not probe: the default order).
+        text: the order in words.
+        trees: ``(key, tree)`` pairs for :class:`~convdiff.orders.Order`.
+        calls: backend calls the reveal and its check made (0 from the cache).
+        cached: read from the on-disk cache.
+        mismatches: outputs the check found different.
+    """
+
+    status: str
+    text: str
+    trees: tuple[tuple[tuple[int, tuple[int, ...]], ReductionTree], ...] = ()
+    calls: int = 0
+    cached: bool = False
+    mismatches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "description": self.text,
+            "trees": [
+                {"terms": key[0], "output_shape": list(key[1]), **tree.to_dict()}
+                for key, tree in self.trees
+            ],
+            "probe_calls": self.calls,
+            "cached": self.cached,
+            "mismatches": self.mismatches,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        trees = tuple(
+            (
+                (int(t["terms"]), tuple(int(n) for n in t["output_shape"])),
+                ReductionTree.from_dict(t),
+            )
+            for t in data["trees"]
+        )
+        return cls(data["status"], data["description"], trees, 0, True, int(data["mismatches"]))
+
+
+def find_order(
+    layer: Any,
+    kernel: Callable,
+    spec: LayerSpec,
+    input_shapes: list[tuple[int, ...]],
+    cache: bool = True,
+) -> Finding | None:
+    """The summation order of one layer call on this machine: from the cache, or revealed,
+    checked and stored. None where the layer has nothing ``auto`` concerns (no reduction, no
+    library function)."""
+    if spec.class_name not in REVEALED_CLASSES:
+        return _unrevealed(kernel, spec, input_shapes)
+    from convdiff import treecache
+
+    weights = {k: tuple(v.shape) for k, v in spec.weights.items()}
+    key = treecache.full_key(
+        treecache.layer_key(spec.class_name, spec.config, input_shapes, weights, spec.dtype)
+    )
+    if cache:
+        stored = treecache.load(key)
+        if stored is not None:
+            try:
+                return Finding.from_dict(stored["finding"])
+            except (KeyError, TypeError, ValueError):
+                pass  # an entry of another shape: revealed again and overwritten
+    finding = _reveal_finding(layer, kernel, spec, input_shapes[0])
+    if cache:
+        treecache.store(key, {"finding": finding.to_dict()})
+    return finding
+
+
+def _reveal_finding(layer: Any, kernel: Callable, spec: LayerSpec, input_shape) -> Finding:
+    if np.dtype(spec.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return Finding(
+            "not revealed",
+            f"{spec.dtype} layers are not probed (their swamping values overflow); "
+            "the default order is used",
+        )
+    try:
+        found, bad = reveal_layer(layer, kernel, spec, input_shape)
+    except NotATree as exc:
+        return Finding("not a tree", f"{exc}; the default order is used")
+    status = "not reproduced" if bad else "reproduced"
+    texts = [r.tree.describe() for _, r in found]
+    text = texts[0] if len(texts) == 1 else f"depthwise: {texts[0]}; pointwise: {texts[1]}"
+    if bad:
+        text += f" (differs from TensorFlow on {bad} checked outputs)"
+    trees = tuple((key, r.tree) for key, r in found)
+    return Finding(status, text, trees, found[0][1].calls, False, bad)
+
+
+class _Census(_Recorder):
+    """Counts a kernel's reductions and library functions, computing only what is cheap."""
+
+    def __init__(self, dtype: Any) -> None:
+        super().__init__(dtype)
+        self.sums = 0
+        self.functions: list[str] = []
+
+    def sum(self, x, axis, keepdims=False):
+        self.sums += 1
+        return np.sum(np.asarray(x, np.float64), axis=axis, keepdims=keepdims).astype(self.dtype)
+
+    def widened(self, dtype: Any, keras_accumulator: Any = None) -> _Census:
+        return self  # counting only
+
+    def accumulating_in(self, dtype: Any) -> _Census:
+        return self
+
+    def apply(self, name: str, x):
+        if name not in self.functions:
+            self.functions.append(name)
+        return super().apply(name, x)
+
+
+def _unrevealed(kernel: Callable, spec: LayerSpec, input_shapes) -> Finding | None:
+    """What ``auto`` says of a layer it does not probe: its reductions take the default order;
+    a layer without any, whose library functions (rsqrt, exp, tanh...) are TensorFlow's own
+    approximations, is no summation tree at all."""
+    census = _Census(spec.dtype)
+    inputs = [np.zeros((1, *s[1:]), spec.dtype) for s in input_shapes]
+    try:
+        with np.errstate(all="ignore"):
+            kernel(spec, inputs, census)
+    except Unsupported:
+        return None
+    reductions = len(census.dots) + census.sums
+    if reductions:
+        return Finding(
+            "not revealed",
+            f"{reductions} reduction{'s' if reductions > 1 else ''} not probed by auto "
+            "(only convolutions and Dense are): the default order, sequential with FMA",
+        )
+    if census.functions:
+        names = ", ".join(census.functions)
+        return Finding(
+            "not a tree",
+            f"no summation: {names} is TensorFlow's own approximation on this CPU, which "
+            "convdiff does not model (it rounds the exact value)",
+        )
+    return None

@@ -1,0 +1,816 @@
+"""Reveal the summation tree a backend uses for a reduction, by numerical probing (FPRev).
+
+The method is that of Xie, Gao and Xue (Microsoft Research, 2024, "Revealing the Order of
+Floating-Point Summation by Numerical Testing"): give every term the value 1 except term ``i``,
+``+M``, and term ``j``, ``-M``, with ``M`` a power of two so large that a 1 added to a partial
+sum holding ``±M`` is lost. The two meet at their lowest common ancestor, where ``M - M`` is 0
+exactly, and every 1 below that node was lost on the way; every other 1 is added exactly. So
+the result is ``K - |subtree(i, j)|``: each probe tells the size of the smallest subtree that
+holds both terms. One sweep (a fixed ``i`` against every ``j``) gives the sizes of the subtrees
+along ``i``'s path to the root; the terms of each size form the subtree that joins that path
+there, and is revealed the same way (FPRev's recursion: about ``K`` times the depth in probes,
+where all pairs would be ``K^2/2``).
+
+Backends answer many probes per call: each output column (a convolution's output channel,
+whose weights the probe sets) carries its own pair, and every output position (pixel, batch
+row) answers for its own tree. Positions whose answers differ from the tree found at one
+position get a tree of their own. A second kind of probe tells, for each chain of the tree,
+whether its steps are fused multiply-adds: values whose product is inexact, added to a number
+that cancels it, give different results with one rounding or with two.
+
+This module holds the backend-independent algorithm (:func:`reveal`, driven by a
+:class:`TermBackend`) and never imports TensorFlow; :mod:`convdiff.autoorder` adapts Keras
+layers to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Protocol
+
+import numpy as np
+
+from convdiff.trees import (
+    Add,
+    Chain,
+    Join,
+    Node,
+    ReductionTree,
+    chains,
+    from_binary,
+    to_runs,
+    with_fusion,
+)
+
+
+class TermBackend(Protocol):
+    """A reduction ``out[r, c] = sum_k a[k, r] * w[k, c]`` computed by the backend under test.
+
+    ``a`` is the backend's first operand (the layer input as each output position ``r`` sees
+    it): the probe sets every input element to one value, ``fill``, so ``a[k, r]`` is
+    ``fill`` where position ``r`` reads an input element and 0 where it reads padding. ``w``
+    (the weights) is free per column ``c``.
+
+    Attributes:
+        terms: ``K``.
+        rows: output positions.
+        columns: output columns one call can set independently.
+        dtype: the dtype of the operands and of the result.
+    """
+
+    terms: int
+    rows: int
+    columns: int
+    dtype: np.dtype
+
+    def present(self) -> np.ndarray:
+        """``(terms, rows)`` booleans: where ``a[k, r]`` reads an input element (not padding)."""
+        ...
+
+    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+        """The backend's ``(rows, n)`` result for input ``fill`` everywhere and ``weights``
+        of shape ``(terms, n)``, ``n <= columns``."""
+        ...
+
+
+class NotATree(Exception):
+    """The backend's answers fit no summation tree (or the trees vary too much by position)."""
+
+
+# --------------------------------------------------------------------------- probing
+
+
+def swamping_value(dtype: np.dtype, terms: int) -> float:
+    """``M = 2**e``: a sum of up to ``terms`` ones added to ``±M`` is lost (it stays below half
+    of ``M``'s last place), and ``M`` is far from overflow."""
+    precision = np.finfo(dtype).nmant + 1
+    return 2.0 ** (precision + math.ceil(math.log2(terms + 1)) + 2)
+
+
+@dataclass
+class _Prober:
+    """Packs lowest-common-ancestor probes into backend calls, one pair per column."""
+
+    backend: TermBackend
+    max_calls: int | None = None
+    present: np.ndarray = field(init=False)
+    counts: np.ndarray = field(init=False)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.present = np.asarray(self.backend.present(), bool)
+        self.counts = self.present.sum(axis=0)
+        self.big = swamping_value(self.backend.dtype, self.backend.terms)
+        self._answers: dict[tuple[int, int], np.ndarray] = {}
+        self._columns: list[np.ndarray] | None = None
+
+    def sizes(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """``(len(pairs), rows)``: the size of the smallest subtree holding each pair (counted
+        in terms present at that row) as each row answers; -1 where a term of the pair is
+        padding at that row, -2 where the answer is no count of ones. A pair probed before
+        is not probed again."""
+        new = list(dict.fromkeys(p for p in pairs if p not in self._answers))
+        if new:
+            for pair, answer in zip(new, self._probe(new), strict=True):
+                self._answers[pair] = answer
+        if not pairs:
+            return np.empty((0, self.backend.rows), np.int64)
+        return np.stack([self._answers[p] for p in pairs])
+
+    def column_classes(self) -> list[np.ndarray]:
+        if self._columns is None:
+            self._columns = _column_classes(self)
+        return self._columns
+
+    def _probe(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        out = np.empty((len(pairs), self.backend.rows), np.int64)
+        step = self.backend.columns
+        for lo in range(0, len(pairs), step):
+            chunk = pairs[lo : lo + step]
+            weights = np.ones((self.backend.terms, len(chunk)), self.backend.dtype)
+            cols = np.arange(len(chunk))
+            first = np.array([i for i, _ in chunk])
+            second = np.array([j for _, j in chunk])
+            weights[first, cols] = self.big
+            weights[second, cols] = -self.big
+            y = np.asarray(self.run(1.0, weights)).T  # (n, rows)
+            with np.errstate(invalid="ignore"):
+                # a count of ones is a whole number from 0 to K: anything else is no answer
+                ones = np.clip(np.nan_to_num(y, nan=-1.0), -1, self.backend.terms).astype(np.int64)
+                counted = (ones == y) & (ones >= 0)
+            size = np.where(counted, self.counts[None, :] - ones, -2)
+            valid = self.present[first] & self.present[second]  # (n, rows)
+            out[lo : lo + len(chunk)] = np.where(valid, size, -1)
+        return out
+
+    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            raise OutOfCalls(f"no tree found within {self.max_calls} backend calls")
+        self.calls += 1
+        return self.backend.run(fill, weights)
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+class _Task:
+    """A set of terms known to form one subtree, to be revealed by a sweep from its first."""
+
+    def __init__(self, terms: list[int]) -> None:
+        self.terms = terms
+        self.tree: _Sum | int | None = None
+
+
+class _Sum:
+    """A revealed addition; its children may still be tasks."""
+
+    def __init__(self, left: _Sum | _Task | int, right: _Sum | _Task | int) -> None:
+        self.left, self.right = left, right
+
+
+@dataclass
+class _Reconstruction:
+    """One row's tree and what every row answered to the probes that revealed it.
+
+    The lowest common ancestor of each probed pair is, in the tree found, a subtree made of
+    the first ``lengths[q]`` terms of ``orders[q]`` (a sweep's terms sorted by the size of
+    the subtree they join): what lets every other row's answers be predicted.
+    """
+
+    node: Node
+    terms: list[int]
+    answers: np.ndarray
+    orders: list[np.ndarray]
+    lengths: list[np.ndarray]
+
+
+def _reconstruct(
+    prober: _Prober, row: int, terms: list[int], sampled: bool = False
+) -> _Reconstruction:
+    """FPRev at one row: sweeps from each subtree's first term, all pending sweeps of a
+    level packed into the same backend calls.
+
+    ``sampled``: each sweep first probes a sample of its terms and, where the answers fit
+    consecutive groups (as :func:`_guess` reads them), takes those groups without probing
+    the rest; the groups are then revealed the same way (FPRev with guessed sweeps: far fewer
+    probes, the result a hypothesis to check)."""
+    root = _Task(sorted(terms))
+    queue, answers, orders, lengths = [root], [], [], []
+    while queue:
+        big = [t for t in queue if len(t.terms) > 2]
+        guessed = _sampled_sweeps(prober, row, big) if sampled else {}
+        pairs = [(t.terms[0], j) for t in big if id(t) not in guessed for j in t.terms[1:]]
+        got = prober.sizes(pairs)
+        at, following = 0, []
+        for task in queue:
+            if len(task.terms) <= 2:
+                task.tree = task.terms[0] if len(task.terms) == 1 else _Sum(*task.terms)
+                continue
+            if id(task) in guessed:
+                sizes, probed = guessed[id(task)]
+            else:
+                probed = got[at : at + len(task.terms) - 1]
+                sizes = probed[:, row]
+                at += len(task.terms) - 1
+            answers.append(probed)
+            probed_sizes = probed[:, row]
+            task.tree, subtasks = _resolve(task.terms, sizes)
+            others = np.asarray(task.terms[1:])[np.argsort(sizes, kind="stable")]
+            orders.append(np.concatenate([[task.terms[0]], others]))
+            lengths.append(probed_sizes)
+            following += subtasks
+        queue = following
+    node = from_binary(_finish(root))
+    answered = np.concatenate(answers) if answers else np.empty((0, prober.backend.rows), int)
+    return _Reconstruction(node, sorted(terms), answered, orders, lengths)
+
+
+def _sampled_sweeps(
+    prober: _Prober, row: int, tasks: list[_Task]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For the tasks whose sampled sweep fits consecutive groups: (by task id) every term's
+    subtree size as those groups give it, and the answers to the probes made (one row per
+    probe, in the order :func:`_reconstruct` records them)."""
+    quota = max(8, prober.backend.columns // max(1, len(tasks)))
+    wanted: dict[int, np.ndarray | None] = {}
+    known: dict[int, dict[int, int]] = {id(t): {} for t in tasks}
+    probed: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {id(t): [] for t in tasks}
+    for t in tasks:
+        wanted[id(t)] = _sample(len(t.terms), quota)
+    for _ in range(_GUESS_ROUNDS):
+        live = [t for t in tasks if wanted[id(t)] is not None and wanted[id(t)].size]
+        if not live:
+            break
+        got = prober.sizes([(t.terms[0], t.terms[i]) for t in live for i in wanted[id(t)]])
+        at = 0
+        for t in live:
+            positions = wanted[id(t)]
+            block = got[at : at + len(positions)]
+            at += len(positions)
+            probed[id(t)].append((positions, block))
+            known[id(t)].update(zip(positions.tolist(), block[:, row].tolist(), strict=True))
+            wanted[id(t)] = _unplaced(known[id(t)], len(t.terms))
+    out = {}
+    for t in tasks:
+        if wanted[id(t)] is None or wanted[id(t)].size:
+            continue  # not a chunked sweep (or not placed in time): FPRev's full sweep
+        ends = _chunk_ends(known[id(t)], len(t.terms))
+        sizes = np.arange(2, len(t.terms) + 1)  # positions 1.. inside the first chunk
+        for start, end in zip([0, *ends[:-1]], ends, strict=True):
+            if start:
+                sizes[start - 1 : end - 1] = end
+        answers = np.concatenate([b for _, b in probed[id(t)]])
+        order = np.concatenate([p for p, _ in probed[id(t)]])
+        # the records must follow the fabricated sizes' order: probes sorted by position
+        answers = answers[np.argsort(order, kind="stable")]
+        out[id(t)] = (sizes, answers)
+    return out
+
+
+def _resolve(terms: list[int], sizes: np.ndarray) -> tuple[_Sum, list[_Task]]:
+    """The path from ``terms[0]`` to the root of their subtree, from one sweep's sizes: the
+    terms of each size form the subtree added at that step.
+
+    Returns:
+        The subtree and the new tasks (the groups of more than one term).
+
+    Raises:
+        NotATree: the sizes do not grow by the number of terms that have them.
+    """
+    pivot, others = terms[0], np.asarray(terms[1:])
+    if (sizes < 2).any():
+        raise NotATree("a probe gave no count (the backend is not a tree of rounded additions)")
+    node: _Sum | int = pivot
+    seen = 1
+    tasks = []
+    for level in np.unique(sizes):
+        group = [int(j) for j in others[sizes == level]]
+        seen += len(group)
+        if level != seen:
+            raise NotATree(f"subtree of size {level} holds {seen} terms")
+        if len(group) == 1:
+            child: _Sum | _Task | int = group[0]
+        else:
+            child = _Task(group)
+            tasks.append(child)
+        node = _Sum(node, child)
+    return node, tasks  # type: ignore[return-value]
+
+
+def _finish(task: _Task) -> Add | int:
+    """The task's tree as :class:`Add` nodes; iterative (a chain of ``K`` terms is ``K``
+    deep)."""
+
+    def resolved(x: _Sum | _Task | int) -> _Sum | int:
+        while isinstance(x, _Task):
+            x = x.tree  # type: ignore[assignment]
+        return x  # type: ignore[return-value]
+
+    made: dict[int, Add | int] = {}
+    root = resolved(task)
+    stack: list[tuple[_Sum | int, bool]] = [(root, False)]
+    while stack:
+        x, expanded = stack.pop()
+        if isinstance(x, int) or id(x) in made:
+            continue
+        left, right = resolved(x.left), resolved(x.right)
+        if expanded:
+            made[id(x)] = Add(_made(left, made), _made(right, made))
+        else:
+            stack += [(x, True), (left, False), (right, False)]
+    return _made(root, made)
+
+
+def _made(x: _Sum | int, made: dict[int, Add | int]) -> Add | int:
+    return x if isinstance(x, int) else made[id(x)]
+
+
+# --------------------------------------------------------------------------- a first guess
+
+# Probe rounds a guess may take to place every chunk boundary before giving way to FPRev.
+_GUESS_ROUNDS = 3
+
+
+def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | None:
+    """The tree at ``row`` if it is consecutive chunks, each a chain in index order, added in
+    order (the common shape: one chain, or a reduction cut into blocks), from far fewer probes
+    than FPRev: a sweep from the first term to a sample of the others, then to the terms
+    around each chunk boundary not yet placed. None where the answers leave that family.
+
+    In that family the probe ``(first, j)`` answers ``j + 1`` (counted in position among
+    ``terms``) inside the first chunk, and the end of ``j``'s chunk elsewhere.
+    """
+    n = len(terms)
+    cols = prober.backend.columns
+    if n <= 2:
+        return None
+    wanted = _sample(n, cols)
+    known: dict[int, int] = {}
+    blocks = []
+    for _ in range(_GUESS_ROUNDS):
+        got = prober.sizes([(terms[0], terms[i]) for i in wanted])
+        blocks.append((wanted, got))
+        known.update(zip(wanted.tolist(), got[:, row].tolist(), strict=True))
+        wanted = _unplaced(known, n)
+        if wanted is None:
+            return None
+        if not wanted.size:
+            break
+    else:
+        return None
+    ends = _chunk_ends(known, n)
+    starts = [0, *ends[:-1]]
+    node = Join(tuple(Chain(to_runs(terms[a:b])) for a, b in zip(starts, ends, strict=True)))
+    answers = np.concatenate([g for _, g in blocks])
+    order = np.asarray(terms)
+    lengths = [g[:, row] for _, g in blocks]
+    return _Reconstruction(
+        node.parts[0] if len(ends) == 1 else node,
+        list(terms),
+        answers,
+        [order] * len(blocks),
+        lengths,
+    )
+
+
+def _sample(n: int, count: int) -> np.ndarray:
+    """About ``count`` of the positions ``1 .. n-1`` to probe first: the first eight (so that
+    terms interleaved over a few accumulators show), then evenly spread."""
+    if n - 1 <= count:
+        return np.arange(1, n)
+    spread = np.linspace(1, n - 1, max(count - 8, 2)).round().astype(np.int64)
+    return np.unique(np.concatenate([np.arange(1, min(9, n)), spread]))
+
+
+def _unplaced(known: dict[int, int], n: int) -> np.ndarray | None:
+    """Positions to probe next so that every chunk boundary is placed (empty: all are), or
+    None where the answers fit no chunked family."""
+    items = sorted(known.items())
+    wanted: list[int] = []
+    first_chunk = True
+    last_end = 0
+    prev = 0
+    for i, size in items:
+        if first_chunk and size == i + 1:
+            prev = i
+            continue
+        if size < i + 1 or size > n or size < last_end:
+            return None
+        if size != last_end:
+            # a new chunk ends at `size` and starts somewhere in (boundary of the one
+            # before, i]: every position in that gap not yet probed must be
+            low = prev + 1 if first_chunk else last_end
+            wanted += [j for j in range(low, i) if j not in known]
+            last_end = size
+        first_chunk = False
+        prev = i
+    if last_end and last_end < n:  # chunks after the last sample
+        wanted += [j for j in range(last_end, n) if j not in known]
+    return np.array(sorted(set(wanted)), np.int64)
+
+
+def _chunk_ends(known: dict[int, int], n: int) -> list[int]:
+    """Chunk ends (exclusive, positions in ``terms``) once every boundary is placed."""
+    items = sorted(known.items())
+    ends: list[int] = []
+    for i, size in items:
+        if not ends and size == i + 1:
+            continue
+        if not ends:
+            ends.append(i)  # the first chunk ends just before the first position outside it
+        if size != ends[-1]:
+            ends.append(size)
+    if not ends:
+        return [n]
+    return ends if ends[-1] == n else [*ends, n]
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def _consistent_rows(prober: _Prober, rec: _Reconstruction, rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` answered every probe as ``rec``'s tree predicts (counting only the
+    terms present at each row) and read no term outside it."""
+    present = prober.present[:, rows]
+    covered = np.zeros(prober.backend.terms, bool)
+    covered[rec.terms] = True
+    ok = ~(present & ~covered[:, None]).any(axis=0)
+    if not rec.orders:
+        return ok
+    distinct, inverse = patterns(present)
+    predicted = np.concatenate(
+        [
+            np.cumsum(distinct[order], axis=0, dtype=np.int64)[lengths - 1]
+            for order, lengths in zip(rec.orders, rec.lengths, strict=True)
+        ]
+    )[:, inverse]
+    observed = rec.answers[:, rows]
+    return ok & ((observed == -1) | (observed == predicted)).all(axis=0)
+
+
+def patterns(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct columns of ``present`` (terms x rows) and each row's pattern number (the
+    columns packed to bytes and compared as one value each: np.unique's axis mode sorts
+    element-wise and is far slower)."""
+    packed = np.ascontiguousarray(np.packbits(present, axis=0).T)
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return present[:, first], inverse.reshape(-1)
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def _round_exact(q: Fraction, dtype: np.dtype) -> Fraction:
+    """``q`` rounded to the nearest ``dtype`` value, ties to even (normal range only)."""
+    if q == 0:
+        return q
+    precision = np.finfo(dtype).nmant + 1
+    mag = abs(q)
+    e = mag.numerator.bit_length() - mag.denominator.bit_length()
+    if mag < Fraction(2) ** e:
+        e -= 1
+    quantum = Fraction(2) ** (e - precision + 1)
+    rounded = round(mag / quantum) * quantum
+    return rounded if q > 0 else -rounded
+
+
+@dataclass(frozen=True)
+class _Witness:
+    """Input ``fill = x``; weight ``w0`` on a term whose product ``x * w0`` is exact, then a
+    step adding ``x * x`` (inexact): ``fused`` with one rounding, ``unfused`` with two."""
+
+    x: float
+    w0: float
+    fused: float
+    unfused: float
+
+
+def fusion_witness(dtype: np.dtype) -> _Witness:
+    """Values that tell a fused multiply-add step from a rounded product and a rounded sum."""
+    precision = np.finfo(dtype).nmant + 1
+    half = precision // 2
+    for h in range(half - 1, half + 3):
+        x = Fraction(1) + Fraction(1, 2**h)
+        for t in range(h - 2, h + 2):
+            w0 = -(Fraction(1) + Fraction(1, 2**t))
+            if _round_exact(x * w0, dtype) != x * w0:
+                continue
+            fused = _round_exact(x * w0 + x * x, dtype)
+            unfused = _round_exact(x * w0 + _round_exact(x * x, dtype), dtype)
+            if fused != unfused:
+                return _Witness(float(x), float(w0), float(fused), float(unfused))
+    raise NotATree(f"no fusion witness for {dtype}")  # not reached for IEEE formats
+
+
+def _fusion(
+    prober: _Prober, classes: list[tuple[int, np.ndarray, Node]]
+) -> list[tuple[np.ndarray, Node]]:
+    """Each class of positions (representative row, rows, tree) with every chain's fusion as
+    the backend shows it; a class whose rows disagree is split by their answers.
+
+    A chain's first fused step is probed: the term before it (the last term of its start, or
+    its own first term) carries ``x * w0``, the step's term ``x * x``, every other term 0.
+    A chain from zero is probed again with its first two terms swapped (swamping cannot tell
+    which of the bottom two terms comes first; a fused step shows it).
+    """
+    witness = fusion_witness(prober.backend.dtype)
+    jobs = []  # (class, chain index, term carrying w0, probed term, swapped)
+    for t, (_, _, node) in enumerate(classes):
+        for c, chain in enumerate(chains(node)):
+            terms = chain.terms
+            if chain.start is not None:
+                jobs.append((t, c, _last_leaf(chain.start), terms[0], False))
+            elif len(terms) >= 2:
+                jobs.append((t, c, terms[0], terms[1], False))
+                jobs.append((t, c, terms[1], terms[0], True))
+    fused, seen = _run_fusion(prober, witness, jobs)
+    out = []
+    for t, (row, rows, node) in enumerate(classes):
+        mine = [q for q, job in enumerate(jobs) if job[0] == t]
+        if not mine:
+            out.append((rows, node))
+            continue
+        # a row that cannot show a probe (padding at its terms) follows the representative
+        answers = np.where(seen[mine][:, rows], fused[mine][:, rows], fused[mine][:, [row]])
+        patterns_found, inverse = np.unique(answers, axis=1, return_inverse=True)
+        for p in range(patterns_found.shape[1]):
+            flags = {
+                (jobs[q][1], jobs[q][4]): bool(f)
+                for q, f in zip(mine, patterns_found[:, p], strict=True)
+            }
+            out.append((rows[inverse.reshape(-1) == p], _fused_node(node, flags)))
+    return out
+
+
+def _fused_node(node: Node, flags: dict[tuple[int, bool], bool]) -> Node:
+    """``node`` with each chain's fusion from the probes ``{(chain, swapped): fused}``: a
+    chain whose swapped probe alone is fused has its first two terms the other way round."""
+    fused = {c: f for (c, swapped), f in flags.items() if not swapped}
+    swapped = {c for (c, s), f in flags.items() if s and f and not fused.get(c, False)}
+    for c in swapped:
+        fused[c] = True
+    return with_fusion(node, fused, swapped)
+
+
+def _last_leaf(node: Node) -> int:
+    if isinstance(node, Chain):
+        return node.terms[-1]
+    return _last_leaf(node.parts[-1])
+
+
+def _run_fusion(prober: _Prober, witness: _Witness, jobs) -> tuple[np.ndarray, np.ndarray]:
+    """``(jobs, rows)`` booleans from the witness probes, one column each: whether the step
+    was fused, and whether the row reads both probed terms (else it shows nothing)."""
+    rows = prober.backend.rows
+    fused = np.zeros((len(jobs), rows), bool)
+    step = prober.backend.columns
+    for lo in range(0, len(jobs), step):
+        chunk = jobs[lo : lo + step]
+        weights = np.zeros((prober.backend.terms, len(chunk)), prober.backend.dtype)
+        for col, (_, _, base, probed, _) in enumerate(chunk):
+            weights[base, col] = witness.w0
+            weights[probed, col] = witness.x
+        y = np.asarray(prober.run(witness.x, weights), np.float64)
+        fused[lo : lo + len(chunk)] = (y == witness.fused).T
+    base = np.array([j[2] for j in jobs], np.int64).reshape(-1)
+    probed = np.array([j[3] for j in jobs], np.int64).reshape(-1)
+    seen = prober.present[base] & prober.present[probed] if jobs else fused
+    return fused, seen
+
+
+# --------------------------------------------------------------------------- the whole reveal
+
+
+class OutOfCalls(NotATree):
+    """Probing used up its backend calls."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """What a check of a tree found: how many outputs differ, at which positions and in which
+    columns."""
+
+    count: int
+    rows: np.ndarray
+    columns: np.ndarray
+
+
+@dataclass
+class Revealed:
+    """What probing found: the reduction's trees, how many backend calls it took, and how
+    many outputs the check found different (None: not checked)."""
+
+    tree: ReductionTree
+    calls: int
+    mismatches: int | None = None
+
+
+Check = Callable[[ReductionTree], Mismatch]
+_PASS = Mismatch(0, np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+def reveal(
+    backend: TermBackend,
+    max_trees: int = 16,
+    exhaustive: bool = False,
+    check: Check | None = None,
+    max_calls: int | None = None,
+) -> Revealed:
+    """The summation trees of every output position of ``backend``'s reduction, with fusion.
+
+    The tree of the position that reads the most terms is revealed first; every position that
+    answered all its probes as that tree predicts shares it; the next unexplained position
+    gets its own reveal, and so on. Each position's tree is first guessed from a few probes
+    (consecutive chunks, each a chain: see :func:`_guess`), and revealed by FPRev's full
+    recursion where the answers leave that family or ``exhaustive`` is set.
+
+    A guess is a hypothesis that fits the probes made; ``check`` (the outputs that differ
+    from the backend on random data) decides. Where it finds differences, the positions that
+    differ are revealed again by FPRev's full recursion; where only some columns differ, or
+    the answers fit no tree, the output columns may not share one tree (a tail of channels
+    narrower than the backend's vectors): columns are then grouped by their answers to the
+    same probes, and each group revealed apart. The tree with the fewest differences is kept.
+
+    Probing stops after ``max_calls`` backend calls (None: no limit); the best tree found by
+    then is kept. (A count, not a time: what is found must not depend on the machine's load.)
+
+    Raises:
+        NotATree: the answers fit no tree, more than ``max_trees`` trees would be needed, or
+            none was found within ``max_calls``.
+    """
+    prober = _Prober(backend, max_calls)
+    best: tuple[ReductionTree, Mismatch] | None = None
+    failure: NotATree | None = None
+    tried: set[tuple[_Deep, bool]] = set()
+    plans: list[tuple[_Deep, bool]] = [(_Deep(2 if exhaustive else 0), False)]
+    while plans:
+        deep, split = plans.pop(0)
+        if (deep, split) in tried:
+            continue
+        tried.add((deep, split))
+        try:
+            if split:
+                tree, classes = _reveal_columns(prober, prober.column_classes(), max_trees, deep)
+            else:
+                tree, classes = _reveal(prober, max_trees, deep)
+        except OutOfCalls as exc:
+            failure = exc
+            break
+        except NotATree as exc:
+            failure, last, classes = exc, None, []
+        else:
+            last = _PASS if check is None else check(tree)
+            if best is None or last.count < best[1].count:
+                best = (tree, last)
+            if not last.count:
+                break
+        plans += _next_plans(backend, deep, split, last, classes)
+    if best is None:
+        raise failure  # type: ignore[misc]
+    return Revealed(best[0], prober.calls, None if check is None else best[1].count)
+
+
+@dataclass(frozen=True)
+class _Deep:
+    """How each position's tree is revealed: 0 guessed (:func:`_guess`, else as 1), 1 FPRev
+    with guessed sweeps, 2 FPRev's full recursion; ``default`` for all but the
+    representative rows listed in ``rows`` (row, level)."""
+
+    default: int = 0
+    rows: frozenset[tuple[int, int]] = frozenset()
+
+    def level(self, row: int) -> int:
+        return max([self.default, *(lv for r, lv in self.rows if r == row)])
+
+    def raised(self, reps: set[int]) -> _Deep:
+        """The rows ``reps`` one level deeper."""
+        kept = {(r, lv) for r, lv in self.rows if r not in reps}
+        return _Deep(self.default, frozenset(kept | {(r, min(2, self.level(r) + 1)) for r in reps}))
+
+
+def _next_plans(
+    backend: TermBackend,
+    deep: _Deep,
+    split: bool,
+    last: Mismatch | None,
+    classes: list[tuple[int, np.ndarray]],
+) -> list[tuple[_Deep, bool]]:
+    """What to try after a plan failed (see :func:`reveal`).
+
+    Differences at a few positions: those positions' trees were guessed wrong, and are
+    revealed one level deeper. Differences in some columns only, at many positions, or
+    answers that fit no tree: columns apart. Then FPRev everywhere."""
+    plans = []
+    # A tail of columns differs at every position; a few positions' wrong tree may differ
+    # in only some columns by chance.
+    columns_apart = last is not None and len(last.columns) < backend.columns and len(last.rows) > 8
+    if last is not None and not columns_apart:
+        bad = set(last.rows.tolist())
+        reps = {rep for rep, rows in classes if bad & set(rows.tolist()) and deep.level(rep) < 2}
+        if reps:
+            plans.append((deep.raised(reps), split))
+    if not split:
+        plans.append((deep, True))
+    if deep.default < 2:
+        plans.append((_Deep(2), split))
+    return plans
+
+
+def _reveal(
+    prober: _Prober, max_trees: int, deep: _Deep
+) -> tuple[ReductionTree, list[tuple[int, np.ndarray]]]:
+    """The trees of every position (guessed, or FPRev where ``deep`` says), and each class of
+    positions as (representative row, rows)."""
+    backend = prober.backend
+    unresolved = np.arange(backend.rows)
+    found: list[tuple[int, np.ndarray, Node]] = []
+    while unresolved.size:
+        if len(found) == max_trees:
+            raise NotATree(f"more than {max_trees} different trees across output positions")
+        row = int(unresolved[np.argmax(prober.counts[unresolved])])
+        terms = [int(k) for k in np.flatnonzero(prober.present[:, row])]
+        if not terms:  # positions that read only padding: every tree gives 0
+            found.append((row, unresolved, Chain(((0, 1, 1),))))
+            break
+        level = deep.level(row)
+        rec = _guess(prober, row, terms) if level == 0 else None
+        rec = rec or _reconstruct(prober, row, terms, sampled=level < 2)
+        ok = _consistent_rows(prober, rec, unresolved)
+        ok[unresolved == row] = True
+        found.append((row, unresolved[ok], rec.node))
+        unresolved = unresolved[~ok]
+    classes = sorted(_fusion(prober, found), key=lambda c: -len(c[0]))
+    main = classes[0][1]
+    exceptions = tuple((to_runs(rows.tolist()), node) for rows, node in classes[1:])
+    return ReductionTree(main, exceptions), [(row, rows) for row, rows, _ in found]
+
+
+# --------------------------------------------------------------------------- columns
+
+
+class _Columns:
+    """A backend seen through some of its output columns only (the others get zero weights)."""
+
+    def __init__(self, prober: _Prober, cols: np.ndarray) -> None:
+        self.parent, self.cols = prober, cols
+        backend = prober.backend
+        self.terms, self.rows, self.dtype = backend.terms, backend.rows, backend.dtype
+        self.columns = len(cols)
+
+    def present(self) -> np.ndarray:
+        return self.parent.present
+
+    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+        used = self.cols[: weights.shape[1]]
+        full = np.zeros((self.terms, int(used.max()) + 1), self.dtype)
+        full[:, used] = weights
+        return self.parent.run(fill, full)[:, used]
+
+
+def _column_classes(prober: _Prober) -> list[np.ndarray]:
+    """Output columns grouped by their answers when every column carries the same probe:
+    from the first term to others at a spread of distances (one backend call each)."""
+    backend = prober.backend
+    row = int(np.argmax(prober.counts))
+    terms = np.flatnonzero(prober.present[:, row])
+    n = len(terms)
+    if n < 2 or backend.columns < 2:
+        return [np.arange(backend.columns)]
+    picks = {1, 2, 3, n // 3, n // 2, 2 * n // 3, n - 1} | {2**e for e in range(n.bit_length())}
+    answers = []
+    for i in sorted(p for p in picks if 1 <= p < n):
+        weights = np.ones((backend.terms, backend.columns), backend.dtype)
+        weights[terms[0]] = prober.big
+        weights[terms[i]] = -prober.big
+        answers.append(np.asarray(prober.run(1.0, weights), np.float64))
+    # columns compared on a sample of positions (a column's tree shows at every position)
+    sample = np.unique(np.linspace(0, backend.rows - 1, min(backend.rows, 64)).astype(int))
+    signature = np.ascontiguousarray(
+        np.stack([a[sample] for a in answers]).reshape(-1, backend.columns).T
+    )
+    keys = signature.view(np.dtype((np.void, signature.shape[1] * 8))).reshape(-1)
+    _, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return [np.flatnonzero(inverse == c) for c in np.unique(inverse)]
+
+
+def _reveal_columns(
+    prober: _Prober, classes: list[np.ndarray], max_trees: int, deep: _Deep
+) -> tuple[ReductionTree, list[tuple[int, np.ndarray]]]:
+    """Each class of columns revealed through its own columns; the largest class's trees
+    are the reduction's, the others column exceptions."""
+    if len(classes) == 1:
+        return _reveal(prober, max_trees, deep)
+    found = [
+        _reveal(_Prober(_Columns(prober, cols)), max_trees, deep)[0]  # type: ignore[arg-type]
+        for cols in classes
+    ]  # the view's calls go through ``prober``: its limit holds
+    biggest = max(range(len(classes)), key=lambda i: len(classes[i]))
+    others = tuple(
+        (to_runs(classes[i].tolist()), found[i]) for i in range(len(classes)) if i != biggest
+    )
+    return ReductionTree(found[biggest].main, found[biggest].exceptions, others), []

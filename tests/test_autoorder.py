@@ -1,0 +1,176 @@
+"""``--order auto`` on real TensorFlow layers, on whatever machine the tests run.
+
+Nothing here says which tree a layer uses: that depends on the CPU, TensorFlow's build and
+oneDNN. What must hold everywhere: the revealed trees reproduce the layer's raw op on random
+data, and the whole layer (bias and activation included, Keras's own call) bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from support import NCHW_NEEDS_ONEDNN
+
+from convdiff import autoorder, treecache
+from convdiff.api import candidate_orders, compare
+from convdiff.graph import layer_spec
+from convdiff.kernels import find_kernel
+
+L = keras.layers
+
+LAYERS = [
+    pytest.param(
+        lambda: L.Conv2D(16, 3, padding="same", activation="relu"), (2, 12, 12, 8), id="conv2d"
+    ),
+    pytest.param(
+        lambda: L.Conv2D(12, (3, 2), strides=2, dilation_rate=1), (1, 13, 11, 5), id="conv2d-stride"
+    ),
+    pytest.param(
+        lambda: L.Conv2D(8, 3, padding="same", dilation_rate=(2, 1)),
+        (1, 10, 10, 6),
+        id="conv2d-dilated",
+    ),
+    pytest.param(
+        lambda: L.Conv2D(8, 3, padding="same", groups=2), (1, 9, 9, 6), id="conv2d-groups"
+    ),
+    pytest.param(lambda: L.Conv2D(64, 1), (1, 7, 7, 300), id="conv2d-1x1-long"),
+    pytest.param(lambda: L.Conv1D(8, 5, padding="causal"), (2, 30, 6), id="conv1d-causal"),
+    pytest.param(lambda: L.Conv3D(4, 3, padding="same"), (1, 6, 5, 6, 3), id="conv3d"),
+    pytest.param(
+        lambda: L.DepthwiseConv2D(3, padding="same", depth_multiplier=2),
+        (2, 9, 9, 4),
+        id="depthwise",
+    ),
+    pytest.param(lambda: L.DepthwiseConv1D(3), (1, 20, 5), id="depthwise1d"),
+    pytest.param(
+        lambda: L.SeparableConv2D(12, 3, padding="same", depth_multiplier=2),
+        (2, 8, 8, 4),
+        id="separable",
+    ),
+    pytest.param(lambda: L.SeparableConv1D(6, 3, strides=2), (1, 20, 5), id="separable1d"),
+    pytest.param(
+        lambda: L.Conv2DTranspose(8, 3, strides=2, padding="same"), (1, 6, 6, 4), id="transpose"
+    ),
+    pytest.param(lambda: L.Conv1DTranspose(5, 3, strides=2), (1, 7, 4), id="transpose1d"),
+    pytest.param(lambda: L.Dense(10, activation="relu"), (1, 300), id="dense-gemv"),
+    pytest.param(lambda: L.Dense(24), (3, 200), id="dense"),
+    pytest.param(lambda: L.Dense(16), (2, 5, 40), id="dense-3d"),
+]
+
+
+def _layer(make, shape, seed=0):
+    keras.utils.set_random_seed(seed)
+    layer = make()
+    layer.build(shape)
+    # a bias far from zero, so that adding it is a rounding step of its own
+    if getattr(layer, "bias", None) is not None:
+        layer.bias.assign(np.random.default_rng(seed).standard_normal(layer.bias.shape))
+    return layer
+
+
+@pytest.mark.parametrize(("make", "shape"), LAYERS)
+def test_revealed_trees_reproduce_the_raw_op(make, shape):
+    layer = _layer(make, shape)
+    kernel = find_kernel(type(layer), vars(keras.layers))
+    found, mismatches = autoorder.reveal_layer(layer, kernel, layer_spec(layer), shape)
+    assert mismatches == 0, [r.tree.describe() for _, r in found]
+    assert all(r.calls > 0 for _, r in found)
+
+
+@pytest.mark.parametrize(("make", "shape"), LAYERS)
+def test_auto_reproduces_the_whole_layer(make, shape):
+    """Keras's own call (bias, activation) against the NumPy kernel in the revealed order."""
+    layer = _layer(make, shape)
+    model = keras.Sequential([keras.Input(shape[1:]), layer])
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    report = compare(model, x, order="auto")
+    (result,) = report.layers
+    assert result.order_found["status"] == "reproduced"
+    assert result.status == "identical", (result.order_found, result.comparison.max_ulp)
+
+
+@NCHW_NEEDS_ONEDNN
+def test_channels_first():
+    shape = (1, 5, 9, 9)
+    layer = _layer(lambda: L.Conv2D(7, 3, padding="same", data_format="channels_first"), shape)
+    model = keras.Sequential([keras.Input(shape[1:]), layer])
+    x = np.random.default_rng(2).standard_normal(shape).astype("float32")
+    (result,) = compare(model, x, order="auto").layers
+    assert result.status == "identical", result.order_found
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((10, 10, 3)),
+            L.Conv2D(8, 3, padding="same", name="conv"),
+            L.BatchNormalization(name="bn"),
+            L.ReLU(name="relu"),
+            L.GlobalAveragePooling2D(name="pool"),
+            L.Dense(4, name="head"),
+        ]
+    )
+
+
+def test_cache_is_reused_and_can_be_bypassed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVDIFF_CACHE_DIR", str(tmp_path))
+    model = _model()
+    x = np.random.default_rng(4).standard_normal((2, 10, 10, 3)).astype("float32")
+    first = compare(model, x, order="auto", layers=["conv", "head"])
+    again = compare(model, x, order="auto", layers=["conv", "head"])
+    fresh = compare(model, x, order="auto", layers=["conv", "head"], cache=False)
+    for a, b, c in zip(first.layers, again.layers, fresh.layers, strict=True):
+        assert not a.order_found["cached"] and a.order_found["probe_calls"] > 0
+        assert b.order_found["cached"] and b.order_found["probe_calls"] == 0
+        assert not c.order_found["cached"]
+        assert a.order_found["trees"] == b.order_found["trees"] == c.order_found["trees"]
+        assert a.status == b.status == c.status == "identical"
+    entries = list((tmp_path / "trees").glob("*.json"))
+    assert len(entries) == 2
+    stored = json.loads(entries[0].read_text())
+    assert stored["key"]["machine"] == treecache.machine_key()
+    # another batch is another problem: revealed again
+    other = compare(model, x[:1], order="auto", layers=["conv"])
+    assert not other.layers[0].order_found["cached"]
+
+
+def test_layers_without_a_tree_are_named():
+    model = _model()
+    x = np.random.default_rng(5).standard_normal((1, 10, 10, 3)).astype("float32")
+    report = compare(model, x, order="auto")
+    found = {r.name: r.order_found for r in report.layers}
+    assert found["bn"]["status"] == "not a tree" and "rsqrt" in found["bn"]["description"]
+    assert found["pool"]["status"] == "not revealed"
+    assert found["relu"] is None
+    assert found["conv"]["status"] == found["head"]["status"] == "reproduced"
+
+
+def test_order_all_tries_auto_first():
+    assert candidate_orders()[0].name == "auto"
+    model = _model()
+    x = np.random.default_rng(6).standard_normal((1, 10, 10, 3)).astype("float32")
+    report = compare(model, x, order="all", layers=["conv"])
+    (result,) = report.layers
+    assert result.orders[0]["order"] == "auto" and result.orders[0]["bit_exact"]
+    assert result.status == "identical"
+
+
+def test_cli_names_the_order_found(examples, tmp_path):
+    from click.testing import CliRunner
+
+    from convdiff.cli import cli
+
+    args = [str(examples / "one_layer.h5"), str(examples / "one_layer_input.npy")]
+    result = CliRunner().invoke(cli, [*args, "--order", "auto", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert "Order: conv2d: " in result.stdout and "[reproduced; " in result.stdout
+    out = tmp_path / "r.json"
+    CliRunner().invoke(cli, [*args, "--order", "auto", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["settings"]["order"] == "auto" and report["settings"]["cache"] is True
+    assert report["layers"][0]["order_found"]["status"] == "reproduced"
+    assert report["layers"][0]["status"] == "identical"
