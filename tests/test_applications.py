@@ -1,15 +1,23 @@
-"""Keras Applications end to end through the CLI: real architectures, saved and loaded."""
+"""Keras Applications end to end: real architectures, saved as .h5 and .keras, loaded through
+convdiff's checks and loader, every layer compared in both modes.
+
+The file format only matters for loading: each model's two files are checked to load as the
+same model (the same graph of layers, configs, dtypes and weights, the same output bits), and
+its layers are compared, in both modes, on the model loaded from the .keras file. Each
+architecture is built, saved and loaded once (a module-scoped fixture per architecture: pytest
+runs its tests together and frees it before the next one).
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from convdiff.cli import cli
 
 # Smallest input each application accepts with weights=None (keras.applications checks it);
 # every other application accepts 32x32.
@@ -114,46 +122,58 @@ def build_application(name: str, size: int | None = None, seed: int = 1):
     return model
 
 
-# --------------------------------------------------------------------------- saved once per session
+# --------------------------------------------------------------------------- built and loaded once
 
 
-@pytest.fixture(scope="session")
-def saved(tmp_path_factory):
-    """``saved(name)``: the application built once (randomized), saved as .h5 and .keras, and
-    the image it is compared on, as .npy (keys ``h5``, ``keras``, ``input``)."""
-    directory = tmp_path_factory.mktemp("applications")
-    cache: dict[str, dict[str, Path]] = {}
+@dataclass
+class Application:
+    """One model saved as .h5 and .keras and loaded back from each file.
 
-    def get(name: str) -> dict[str, Path]:
-        if name not in cache:
-            model = build_application(name)
-            paths = {ext: directory / f"{name}.{ext}" for ext in ("h5", "keras")}
-            for path in paths.values():
-                model.save(path)
-            paths["input"] = directory / f"{name}.npy"
-            np.save(paths["input"], application_input(name))
-            keras_module().backend.clear_session()
-            cache[name] = paths
-        return cache[name]
+    Attributes:
+        name: the model's name in these tests.
+        policy: the dtype policy it was built under.
+        files: the saved files by extension (``h5``, ``keras``).
+        models: the model loaded from each file through convdiff's checks and loader.
+        image: the input it is compared on, or None for ``--random-input`` (seed 3).
+    """
 
-    return get
+    name: str
+    policy: str
+    files: dict[str, Path]
+    models: dict[str, Any]
+    image: np.ndarray | None
+    _reports: dict[str, dict] = field(default_factory=dict)
+
+    def report(self, mode: str) -> dict:
+        """convdiff's JSON report on the model loaded from the .keras file, in ``mode``
+        (computed once)."""
+        if mode not in self._reports:
+            from convdiff.api import compare
+            from convdiff.report import to_json
+
+            report = compare(self.models["keras"], self.image, mode=mode, seed=3)
+            self._reports[mode] = json.loads(to_json(report))
+        return self._reports[mode]
+
+
+def save_and_load(
+    directory: Path, name: str, model, image: np.ndarray | None, policy: str = "float32"
+) -> Application:
+    """``model`` saved as .h5 and .keras in ``directory``, each file loaded back through
+    convdiff's model-file checks and loader (the in-memory model is not used again)."""
+    from convdiff.api import open_model
+
+    files = {ext: directory / f"{name}.{ext}" for ext in ("h5", "keras")}
+    for path in files.values():
+        model.save(path)
+    models = {ext: open_model(path)[0] for ext, path in files.items()}
+    return Application(name, policy, files, models, image)
 
 
 def keras_module():
     import keras
 
     return keras
-
-
-def run_cli(path: Path, mode: str, image: Path | None = None) -> dict:
-    """``convdiff PATH IMAGE --mode MODE --json -`` (``--random-input`` without an image);
-    the parsed report."""
-    source = [str(image)] if image else ["--random-input", "--seed", "3"]
-    result = CliRunner().invoke(cli, [str(path), *source, "--mode", mode, "--json", "-"])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, (result.exit_code, result.stderr[-2000:], result.stdout[-2000:])
-    return json.loads(result.stdout)
 
 
 def assert_all_explained(report: dict) -> None:
@@ -167,40 +187,85 @@ def assert_all_explained(report: dict) -> None:
     assert report["passed"] is True and report["first_divergent"] is None
 
 
-# --------------------------------------------------------------------------- the zoo, via the CLI
+def _graph_signature(model) -> list[tuple]:
+    """What convdiff reads from a loaded model: every layer call in its graph, with its class,
+    config, dtype, weights (as raw bytes, in order, by name) and wiring (tensors numbered in
+    order of appearance, since their ids differ between two loads)."""
+    from convdiff.graph import build_graph
+
+    graph = build_graph(model)
+    numbers: dict[int, int] = {}
+
+    def number(keys: list[int]) -> list[int]:
+        return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+    rows: list[tuple] = [("inputs", number(graph.inputs), graph.input_names)]
+    for node in graph.nodes:
+        spec = node.spec()
+        # an unnamed variable (LayerScale's) is numbered by a process-wide counter
+        weights = [
+            (_AUTO_NAMED.sub("variable", name), w.dtype.str, w.shape, w.tobytes())
+            for name, w in spec.weights.items()
+        ]
+        inputs, outputs = number(node.inputs), number(node.outputs)
+        rows.append((node.name, spec.class_name, spec.dtype, spec.config, weights, inputs, outputs))
+    rows.append(("outputs", number(graph.outputs)))
+    return rows
+
+
+_AUTO_NAMED = re.compile(r"^variable(_\d+)?$")
+
+
+def assert_files_hold_the_same_model(app: Application, image: np.ndarray) -> None:
+    """The .h5 and the .keras file loaded as the same model: the same graph of layers,
+    configs, dtypes and weights, and Keras gives the same output bits on ``image``."""
+    h5, native = app.models["h5"], app.models["keras"]
+    h5_rows, native_rows = _graph_signature(h5), _graph_signature(native)
+    assert len(h5_rows) == len(native_rows)
+    for h5_row, native_row in zip(h5_rows, native_rows, strict=True):
+        assert h5_row == native_row, (h5_row[:3], native_row[:3])
+    outputs = [keras_module().ops.convert_to_numpy(m(image, training=False)) for m in (h5, native)]
+    assert outputs[0].dtype == outputs[1].dtype
+    assert outputs[0].tobytes() == outputs[1].tobytes()
+
+
+# --------------------------------------------------------------------------- the zoo
 
 FAST = ["MobileNetV2", "MobileNetV3Small", "EfficientNetB0", "VGG16", "ResNet50"]
 SLOW = ["ConvNeXtTiny", "DenseNet121", "InceptionResNetV2", "NASNetMobile", "Xception"]
 
 
-def _cases(names: list[str], combos: list[tuple[str, str]], slow: bool) -> list:
-    marks = [pytest.mark.slow] if slow else []
-    return [
-        pytest.param(name, ext, mode, marks=marks, id=f"{name}-{ext}-{mode}")
-        for name in names
-        for ext, mode in combos
-    ]
+# The slow ones (5 to 20 s a run on 2 cores) are marked so that a quick local run can leave
+# them out (CI runs them).
+@pytest.fixture(
+    scope="module",
+    params=FAST + [pytest.param(name, marks=pytest.mark.slow) for name in SLOW],
+)
+def application(request, tmp_path_factory):
+    """The architecture ``request.param`` built (randomized), saved and loaded back."""
+    name = request.param
+    model = build_application(name)
+    yield save_and_load(tmp_path_factory.mktemp(name), name, model, application_input(name))
+    keras_module().backend.clear_session()
 
 
-# Every model from both files, in both modes; the slow ones (5 to 20 s a run on 2 cores) are
-# marked so that a quick local run can leave them out (CI runs them).
-ALL_COMBOS = [(ext, mode) for ext in ("h5", "keras") for mode in ("isolated", "propagated")]
-CASES = _cases(FAST, ALL_COMBOS, False) + _cases(SLOW, ALL_COMBOS, True)
+def test_h5_and_keras_files_hold_the_same_model(application):
+    assert_files_hold_the_same_model(application, application.image)
 
 
-@pytest.mark.parametrize(("name", "ext", "mode"), CASES)
-def test_application_every_layer_explained(saved, name, ext, mode):
-    report = run_cli(saved(name)[ext], mode, saved(name)["input"])
+@pytest.mark.parametrize("mode", ["isolated", "propagated"])
+def test_application_every_layer_explained(application, mode):
+    report = application.report(mode)
     assert_all_explained(report)
     assert len(report["layers"]) > 20
     assert report["settings"]["mode"] == mode
 
 
-def test_nested_sequential_blocks_are_expanded(saved):
+@pytest.mark.parametrize("application", ["ConvNeXtTiny"], indirect=True)
+def test_nested_sequential_blocks_are_expanded(application):
     """ConvNeXt's stem and downsampling blocks are nested Sequential models: their layers are
     rows of their own, and its Keras-internal LayerScale layers are compared."""
-    files = saved("ConvNeXtTiny")
-    report = run_cli(files["keras"], "isolated", files["input"])
+    report = application.report("isolated")
     names = {row["name"]: row for row in report["layers"]}
     assert "convnext_tiny_stem/convnext_tiny_stem_conv" in names
     assert "convnext_tiny_downsampling_block_0/convnext_tiny_downsampling_conv_0" in names
@@ -228,61 +293,71 @@ def small_cnn(keras):
     return keras.Model(x, L.Activation("softmax", dtype="float32")(y), name="small_cnn")
 
 
-@pytest.fixture(scope="session")
-def saved_mixed(tmp_path_factory):
-    """``saved_mixed(name, policy)``: a model built under a mixed-precision dtype policy (the
-    global policy is reset to float32 straight after), saved as .h5 and .keras."""
-    directory = tmp_path_factory.mktemp("mixed")
-    cache: dict[tuple[str, str], dict[str, Path]] = {}
-
-    def get(name: str, policy: str) -> dict[str, Path]:
-        keras = keras_module()
-        if (name, policy) not in cache:
-            keras.mixed_precision.set_dtype_policy(policy)
-            try:
-                if name == "small_cnn":
-                    keras.utils.set_random_seed(4)
-                    model = small_cnn(keras)
-                    randomize_constants(model, 4)
-                else:
-                    model = build_application(name)
-            finally:
-                keras.mixed_precision.set_dtype_policy("float32")
-            paths = {ext: directory / f"{name}.{policy}.{ext}" for ext in ("h5", "keras")}
-            for path in paths.values():
-                model.save(path)
-            if name != "small_cnn":
-                paths["input"] = directory / f"{name}.{policy}.npy"
-                np.save(paths["input"], application_input(name))
-            cache[name, policy] = paths
-        return cache[name, policy]
-
-    return get
-
-
 MIXED = [
     pytest.param(
-        name,
-        policy,
-        ext,
-        mode,
+        (name, policy),
         marks=[] if name == "small_cnn" else [pytest.mark.slow],
-        id=f"{name}-{policy}-{ext}-{mode}",
+        id=f"{name}-{policy}",
     )
     for name in ("small_cnn", "MobileNetV2")
     for policy in ("mixed_float16", "mixed_bfloat16")
-    for ext, mode in ALL_COMBOS
 ]
 
 
-@pytest.mark.parametrize(("name", "policy", "ext", "mode"), MIXED)
-def test_mixed_precision_compared_in_compute_dtype(saved_mixed, name, policy, ext, mode):
-    files = saved_mixed(name, policy)
-    report = run_cli(files[ext], mode, files.get("input"))
+@pytest.fixture(scope="module", params=MIXED)
+def mixed(request, tmp_path_factory):
+    """A model built under a mixed-precision dtype policy (the global policy is reset to
+    float32 straight after), saved and loaded back. small_cnn runs on random input."""
+    keras = keras_module()
+    name, policy = request.param
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        if name == "small_cnn":
+            keras.utils.set_random_seed(4)
+            model = small_cnn(keras)
+            randomize_constants(model, 4)
+        else:
+            model = build_application(name)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    image = None if name == "small_cnn" else application_input(name)
+    directory = tmp_path_factory.mktemp(f"{name}-{policy}")
+    yield save_and_load(directory, name, model, image, policy)
+    keras.backend.clear_session()
+
+
+def test_mixed_precision_h5_and_keras_files_hold_the_same_model(mixed):
+    image = mixed.image
+    if image is None:
+        image = np.random.default_rng(3).standard_normal((1, 12, 12, 3)).astype("float32")
+    assert_files_hold_the_same_model(mixed, image)
+
+
+@pytest.mark.parametrize("mode", ["isolated", "propagated"])
+def test_mixed_precision_compared_in_compute_dtype(mixed, mode):
+    report = mixed.report(mode)
     assert keras_module().mixed_precision.dtype_policy().name == "float32"
     assert_all_explained(report)
     # every layer computes, and is counted in ULPs, in the half dtype; small_cnn's head is float32
-    expected = [policy.removeprefix("mixed_")] * len(report["layers"])
-    if name == "small_cnn":
+    expected = [mixed.policy.removeprefix("mixed_")] * len(report["layers"])
+    if mixed.name == "small_cnn":
         expected[-1] = "float32"
     assert [row["dtype"] for row in report["layers"]] == expected
+
+
+@pytest.mark.parametrize(
+    "mixed", [("small_cnn", "mixed_float16")], indirect=True, ids=["small_cnn-mixed_float16"]
+)
+def test_same_model_check_sees_one_changed_bit(mixed):
+    """A negative control for the check above: one weight one ULP off is a different model."""
+    variable = mixed.models["h5"].layers[1].kernel
+    saved = np.array(variable.numpy())
+    changed = saved.copy()
+    changed.flat[0] = np.nextafter(changed.flat[0], np.inf, dtype=changed.dtype)
+    variable.assign(changed)
+    try:
+        with pytest.raises(AssertionError):
+            assert_files_hold_the_same_model(mixed, np.zeros((1, 12, 12, 3), "float32"))
+    finally:
+        variable.assign(saved)
+    assert_files_hold_the_same_model(mixed, np.zeros((1, 12, 12, 3), "float32"))
