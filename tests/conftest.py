@@ -32,3 +32,30 @@ def _tree_cache(tmp_path_factory, monkeypatch):
 
     accel.enabled()
     monkeypatch.setenv("CONVDIFF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def keras_registry():
+    """Keras's global registry of custom objects, restored after the test: a class that a
+    test's run registers (a --custom-objects file imported in-process) stays unknown to the
+    tests after it."""
+    import keras
+
+    registry = keras.saving.get_custom_objects()
+    before = dict(registry)
+    yield registry
+    registry.clear()
+    registry.update(before)
+
+
+@pytest.fixture(scope="session")
+def junit_schema():
+    """The JUnit schema (tests/fixtures/junit.xsd), or None where xmlschema is not installed
+    (support.assert_valid_junit still checks the structure)."""
+    try:
+        import xmlschema
+    except ImportError:
+        return None
+    from support import JUNIT_SCHEMA
+
+    return xmlschema.XMLSchema(JUNIT_SCHEMA)

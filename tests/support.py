@@ -1,14 +1,21 @@
-"""Test helpers: run one real Keras layer and convdiff's kernel for it on the same input."""
+"""Test helpers shared by the test files: run one real Keras layer and convdiff's kernel for it
+on the same input; run the command line in-process and check its one-line errors; check a
+JUnit report; save a model whose custom layers the loader must not know."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 
+from convdiff.cli import cli
 from convdiff.evaluate import KernelRun, run_kernel
 from convdiff.graph import layer_spec
 from convdiff.kernels import find_kernel
@@ -100,3 +107,76 @@ def default_order_reproduces(model_path: str, input_path: str) -> bool:
 
     report = compare(model_path, input_path)
     return all(r.status in ("identical", "skipped") for r in report.layers)
+
+
+def save_with_user_layers(layer_file: Path, build: Callable[[dict], Any], path: Path) -> None:
+    """Run a user's file of custom layers here, save ``build(its namespace)`` to ``path``, then
+    take the file's registrations out of Keras's global registry again: as for a model saved
+    in another process, the loader under test must be told about the classes (with
+    ``--custom-objects``) to know them."""
+    import runpy
+
+    import keras
+
+    registry = keras.saving.get_custom_objects()
+    before = dict(registry)
+    try:
+        build(runpy.run_path(str(layer_file))).save(path)
+    finally:
+        registry.clear()
+        registry.update(before)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def run_cli(*args: Any) -> Result:
+    """``convdiff ARGS...`` in this process (click's runner); an exception that is not a
+    SystemExit is raised again, with its traceback."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def assert_error(result: Result, *fragments: str) -> None:
+    """Exit 2, exactly one line on stderr starting 'Error: ', no traceback, nothing on stdout."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# --------------------------------------------------------------------------- JUnit reports
+
+JUNIT_SCHEMA = Path(__file__).resolve().parent / "fixtures" / "junit.xsd"
+
+
+def assert_valid_junit(data: bytes, schema) -> ET.Element:
+    """Schema-valid (when xmlschema is there) and structurally consistent: the checks CI readers
+    make (counts equal to the test cases' outcomes, one outcome per case, required names)."""
+    assert data.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n')
+    if schema is not None:
+        schema.validate(data.decode())
+    root = ET.fromstring(data)
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    assert len(suites) == 1
+    suite = suites[0]
+    cases = suite.findall("testcase")
+    outcomes = [[c.tag for c in case if c.tag in ("failure", "error", "skipped")] for case in cases]
+    assert all(len(o) <= 1 for o in outcomes)
+    for key, tag in (("failures", "failure"), ("errors", "error"), ("skipped", "skipped")):
+        assert int(suite.get(key)) == sum(o == [tag] for o in outcomes), key
+    assert int(suite.get("tests")) == len(cases) == int(root.get("tests"))
+    assert root.get("failures") == suite.get("failures") and root.get("errors") == suite.get(
+        "errors"
+    )
+    for case in cases:
+        assert case.get("name") and case.get("classname")
+    names = [case.get("name") for case in cases]
+    assert len(set(names)) == len(names)
+    return suite

@@ -10,41 +10,20 @@ import zipfile
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from convdiff.cli import cli
-
-
-def run(*args: str):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def assert_error(result, *fragments: str) -> None:
-    """Exit 2, exactly one line on stderr starting 'Error: ', no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
+from support import assert_error, run_cli, save_with_user_layers
 
 # --------------------------------------------------------------------------- success and failure
 
 
 def test_example_exit_0_and_table(examples):
-    result = run(examples / "one_layer.h5", examples / "one_layer_input.npy")
+    result = run_cli(examples / "one_layer.h5", examples / "one_layer_input.npy")
     assert result.exit_code == 0, result.output
     assert "conv2d" in result.stdout and "Conv2D" in result.stdout and "1x64x64x32" in result.stdout
     assert "No layer diverged" in result.stdout and "PASS" in result.stdout
 
 
 def test_json_stdout_has_required_fields(examples):
-    result = run(examples / "deep8.keras", examples / "deep8_input.npy", "--json", "-")
+    result = run_cli(examples / "deep8.keras", examples / "deep8_input.npy", "--json", "-")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     for key in ("passed", "first_divergent", "settings", "environment", "layers"):
@@ -77,7 +56,7 @@ def test_json_stdout_has_required_fields(examples):
 
 def test_json_file_and_table(examples, tmp_path):
     out = tmp_path / "report.json"
-    result = run(examples / "one_layer.keras", examples / "one_layer_input.npy", "--json", out)
+    result = run_cli(examples / "one_layer.keras", examples / "one_layer_input.npy", "--json", out)
     assert result.exit_code == 0 and "conv2d" in result.stdout
     assert json.loads(out.read_text())["layers"][0]["class"] == "Conv2D"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left
@@ -86,20 +65,20 @@ def test_json_file_and_table(examples, tmp_path):
 def test_over_budget_exits_1(examples):
     # Without FMA the products are rounded before the add: ~26% of outputs differ by a few ULP.
     args = [examples / "one_layer.h5", examples / "one_layer_input.npy", "--no-fma", "--json", "-"]
-    report = json.loads(run(*args).stdout)
+    report = json.loads(run_cli(*args).stdout)
     assert report["layers"][0]["status"] == "rounding" and report["layers"][0]["max_ulp"] > 0
-    result = run(*args, "--max-ulp", "0")
+    result = run_cli(*args, "--max-ulp", "0")
     assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["passed"] is False and data["over_budget"] == ["conv2d"]
     assert data["layers"][0]["over_budget"] is True and data["first_divergent"] is None
-    roomy = run(*args, "--max-ulp", str(report["layers"][0]["max_ulp"]))
+    roomy = run_cli(*args, "--max-ulp", str(report["layers"][0]["max_ulp"]))
     assert roomy.exit_code == 0
 
 
 def test_propagated_mode_and_orders(examples):
     for order in ("pairwise", "kahan", "blocked:8", "blas", "float64", "exact", "reverse"):
-        result = run(
+        result = run_cli(
             examples / "deep8.keras",
             examples / "deep8_input.npy",
             "--mode",
@@ -115,7 +94,7 @@ def test_propagated_mode_and_orders(examples):
 
 
 def test_random_input(examples):
-    result = run(examples / "deep8.keras", "--random-input", "--seed", "4", "--json", "-")
+    result = run_cli(examples / "deep8.keras", "--random-input", "--seed", "4", "--json", "-")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["inputs"] == "random"
 
@@ -123,7 +102,7 @@ def test_random_input(examples):
 def test_notes_for_cast_and_batch_axis(examples, tmp_path):
     x = np.load(examples / "one_layer_input.npy")[0].astype(np.float64)  # no batch axis, float64
     np.save(tmp_path / "x.npy", x)
-    result = run(examples / "one_layer.h5", tmp_path / "x.npy")
+    result = run_cli(examples / "one_layer.h5", tmp_path / "x.npy")
     assert result.exit_code == 0
     assert "added a batch axis" in result.stderr and "cast from float64 to float32" in result.stderr
 
@@ -153,7 +132,7 @@ def test_a_broken_installation_is_one_error_line(examples, monkeypatch):
     """An import failure inside convdiff (a stale or shadowed install) exits 2 with one line:
     a CI must not read it as exit 1, a layer that failed."""
     monkeypatch.setitem(sys.modules, "convdiff.api", None)  # importing it raises ImportError
-    result = run(examples / "one_layer.h5", examples / "one_layer_input.npy")
+    result = run_cli(examples / "one_layer.h5", examples / "one_layer_input.npy")
     assert_error(result, "convdiff could not import convdiff.api", "reinstall")
 
 
@@ -214,11 +193,11 @@ def bad_files(tmp_path_factory):
 )
 def test_bad_input_is_one_error_line(bad_files, model, inp, fragments):
     model_path = bad_files / model if model != "." else bad_files
-    assert_error(run(model_path, bad_files / inp), *fragments)
+    assert_error(run_cli(model_path, bad_files / inp), *fragments)
 
 
 def test_lambda_runs_with_unsafe(bad_files):
-    result = run(bad_files / "lambda.keras", bad_files / "x.npy", "--unsafe", "--json", "-")
+    result = run_cli(bad_files / "lambda.keras", bad_files / "x.npy", "--unsafe", "--json", "-")
     report = json.loads(result.stdout)
     assert report["layers"][0]["status"] == "skipped"
     assert "no NumPy kernel for Lambda" in report["layers"][0]["reason"]
@@ -227,34 +206,36 @@ def test_lambda_runs_with_unsafe(bad_files):
 
 def test_usage_errors(bad_files, tmp_path):
     good, x = bad_files / "good.h5", bad_files / "x.npy"
-    assert_error(run(good), "INPUT file or --random-input")
-    assert_error(run(good, x, "--random-input"), "not both")
-    assert_error(run(good, x, "--order", "zigzag"), "unknown order 'zigzag'", "valid choices")
-    assert_error(run(good, x, "--order", "blocked:0"), "positive block size")
-    assert_error(run(good, x, "--accumulate", "int8"), "unknown accumulator dtype")
-    assert_error(run(good, x, "--mode", "sideways"), "Invalid value for '--mode'")
-    assert_error(run(good, x, "--json", tmp_path / "no" / "dir.json"), "does not exist")
-    assert_error(run(good, x, "--json", tmp_path), "is a directory")
+    assert_error(run_cli(good), "INPUT file or --random-input")
+    assert_error(run_cli(good, x, "--random-input"), "not both")
+    assert_error(run_cli(good, x, "--order", "zigzag"), "unknown order 'zigzag'", "valid choices")
+    assert_error(run_cli(good, x, "--order", "blocked:0"), "positive block size")
+    assert_error(run_cli(good, x, "--accumulate", "int8"), "unknown accumulator dtype")
+    assert_error(run_cli(good, x, "--mode", "sideways"), "Invalid value for '--mode'")
+    assert_error(run_cli(good, x, "--json", tmp_path / "no" / "dir.json"), "does not exist")
+    assert_error(run_cli(good, x, "--json", tmp_path), "is a directory")
 
 
 def test_tap_order_is_checked(bad_files, examples):
     good, x = bad_files / "good.h5", bad_files / "x.npy"
     assert_error(
-        run(good, x, "--tap-order", "xyz"), "--tap-order 'xyz' is not an order", "hwc (Conv2D"
+        run_cli(good, x, "--tap-order", "xyz"), "--tap-order 'xyz' is not an order", "hwc (Conv2D"
     )
-    assert_error(run(good, x, "--tap-order", "hhw"), "--tap-order 'hhw' is not an order")
+    assert_error(run_cli(good, x, "--tap-order", "hhw"), "--tap-order 'hhw' is not an order")
     # wc is an order of Conv1D's axes, but this model has only a Dense layer
-    assert_error(run(good, x, "--tap-order", "wc"), "applies to no layer", "none (no convolution)")
+    assert_error(
+        run_cli(good, x, "--tap-order", "wc"), "applies to no layer", "none (no convolution)"
+    )
     deep = (examples / "deep8.keras", examples / "deep8_input.npy")
-    assert_error(run(*deep, "--tap-order", "wc"), "applies to no layer", "hwc (Conv2D)")
+    assert_error(run_cli(*deep, "--tap-order", "wc"), "applies to no layer", "hwc (Conv2D)")
 
 
 def test_tap_order_changes_the_sum(examples):
     """Input channels outermost is another order of the same terms: the header says so and the
     figures are those of that order (16 input channels: some sums round differently)."""
     deep = (examples / "deep8.keras", examples / "deep8_input.npy")
-    default = json.loads(run(*deep, "--json", "-", "--layers", "conv1").stdout)
-    result = run(*deep, "--tap-order", "chw", "--json", "-", "--layers", "conv1")
+    default = json.loads(run_cli(*deep, "--json", "-", "--layers", "conv1").stdout)
+    result = run_cli(*deep, "--tap-order", "chw", "--json", "-", "--layers", "conv1")
     chw = json.loads(result.stdout)
     assert chw["settings"]["tap_order"] == "chw" and "taps=chw" in chw["settings"]["order_label"]
     assert chw["layers"][0]["status"] in ("identical", "rounding")
@@ -264,7 +245,11 @@ def test_tap_order_changes_the_sum(examples):
     assert figures[0] != figures[1], figures
 
 
-def test_missing_custom_object_names_class(tmp_path):
+def test_missing_custom_object_names_class(tmp_path, keras_registry):
+    """A custom class that the user's file registers, in a model saved where that file ran: the
+    loader, which has not run it, names the class; with --custom-objects it loads."""
+    import keras
+
     layer_file = tmp_path / "my_layers.py"
     layer_file.write_text(
         textwrap.dedent(
@@ -278,24 +263,19 @@ def test_missing_custom_object_names_class(tmp_path):
         """
         )
     )
-    script = textwrap.dedent(
-        f"""
-        import os, sys, runpy
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        import keras, numpy as np
-        ns = runpy.run_path({str(layer_file)!r})
-        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), ns["Doubler"]()])
-        m.save({str(tmp_path / "custom.keras")!r})
-        np.save({str(tmp_path / "x.npy")!r}, np.ones((1, 4), np.float32))
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+
+    def build(user):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), user["Doubler"]()])
+
+    save_with_user_layers(layer_file, build, tmp_path / "custom.keras")
+    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
+    assert "demo>Doubler" not in keras.saving.get_custom_objects()
     assert_error(
-        run(tmp_path / "custom.keras", tmp_path / "x.npy"),
+        run_cli(tmp_path / "custom.keras", tmp_path / "x.npy"),
         "custom class 'demo>Doubler'",
         "--custom-objects",
     )
-    result = run(
+    result = run_cli(
         tmp_path / "custom.keras", tmp_path / "x.npy", "--custom-objects", layer_file, "--json", "-"
     )
     assert result.exit_code == 0, result.output
@@ -305,8 +285,10 @@ def test_missing_custom_object_names_class(tmp_path):
     assert layers[0]["status"] in ("identical", "rounding")
 
 
-def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
+def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch, keras_registry):
     """A kernel with the wrong maths (x*3 for a layer computing x*2) is divergent: exit 1."""
+    import keras
+
     from convdiff import kernels
 
     layer_file = tmp_path / "scale_layers.py"
@@ -322,35 +304,35 @@ def test_divergent_layer_exits_1_and_is_named(tmp_path, monkeypatch):
         """
         )
     )
-    script = textwrap.dedent(
-        f"""
-        import os, runpy
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        import keras, numpy as np
-        ns = runpy.run_path({str(layer_file)!r})
-        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"),
-                              ns["Twice"](name="twice"), keras.layers.Dense(2, name="after")])
-        m.save({str(tmp_path / "m.keras")!r})
-        np.save({str(tmp_path / "x.npy")!r}, np.ones((1, 4), np.float32))
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+
+    def build(user):
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(3, name="d"),
+                user["Twice"](name="twice"),
+                keras.layers.Dense(2, name="after"),
+            ]
+        )
+
+    save_with_user_layers(layer_file, build, tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
     key = "convdiff_custom_scale_layers.Twice"
     args = [tmp_path / "m.keras", tmp_path / "x.npy", "--custom-objects", layer_file]
     kernels.registry()
     monkeypatch.setitem(kernels.REGISTRY, key, lambda spec, inputs, nx: nx.mul(inputs[0], 3.0))
-    result = run(*args)
+    result = run_cli(*args)
     assert result.exit_code == 1
     assert "First divergent layer: twice (Twice)" in result.stdout and "FAIL" in result.stdout
-    data = json.loads(run(*args, "--json", "-").stdout)
+    data = json.loads(run_cli(*args, "--json", "-").stdout)
     assert data["first_divergent"] == "twice" and data["passed"] is False
     assert [entry["status"] for entry in data["layers"]][2] in ("identical", "rounding")
     monkeypatch.setitem(kernels.REGISTRY, key, lambda spec, inputs, nx: nx.mul(inputs[0], 2.0))
-    assert run(*args).exit_code == 0
+    assert run_cli(*args).exit_code == 0
 
 
 def test_order_all_ranks_every_candidate(examples):
-    result = run(
+    result = run_cli(
         examples / "deep8.keras",
         examples / "deep8_input.npy",
         "--order",
@@ -382,10 +364,10 @@ def test_histogram_worst_and_growth(examples):
         "--layers",
         "conv[67]",
     ]
-    table = run(*args, "--histogram", "--show-worst", "3").stdout
+    table = run_cli(*args, "--histogram", "--show-worst", "3").stdout
     assert "ULP distribution" in table and "Worst elements" in table
     assert "Growth over depth" in table and "Largest amplification" in table
-    report = json.loads(run(*args, "--histogram", "--show-worst", "3", "--json", "-").stdout)
+    report = json.loads(run_cli(*args, "--histogram", "--show-worst", "3", "--json", "-").stdout)
     for layer in report["layers"][1:]:  # the first layer receives no difference to amplify
         counts = dict((bucket, n) for bucket, n in layer["histogram"])
         assert sum(counts.values()) == 1 * 32 * 32 * 16 and counts["0"] > 0
@@ -398,8 +380,8 @@ def test_histogram_worst_and_growth(examples):
 
 def test_scaled_ulp_metric_budget(examples):
     args = [examples / "deep8.keras", examples / "deep8_input.npy", "--no-fma", "--json", "-"]
-    raw = json.loads(run(*args, "--max-ulp", "100").stdout)
-    scaled = json.loads(run(*args, "--max-ulp", "100", "--ulp-metric", "scaled").stdout)
+    raw = json.loads(run_cli(*args, "--max-ulp", "100").stdout)
+    scaled = json.loads(run_cli(*args, "--max-ulp", "100", "--ulp-metric", "scaled").stdout)
     # raw ULPs explode where outputs are small differences of large terms; scaled ones do not
     assert raw["passed"] is False and scaled["passed"] is True
 

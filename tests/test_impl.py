@@ -7,17 +7,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from support import run_cli
 
 import convdiff
-from convdiff.cli import cli
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture
@@ -26,7 +18,7 @@ def one_layer(examples):
 
 
 def report_for(one_layer, func: str, *extra):
-    result = run(
+    result = run_cli(
         *one_layer, "--impl", f"conv2d=examples/my_conv2d.py:{func}", "--json", "-", *extra
     )
     return result.exit_code, json.loads(result.stdout)
@@ -113,12 +105,12 @@ def two_layer(tmp_path):
 
 def test_exception_in_user_code_is_error_with_its_traceback_and_run_goes_on(two_layer):
     d = two_layer
-    result = run(d / "two.keras", d / "x.npy", "--impl", f"first={d / 'impls.py'}:broken")
+    result = run_cli(d / "two.keras", d / "x.npy", "--impl", f"first={d / 'impls.py'}:broken")
     assert result.exit_code == 1
     assert "Error in first:" in result.stdout and "RuntimeError: my bug on purpose" in result.stdout
     assert "in _inner" in result.stdout and "convdiff/" not in result.stdout.split("Error in")[1]
     data = json.loads(
-        run(
+        run_cli(
             d / "two.keras", d / "x.npy", "--impl", f"first={d / 'impls.py'}:broken", "--json", "-"
         ).stdout
     )
@@ -131,7 +123,7 @@ def test_exception_in_user_code_is_error_with_its_traceback_and_run_goes_on(two_
 def test_wrong_shape_is_error_with_expected_and_received(two_layer):
     d = two_layer
     data = json.loads(
-        run(
+        run_cli(
             d / "two.keras",
             d / "x.npy",
             "--impl",
@@ -149,7 +141,7 @@ def test_config_keyword_class_key_and_module_form(two_layer, monkeypatch):
     d = two_layer
     monkeypatch.syspath_prepend(str(d))
     data = json.loads(
-        run(
+        run_cli(
             d / "two.keras", d / "x.npy", "--impl", "second=impls:with_config", "--json", "-"
         ).stdout
     )
@@ -157,7 +149,7 @@ def test_config_keyword_class_key_and_module_form(two_layer, monkeypatch):
     assert data["layers"][1]["status"] in ("identical", "rounding")
     # keyed by class: both Conv2D layers; a name key wins over the class key
     data = json.loads(
-        run(
+        run_cli(
             d / "two.keras",
             d / "x.npy",
             "--impl",
@@ -199,7 +191,7 @@ def test_python_api_with_callables(examples):
     ],
 )
 def test_bad_impl_spec_is_one_error_line(one_layer, spec, fragment):
-    result = run(*one_layer, "--impl", spec)
+    result = run_cli(*one_layer, "--impl", spec)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0]
@@ -207,7 +199,7 @@ def test_bad_impl_spec_is_one_error_line(one_layer, spec, fragment):
 
 def test_an_error_is_not_summed_up_as_all_within_bound(two_layer):
     d = two_layer
-    result = run(d / "two.keras", d / "x.npy", "--impl", f"first={d / 'impls.py'}:wrong_shape")
+    result = run_cli(d / "two.keras", d / "x.npy", "--impl", f"first={d / 'impls.py'}:wrong_shape")
     assert result.exit_code == 1
     assert "every compared difference is within its rounding bound" not in result.stdout
     assert "No compared layer diverged, but 1 layer could not be compared: first" in (
@@ -218,13 +210,13 @@ def test_an_error_is_not_summed_up_as_all_within_bound(two_layer):
 def test_a_nan_against_a_number_is_said_in_the_row_summary_and_reason(two_layer):
     d = two_layer
     impl = f"first={d / 'impls.py'}:nan_at"
-    data = json.loads(run(d / "two.keras", d / "x.npy", "--impl", impl, "--json", "-").stdout)
+    data = json.loads(run_cli(d / "two.keras", d / "x.npy", "--impl", impl, "--json", "-").stdout)
     first = data["layers"][0]
     said = f"1 NaN from {d / 'impls.py'}:nan_at where Keras has a number, first at [0, 1, 2, 0]"
     assert first["status"] == "divergent" and first["nan_mismatch"] == 1
     assert first["reason"].endswith(said), first["reason"]
     assert first["bound_ratio"] == "inf"
-    result = run(d / "two.keras", d / "x.npy", "--impl", impl)
+    result = run_cli(d / "two.keras", d / "x.npy", "--impl", impl)
     text = " ".join(result.stdout.split())
     assert result.exit_code == 1
     assert f"First divergent layer: first (Conv2D) - {said}" in text
@@ -238,20 +230,20 @@ def test_propagated_mode_resumes_after_a_divergent_layer(two_layer):
     d = two_layer
     impl = f"first={d / 'impls.py'}:negated"
     args = (d / "two.keras", d / "x.npy", "--impl", impl, "--mode", "propagated")
-    data = json.loads(run(*args, "--json", "-").stdout)
+    data = json.loads(run_cli(*args, "--json", "-").stdout)
     first, second = data["layers"]
     assert first["status"] == "divergent" and first["resumed_after"] is None
     assert second["status"] in ("identical", "rounding"), second
     assert second["resumed_after"] == "first" and second["amplification"] is None
     assert second["bound_ratio"] <= 1
-    text = " ".join(run(*args).stdout.split())
+    text = " ".join(run_cli(*args).stdout.split())
     assert "Later layers are fed from Keras's output of first on the NumPy side" in text
 
 
 def test_a_returned_list_is_named_as_such(two_layer):
     d = two_layer
     impl = f"first={d / 'impls.py'}:as_list"
-    data = json.loads(run(d / "two.keras", d / "x.npy", "--impl", impl, "--json", "-").stdout)
+    data = json.loads(run_cli(d / "two.keras", d / "x.npy", "--impl", impl, "--json", "-").stdout)
     first = data["layers"][0]
     assert first["status"] in ("identical", "rounding")
     assert first["reason"] == (

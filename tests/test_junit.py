@@ -2,56 +2,17 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import assert_valid_junit
 
 from convdiff.junit import to_junit
 from convdiff.metrics import compare
 from convdiff.report import Report
 from convdiff.runner import LayerResult
-
-SCHEMA = Path(__file__).resolve().parent / "fixtures" / "junit.xsd"
-
-
-@pytest.fixture(scope="module")
-def schema():
-    """The JUnit schema, or None where xmlschema is not installed (structure is still checked)."""
-    try:
-        import xmlschema
-    except ImportError:
-        return None
-    return xmlschema.XMLSchema(SCHEMA)
-
-
-def assert_valid_junit(data: bytes, schema) -> ET.Element:
-    """Schema-valid (when xmlschema is there) and structurally consistent: the checks CI readers
-    make (counts equal to the test cases' outcomes, one outcome per case, required names)."""
-    assert data.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n')
-    if schema is not None:
-        schema.validate(data.decode())
-    root = ET.fromstring(data)
-    assert root.tag == "testsuites"
-    suites = root.findall("testsuite")
-    assert len(suites) == 1
-    suite = suites[0]
-    cases = suite.findall("testcase")
-    outcomes = [[c.tag for c in case if c.tag in ("failure", "error", "skipped")] for case in cases]
-    assert all(len(o) <= 1 for o in outcomes)
-    for key, tag in (("failures", "failure"), ("errors", "error"), ("skipped", "skipped")):
-        assert int(suite.get(key)) == sum(o == [tag] for o in outcomes), key
-    assert int(suite.get("tests")) == len(cases) == int(root.get("tests"))
-    assert root.get("failures") == suite.get("failures") and root.get("errors") == suite.get(
-        "errors"
-    )
-    for case in cases:
-        assert case.get("name") and case.get("classname")
-    names = [case.get("name") for case in cases]
-    assert len(set(names)) == len(names)
-    return suite
 
 
 def _result(index, name, class_name, status, comparison=None, **kwargs) -> LayerResult:
@@ -95,8 +56,8 @@ def _every_status() -> Report:
     return _report(layers, max_ulp=0, notes=["input cast from float64 to float32"])
 
 
-def test_every_status_maps_to_its_junit_outcome(schema):
-    suite = assert_valid_junit(to_junit(_every_status()), schema)
+def test_every_status_maps_to_its_junit_outcome(junit_schema):
+    suite = assert_valid_junit(to_junit(_every_status()), junit_schema)
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("6", "2", "1")
     assert suite.get("skipped") == "1" and suite.get("name") == "convdiff net.keras"
     cases = suite.findall("testcase")
@@ -131,8 +92,8 @@ def test_every_status_maps_to_its_junit_outcome(schema):
     assert suite.find("system-out").text == "input cast from float64 to float32"
 
 
-def test_settings_and_environment_are_properties(schema):
-    suite = assert_valid_junit(to_junit(_every_status()), schema)
+def test_settings_and_environment_are_properties(junit_schema):
+    suite = assert_valid_junit(to_junit(_every_status()), junit_schema)
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert props["model"] == "models/net.keras" and props["inputs"] == "x.npy"
     assert props["settings.order_label"] == "sequential+fma" and props["settings.max_ulp"] == "0"
@@ -140,54 +101,54 @@ def test_settings_and_environment_are_properties(schema):
     assert props["convdiff.version"]
 
 
-def test_budget_violations_from_the_runner_are_used(schema):
+def test_budget_violations_from_the_runner_are_used(junit_schema):
     report = _every_status()
     report.layers[1].budget_violations = ["0.99 ULP quantile 3 > 2 (--max-ulp dense=2)"]
-    suite = assert_valid_junit(to_junit(report), schema)
+    suite = assert_valid_junit(to_junit(report), junit_schema)
     failure = suite.findall("testcase")[1].find("failure")
     assert failure.get("message").endswith("0.99 ULP quantile 3 > 2 (--max-ulp dense=2)")
     assert "budget: 0.99 ULP quantile 3 > 2" in failure.text
 
 
-def test_divergent_and_over_budget_is_one_failure(schema):
+def test_divergent_and_over_budget_is_one_failure(junit_schema):
     report = _every_status()
     report.layers[2].budget_violations = ["max ULP 10,485,760 > 0 (--max-ulp 0)"]
-    case = assert_valid_junit(to_junit(report), schema).findall("testcase")[2]
+    case = assert_valid_junit(to_junit(report), junit_schema).findall("testcase")[2]
     assert [c.tag for c in case] == ["failure"]
     assert case.find("failure").get("message").startswith("divergent, over budget; max 10,485,760")
 
 
-def test_text_that_xml_cannot_hold_is_escaped_or_replaced(schema):
+def test_text_that_xml_cannot_hold_is_escaped_or_replaced(junit_schema):
     report = _every_status()
     report.layers[4].reason = 'bad <tag> & "quote"\x00\x1b end'
     report.layers[3].name = "odd\x07name<&>"
-    suite = assert_valid_junit(to_junit(report), schema)
+    suite = assert_valid_junit(to_junit(report), junit_schema)
     cases = suite.findall("testcase")
     assert cases[4].find("error").get("message") == 'error; bad <tag> & "quote"\ufffd\ufffd end'
     assert cases[3].get("name") == "3 odd\ufffdname<&> (LayerScale)"
 
 
-def test_durations_timestamp_and_empty_report(schema):
+def test_durations_timestamp_and_empty_report(junit_schema):
     report = _every_status()
     for layer, seconds in zip(report.layers, [0.5, 1, 0.25, 0, 2, 0.125], strict=True):
         layer.seconds = seconds
     data = to_junit(report, timestamp=datetime(2026, 1, 2, 3, 4, 5))
-    suite = assert_valid_junit(data, schema)
+    suite = assert_valid_junit(data, junit_schema)
     assert suite.get("time") == "3.875" and suite.get("timestamp") == "2026-01-02T03:04:05"
     assert [c.get("time") for c in suite.findall("testcase")][:2] == ["0.500", "1.000"]
-    empty = assert_valid_junit(to_junit(_report([])), schema)
+    empty = assert_valid_junit(to_junit(_report([])), junit_schema)
     assert empty.get("tests") == "0" and empty.findall("testcase") == []
 
 
-def test_schema_rejects_what_ci_readers_reject(schema):
-    """The schema can fail: a case without classname, a count that is not a number, two
+def test_schema_rejects_what_ci_readers_reject(junit_schema):
+    """The junit_schema can fail: a case without classname, a count that is not a number, two
     outcomes in one case."""
-    if schema is None:
+    if junit_schema is None:
         pytest.skip("xmlschema is not installed")
     import xmlschema
 
     good = to_junit(_every_status()).decode()
-    schema.validate(good)
+    junit_schema.validate(good)
     broken = [
         good.replace('classname="net.keras" name="0 conv (Conv2D)"', 'name="0 conv (Conv2D)"'),
         good.replace('failures="2"', 'failures="two"', 1),
@@ -200,17 +161,17 @@ def test_schema_rejects_what_ci_readers_reject(schema):
     for document in broken:
         assert document != good
         with pytest.raises(xmlschema.XMLSchemaValidationError):
-            schema.validate(document)
+            junit_schema.validate(document)
 
 
-def test_real_run_over_budget(examples, schema):
+def test_real_run_over_budget(examples, junit_schema):
     """The seed model without FMA: rounding everywhere, over a budget of 0 ULP."""
     from convdiff.api import compare as compare_model
 
     report = compare_model(
         examples / "one_layer.h5", examples / "one_layer_input.npy", fma=False, max_ulp=0
     )
-    suite = assert_valid_junit(to_junit(report), schema)
+    suite = assert_valid_junit(to_junit(report), junit_schema)
     (case,) = suite.findall("testcase")
     assert case.get("classname") == "one_layer.h5" and case.get("name") == "0 conv2d (Conv2D)"
     # each layer's time: running it through Keras and comparing it

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import assert_error
-from test_cli import run as run_cli
+from support import assert_error, run_cli
 
 from convdiff import modelfile
 from convdiff.errors import ConvdiffError, InputError, ModelLoadError, OutputError, ResourceError

@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
-
-from convdiff.cli import cli
+from support import run_cli
 
 # Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
 pytestmark = pytest.mark.onednn
@@ -21,17 +19,10 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 def test_gpu_without_gpu_is_one_error_line(examples):
     if has_gpu():
         pytest.skip("this machine has a GPU")
-    result = run(examples / "deep8.keras", "--random-input", "--device", "gpu")
+    result = run_cli(examples / "deep8.keras", "--random-input", "--device", "gpu")
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert line.startswith("Error: --device gpu: TensorFlow sees no GPU (it sees CPU:0)")
@@ -39,7 +30,7 @@ def test_gpu_without_gpu_is_one_error_line(examples):
 
 
 def test_repeat_and_environment(examples):
-    result = run(
+    result = run_cli(
         examples / "deep8.keras",
         "--random-input",
         "--repeat",
@@ -56,12 +47,12 @@ def test_repeat_and_environment(examples):
     env = report["environment"]
     assert env["device"] == "cpu" and env["tf32"] is False and env["deterministic"] is True
     assert isinstance(env["cpu_flags"], list) and "onednn" in env
-    table = run(examples / "deep8.keras", "--random-input", "--repeat", "2").stdout
+    table = run_cli(examples / "deep8.keras", "--random-input", "--repeat", "2").stdout
     assert "Keras gave bit-identical outputs in all 2 runs." in table
 
 
 def test_repeat_must_be_positive(examples):
-    result = run(examples / "deep8.keras", "--random-input", "--repeat", "0")
+    result = run_cli(examples / "deep8.keras", "--random-input", "--repeat", "0")
     assert result.exit_code == 2 and result.stderr.startswith("Error: ")
 
 
@@ -97,7 +88,7 @@ def test_gpu_run_records_the_card(examples):
     if not has_gpu():
         pytest.skip("no GPU visible to TensorFlow")
     for tf32 in ("--tf32", "--no-tf32"):
-        result = run(
+        result = run_cli(
             examples / "one_layer.h5",
             examples / "one_layer_input.npy",
             "--device",
