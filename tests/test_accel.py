@@ -1,7 +1,8 @@
 """The compiled FMA chains (:mod:`convdiff.accel`, numba) against the NumPy engine, bit for bit.
 
 Each engine is also checked on its own against exact rational references in
-tests/test_orders.py (whose every test runs on both engines).
+tests/test_orders.py (every case there whose reduction runs compiled chains runs on both
+engines; the others reach the NumPy engine only).
 """
 
 from __future__ import annotations

@@ -223,23 +223,74 @@ def _operands(rng: np.random.Generator, k: int, n: int, dt: np.dtype, scale: int
 SIZES = (1, 2, 7, 8, 9, 17, 64, 131, 300)  # pairwise: tail only, one leaf, leaves + tails, split
 
 
+# --------------------------------------------------------------------------- the two engines
+
+# reduce_terms runs a chain of steps (acc = round(acc + a*b)) compiled when numba is installed
+# (convdiff.accel), for these orders' programs, in a float32 or float64 accumulator with
+# operands of that dtype. Kahan's compensated steps, the exact sum, BLAS, the float64 order
+# over narrower operands and every half-precision accumulator take the NumPy engine either
+# way: those tests run on the NumPy engine only (running them "compiled" would run the same
+# code twice). tests/test_accel.py checks the two engines' bits against each other.
+_CHAINED = {"sequential", "reverse", "pairwise", "blocked", "eigen"}
+ENGINES = ("numpy", "compiled")
+
+
+def compiled_reaches(name: str, dt_name: str) -> bool:
+    """Whether reduce_terms runs ``name``'s chains compiled for a ``dt_name`` accumulator
+    (operands of the same dtype)."""
+    chained = name in _CHAINED or (name == "float64" and dt_name == "float64")
+    return chained and dt_name in ("float32", "float64")
+
+
+def engines_for(name: str, dt_name: str) -> tuple[str, ...]:
+    return ENGINES if compiled_reaches(name, dt_name) else ("numpy",)
+
+
+@pytest.fixture(autouse=True)
+def engine(request, monkeypatch):
+    """The engine a test runs on: the NumPy engine unless a test is parametrized with
+    ``engine="compiled"`` (numba's chains), which it must then reach: a compiled run that
+    never calls a compiled chain fails, so the selection above cannot drift silently."""
+    name = getattr(request, "param", "numpy")
+    if name == "compiled" and not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    monkeypatch.setenv("CONVDIFF_NUMBA", "1" if name == "compiled" else "0")
+    chains = []
+    if name == "compiled":
+        compiled = accel.fma_chain
+
+        def counted(*args, **kwargs):
+            chains.append(1)
+            return compiled(*args, **kwargs)
+
+        monkeypatch.setattr(accel, "fma_chain", counted)
+    yield name
+    assert name == "numpy" or chains, "no compiled chain ran: this case is the NumPy engine's"
+
+
+BOTH_ENGINES = pytest.mark.parametrize("engine", ENGINES, indirect=True)
+
+
 def _cases():
     for name in REFERENCES:
         for fma in (True, False) if name in FMA_ORDERS else (True,):
             for dt_name in ALL_DTYPES:
                 for with_b in (True, False):
-                    if with_b or fma:  # without products fma changes nothing
-                        yield pytest.param(
-                            name, fma, dt_name, with_b, id=_id(name, fma, dt_name, with_b)
-                        )
+                    if not (with_b or fma):  # without products fma changes nothing
+                        continue
+                    for engine in engines_for(name, dt_name):
+                        case_id = f"{engine}-{_id(name, fma, dt_name, with_b)}"
+                        yield pytest.param(name, fma, dt_name, with_b, engine, id=case_id)
 
 
 def _id(name, fma, dt_name, with_b) -> str:
     return f"{name}{'+fma' if fma else '-fma'}-{dt_name}-{'dot' if with_b else 'sum'}"
 
 
-@pytest.mark.parametrize(("name", "fma", "dt_name", "with_b"), list(_cases()))
-def test_reduce_terms_matches_scalar_loop(name, fma, dt_name, with_b, rng):
+@pytest.mark.parametrize(
+    ("name", "fma", "dt_name", "with_b", "engine"), list(_cases()), indirect=["engine"]
+)
+def test_reduce_terms_matches_scalar_loop(name, fma, dt_name, with_b, engine, rng):
     dt = ALL_DTYPES[dt_name]
     order = Order(name=name, fma=fma, block=4 if name == "blocked" else 0, accumulate=dt_name)
     for k in SIZES:
@@ -250,10 +301,18 @@ def test_reduce_terms_matches_scalar_loop(name, fma, dt_name, with_b, rng):
         _assert_same(got, want)
 
 
-@pytest.mark.parametrize("fma", [True, False])
-@pytest.mark.parametrize("dt_name", ["float32", "float16", "bfloat16", "float64"])
-@pytest.mark.parametrize("name", ["sequential", "kahan", "exact"])
-def test_subnormal_range(name, fma, dt_name, rng):
+@pytest.mark.parametrize(
+    ("name", "dt_name", "fma", "engine"),
+    [
+        pytest.param(name, dt_name, fma, engine, id=f"{engine}-{name}-{dt_name}-{fma}")
+        for name in ("sequential", "kahan", "exact")
+        for dt_name in ("float32", "float16", "bfloat16", "float64")
+        for fma in (True, False)
+        for engine in engines_for(name, dt_name)
+    ],
+    indirect=["engine"],
+)
+def test_subnormal_range(name, fma, dt_name, engine, rng):
     """Products and sums below the smallest normal number (gradual underflow)."""
     dt = ALL_DTYPES[dt_name]
     # products near 2**-16 (float16), 2**-136 (float32, bfloat16) or 2**-1076 (float64)
@@ -266,9 +325,17 @@ def test_subnormal_range(name, fma, dt_name, rng):
         _assert_same(got, want)
 
 
-@pytest.mark.parametrize("dt_name", list(DTYPES))
-@pytest.mark.parametrize("name", ["sequential", "pairwise", "kahan"])
-def test_accumulate_option_rounds_result_to_layer_dtype(name, dt_name, rng):
+@pytest.mark.parametrize(
+    ("name", "dt_name", "engine"),
+    [
+        pytest.param(name, dt_name, engine, id=f"{engine}-{name}-{dt_name}")
+        for name in ("sequential", "pairwise", "kahan")
+        for dt_name in DTYPES
+        for engine in engines_for(name, dt_name)
+    ],
+    indirect=["engine"],
+)
+def test_accumulate_option_rounds_result_to_layer_dtype(name, dt_name, engine, rng):
     """``accumulate=`` runs the same loop in that dtype; float32 holds the result exactly."""
     dt = DTYPES[dt_name]
     a, b = _operands(rng, 40, 5, dt), _operands(rng, 40, 5, dt)
@@ -318,6 +385,7 @@ def test_exact_on_ties_and_cancellation(dt_name):
         np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64))
 
 
+@BOTH_ENGINES
 def test_pairwise_is_numpys_sum(rng):
     """The ``pairwise`` order of a plain float32 sum reproduces ``np.sum`` bit for bit."""
     for k in (5, 8, 100, 128, 129, 1000, 5000):
@@ -343,6 +411,7 @@ def test_empty_reduction_is_zero():
     np.testing.assert_array_equal(out, np.zeros(3, F32))
 
 
+@BOTH_ENGINES
 def test_broadcast_operands():
     """``a`` and ``b`` broadcast on the output axes, as the conv kernels use them."""
     a = np.arange(6, dtype=F32).reshape(3, 2, 1)
@@ -354,6 +423,7 @@ def test_broadcast_operands():
 # --------------------------------------------------------------------------- fixed bugs
 
 
+@BOTH_ENGINES
 def test_fma_subnormal_double_rounding():
     """acc + a*b just below a float32 subnormal midpoint must round down.
 
@@ -462,10 +532,16 @@ def _layout_cases(names=tuple(REFERENCES)):
 
 
 @pytest.mark.parametrize(
-    ("name", "fma"), list(_layout_cases([n for n in REFERENCES if n != "eigen"]))
+    ("name", "fma", "engine"),
+    [
+        pytest.param(*case.values, engine, id=f"{engine}-{case.id}")
+        for case in _layout_cases([n for n in REFERENCES if n != "eigen"])
+        for engine in engines_for(case.values[0], "float32")
+    ],
+    indirect=["engine"],
 )
 @pytest.mark.parametrize(("a_tail", "b_tail"), BROADCASTS)
-def test_broadcast_layouts_in_many_blocks(a_tail, b_tail, name, fma, rng, monkeypatch):
+def test_broadcast_layouts_in_many_blocks(a_tail, b_tail, name, fma, engine, rng, monkeypatch):
     """Operands that broadcast, computed in many small output blocks (the block size shrunk
     so that every layout is cut several ways), still match the scalar loop element by
     element."""
@@ -508,6 +584,7 @@ def test_eigen_slice_sizes(terms, size):
     assert orders.eigen_slice(terms) == size
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize(
     ("rows", "lone"),
     [(1, False), (2, False), (25, True), (26, False), (49, True), (50, False), (121, False)],
@@ -549,6 +626,7 @@ EIGEN_LAYOUTS = [
 ]
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize(("a_tail", "b_tail", "k", "kind"), EIGEN_LAYOUTS)
 def test_eigen_layouts(a_tail, b_tail, k, kind, rng):
     """What ``eigen`` does depends on how the operands broadcast (which TensorFlow kernel)."""
@@ -566,6 +644,7 @@ def test_eigen_layouts(a_tail, b_tail, k, kind, rng):
     _assert_same(reduce_terms(a, b, Order(name="eigen"), F32), want.reshape(shape))
 
 
+@BOTH_ENGINES
 def test_eigen_differs_from_sequential(rng):
     """The slices matter: on long reductions ``eigen`` and ``sequential`` disagree somewhere
     (so the tests above can tell them apart)."""
@@ -594,15 +673,3 @@ def test_plain_sums_in_many_blocks(name, fma, rng, monkeypatch):
     got = reduce_terms(a, None, Order(name=name, fma=fma, block=4, accumulate="float16"), F16)
     want = _reference(a.reshape(21, -1), None, name, fma, F16).reshape(2, 3, 4)
     _assert_same(got, want)
-
-
-# --------------------------------------------------------------------------- compiled chains
-
-
-@pytest.fixture(autouse=True, params=["compiled", "numpy"])
-def engine(request, monkeypatch):
-    """Every test here runs twice: with numba's compiled chains and with the NumPy engine."""
-    if request.param == "compiled" and not accel.enabled():
-        pytest.skip("numba is not installed (the 'fast' extra)")
-    monkeypatch.setenv("CONVDIFF_NUMBA", "1" if request.param == "compiled" else "0")
-    return request.param
