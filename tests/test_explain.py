@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import keras
@@ -355,15 +354,29 @@ def test_hypotheses_apply_only_to_their_layers(rng):
     assert not any("activation" in c for c in causes)
 
 
-def test_fast_enough_for_every_divergent_layer(rng):
-    # The seed model's layer size; an output no hypothesis explains makes every one run.
+def test_every_hypothesis_runs_and_none_explains_garbage(rng, monkeypatch):
+    """An output no hypothesis explains makes every one run: each is computed (none fails to
+    build or to run; as many input channels as rows and columns, so that even the
+    channels_first reading fits the kernel) and none explains it. How long that takes at the
+    seed model's size is measured by benchmarks/explain_speed.py."""
+    from convdiff import explain as explain_module
+
     layer, x = built(
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"), (1, 64, 64, 1), rng
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"), (1, 16, 16, 16), rng
     )
-    garbage = rng.standard_normal((1, 64, 64, 32)).astype(np.float32)
-    start = time.perf_counter()
+    garbage = rng.standard_normal((1, 16, 16, 32)).astype(np.float32)
+    tried = []
+    explains = explain_module._explains
+
+    def recorded(candidate, run):
+        tried.append(run)
+        return explains(candidate, run)
+
+    monkeypatch.setattr(explain_module, "_explains", recorded)
     assert explain(layer, x, garbage) is None
-    assert time.perf_counter() - start < 10.0
+    # the layer itself first, then each hypothesis
+    assert len(tried) == 1 + len(list(hypotheses(layer_spec(layer), [x])))
+    assert all(run is not None for run in tried)
 
 
 @pytest.mark.parametrize(
