@@ -133,7 +133,8 @@ class Application:
         name: the model's name in these tests.
         policy: the dtype policy it was built under.
         files: the saved files by extension (``h5``, ``keras``).
-        models: the model loaded from each file through convdiff's checks and loader.
+        models: the model loaded from each file through convdiff's checks and loader, its
+            graph built (``convdiff.api.PreparedModel``).
         image: the input it is compared on, or None for ``--random-input`` (seed 3).
     """
 
@@ -161,12 +162,12 @@ def save_and_load(
 ) -> Application:
     """``model`` saved as .h5 and .keras in ``directory``, each file loaded back through
     convdiff's model-file checks and loader (the in-memory model is not used again)."""
-    from convdiff.api import open_model
+    from convdiff.api import prepare_model
 
     files = {ext: directory / f"{name}.{ext}" for ext in ("h5", "keras")}
     for path in files.values():
         model.save(path)
-    models = {ext: open_model(path)[0] for ext, path in files.items()}
+    models = {ext: prepare_model(path) for ext, path in files.items()}
     return Application(name, policy, files, models, image)
 
 
@@ -187,13 +188,10 @@ def assert_all_explained(report: dict) -> None:
     assert report["passed"] is True and report["first_divergent"] is None
 
 
-def _graph_signature(model) -> list[tuple]:
-    """What convdiff reads from a loaded model: every layer call in its graph, with its class,
+def _graph_signature(graph) -> list[tuple]:
+    """What convdiff reads from a loaded model's graph: every layer call, with its class,
     config, dtype, weights (as raw bytes, in order, by name) and wiring (tensors numbered in
     order of appearance, since their ids differ between two loads)."""
-    from convdiff.graph import build_graph
-
-    graph = build_graph(model)
     numbers: dict[int, int] = {}
 
     def number(keys: list[int]) -> list[int]:
@@ -219,12 +217,14 @@ _AUTO_NAMED = re.compile(r"^variable(_\d+)?$")
 def assert_files_hold_the_same_model(app: Application, image: np.ndarray) -> None:
     """The .h5 and the .keras file loaded as the same model: the same graph of layers,
     configs, dtypes and weights, and Keras gives the same output bits on ``image``."""
-    h5, native = app.models["h5"], app.models["keras"]
+    h5, native = app.models["h5"].graph, app.models["keras"].graph
     h5_rows, native_rows = _graph_signature(h5), _graph_signature(native)
     assert len(h5_rows) == len(native_rows)
     for h5_row, native_row in zip(h5_rows, native_rows, strict=True):
         assert h5_row == native_row, (h5_row[:3], native_row[:3])
-    outputs = [keras_module().ops.convert_to_numpy(m(image, training=False)) for m in (h5, native)]
+    outputs = [
+        keras_module().ops.convert_to_numpy(g.model(image, training=False)) for g in (h5, native)
+    ]
     assert outputs[0].dtype == outputs[1].dtype
     assert outputs[0].tobytes() == outputs[1].tobytes()
 
@@ -350,7 +350,7 @@ def test_mixed_precision_compared_in_compute_dtype(mixed, mode):
 )
 def test_same_model_check_sees_one_changed_bit(mixed):
     """A negative control for the check above: one weight one ULP off is a different model."""
-    variable = mixed.models["h5"].layers[1].kernel
+    variable = mixed.models["h5"].graph.model.layers[1].kernel
     saved = np.array(variable.numpy())
     changed = saved.copy()
     changed.flat[0] = np.nextafter(changed.flat[0], np.inf, dtype=changed.dtype)
