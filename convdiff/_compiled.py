@@ -34,7 +34,7 @@ def fma(typingctx: Any, x: Any, y: Any, z: Any) -> Any:
 
 
 @numba.njit(inline="always")
-def step_row(out, ar, br, fused):  # type: ignore[no-untyped-def]
+def step_row(out, ar, br, fused):
     """One term added to a slice of a row's outputs; an operand of length 1 is a scalar there.
     Unfused, the product and the sum are each rounded (no contraction without fastmath).
     Loops from 0 over slices are what LLVM vectorizes."""
@@ -64,7 +64,7 @@ def step_row(out, ar, br, fused):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True)
-def chain(a, b, acc, start, stop, step, fused):  # type: ignore[no-untyped-def]
+def chain(a, b, acc, start, stop, step, fused):
     """``acc[g, s, l] = round(acc + a[k] * b[k])`` for ``k`` in ``range(start, stop, step)``;
     ``a`` and ``b`` are ``(K, G, S, L)``, 1 on the axes they do not vary along."""
     groups, small, large = acc.shape

@@ -44,7 +44,7 @@ def version() -> str | None:
         return None
 
 
-def operands(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> tuple | None:
+def operands(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
     """The operands of a reduction made ready for :func:`fma_chain` (C-contiguous), or None
     when its chains are not compiled: another dtype, a wider operand, numba missing.
 

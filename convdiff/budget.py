@@ -150,33 +150,34 @@ class Budget:
         finite = np.isfinite(ref) & np.isfinite(cand)
         violations = []
         if ulp_rule is not None and ulp_rule.value is not None:
+            limit = int(ulp_rule.value)
             if self.metric == "scaled" and scale is not None and is_float(reference.dtype):
                 scaled = scaled_ulp(reference, candidate, scale, reference.dtype)[finite]
-                violations += self._check_scaled(scaled, ulp_rule)
+                violations += self._check_scaled(scaled, limit, ulp_rule)
             else:
-                violations += self._check_ulp(ref, cand, finite, ulp_rule)
+                violations += self._check_ulp(ref, cand, finite, limit, ulp_rule)
         if _value(atol_rule) is not None or _value(rtol_rule) is not None:
             violations += self._check_tolerance(ref, cand, finite, atol_rule, rtol_rule)
         return violations
 
     def _check_ulp(
-        self, ref: np.ndarray, cand: np.ndarray, finite: np.ndarray, rule: Rule
+        self, ref: np.ndarray, cand: np.ndarray, finite: np.ndarray, max_ulp: int, rule: Rule
     ) -> list[str]:
         ulp = ulp_distance(ref, cand)[finite]
         q = 1.0 if self.quantile is None else self.quantile
         measured = _quantile_of(ulp, q)
-        if measured <= int(rule.value):
+        if measured <= max_ulp:
             return []
         what = "max ULP" if q >= 1.0 else f"{_fmt_q(q)} ULP quantile"
-        return [f"{what} {measured:,} > {int(rule.value):,} ({rule.label('--max-ulp')})"]
+        return [f"{what} {measured:,} > {max_ulp:,} ({rule.label('--max-ulp')})"]
 
-    def _check_scaled(self, scaled: np.ndarray, rule: Rule) -> list[str]:
+    def _check_scaled(self, scaled: np.ndarray, max_ulp: int, rule: Rule) -> list[str]:
         q = 1.0 if self.quantile is None else self.quantile
         measured = _quantile_of(scaled, q, exact=False)
-        if measured <= float(rule.value):
+        if measured <= max_ulp:
             return []
         what = "max scaled ULP" if q >= 1.0 else f"{_fmt_q(q)} scaled ULP quantile"
-        return [f"{what} {measured:.3g} > {int(rule.value):,} ({rule.label('--max-ulp')})"]
+        return [f"{what} {measured:.3g} > {max_ulp:,} ({rule.label('--max-ulp')})"]
 
     def _check_tolerance(
         self,

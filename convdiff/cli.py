@@ -40,7 +40,7 @@ class _Group(click.Group):
             command.format_help(inner, formatter)
         self.format_commands(ctx, formatter)
 
-    def main(self, args=None, prog_name=None, **kwargs):  # type: ignore[override]
+    def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, prog_name or "convdiff", **kwargs)
@@ -328,7 +328,8 @@ def _run(
     from convdiff.api import compare, compare_many, expand_inputs
     from convdiff.loading import check_custom_objects
 
-    paths = expand_inputs(input) if input is not None else [None]
+    # None: --random-input (one run)
+    paths: list[str | None] = list(expand_inputs(input)) if input is not None else [None]
     if custom_objects is not None:
         check_custom_objects(custom_objects)
     # TensorFlow is imported inside compare(), while a child process checks the model file
@@ -339,7 +340,8 @@ def _run(
         if len(paths) == 1:
             report = compare(model, paths[0], reference=reference, on_layer=on_layer, **options)
         else:
-            reports = compare_many(model, paths, reference=reference, on_layer=on_layer, **options)
+            files = [path for path in paths if path is not None]  # several: input files
+            reports = compare_many(model, files, reference=reference, on_layer=on_layer, **options)
     if len(paths) == 1:
         return _emit(report, json_path, junit_path, quiet, html_path)
     return _emit_many(reports, json_path, junit_path, quiet, html_path)

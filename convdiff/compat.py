@@ -92,7 +92,7 @@ def upgraded_h5(path: Path) -> Iterator[tuple[Any, set[str]]]:
 
     keras2 = keras2_version(path) is not None
     with h5py.File(io.BytesIO(path.read_bytes()), "r+") as f:
-        config = json.loads(_text(f.attrs["model_config"]))
+        config = json.loads(_text(f.attrs["model_config"]) or "")
         if keras2:
             upgrade_config(config, path)
         operations = mark_operations(config)

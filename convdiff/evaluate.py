@@ -68,10 +68,12 @@ def run_kernel(
     )
     if implementation is not None:
         numpy_out = implementation(list(inputs))
-    else:
+    elif kernel is not None:
         # NaN and inf are data here: IEEE arithmetic on them is the result, not an accident.
         with np.errstate(all="ignore"):
             numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
+    else:
+        raise ValueError("run_kernel needs a kernel or an implementation")
     if kernel is None or not bound:
         return KernelRun(np.asarray(numpy_out), None, None)
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer

@@ -220,9 +220,13 @@ def _spatial_axes(spec: LayerSpec) -> list[int]:
     return list(range(start, start + rank))
 
 
-def _spatial_kernel(spec: LayerSpec) -> str | None:
-    """The name of the weight holding the spatial taps."""
-    return next((n for n in ("kernel", "depthwise_kernel") if spec.weight(n) is not None), None)
+def _spatial_kernel(spec: LayerSpec) -> tuple[str, np.ndarray] | None:
+    """The name and value of the weight holding the spatial taps, if the layer has one."""
+    for name in ("kernel", "depthwise_kernel"):
+        weight = spec.weight(name)
+        if weight is not None:
+            return name, weight
+    return None
 
 
 def _with(spec: LayerSpec, config: dict | None = None, weights: dict | None = None) -> LayerSpec:
@@ -241,9 +245,9 @@ def _tuple(values: Sequence[int]) -> str:
 
 
 def _flipped_kernel(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypothesis]:
-    if spec.class_name not in _CONV | _TRANSPOSE or (name := _spatial_kernel(spec)) is None:
+    if spec.class_name not in _CONV | _TRANSPOSE or (found := _spatial_kernel(spec)) is None:
         return
-    kernel = spec.weight(name)
+    name, kernel = found
     flipped = np.flip(kernel, axis=tuple(range(kernel.ndim - 2)))
     if np.array_equal(flipped, kernel):
         return
@@ -280,11 +284,11 @@ def _shifted_padding(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypo
     input padded explicitly with zeros, then a 'valid' layer."""
     if spec.class_name not in _CONV or str(spec.config.get("padding")).lower() != "same":
         return
-    if (name := _spatial_kernel(spec)) is None:
+    if (found := _spatial_kernel(spec)) is None:
         return
     rank, axes = _rank(spec), _spatial_axes(spec)
     x = np.asarray(inputs[0])
-    ksize = spec.weight(name).shape[:rank]
+    ksize = found[1].shape[:rank]
     strides, dilation, _ = geometry(spec, rank)
     tf_pads = padding_widths(tuple(x.shape[a] for a in axes), ksize, strides, dilation, "same")
     for pads in _pad_variants(tf_pads, ksize, dilation):
@@ -349,7 +353,7 @@ def _pool_padding(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypothe
         return
     widths = [(0, 0)] * x.ndim
     for axis, pad in zip(axes, tf_pads, strict=True):
-        widths[axis] = tuple(pad)
+        widths[axis] = pad
     if spec.class_name.startswith("Average"):
         cause = (
             "matches if the zero padding is counted in the average: TensorFlow divides each "
@@ -409,9 +413,9 @@ def _data_format(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypothes
     if spec.class_name not in _CONV | _TRANSPOSE | _POOL:
         return
     current = spec.config.get("data_format", "channels_last")
-    other = "channels_first" if current == "channels_last" else "channels_last"
-    cause = f"matches if the input is read as {other}: the layer's data is {current}"
-    yield Hypothesis(cause, _with(spec, {"data_format": other}), inputs)
+    other_format = "channels_first" if current == "channels_last" else "channels_last"
+    cause = f"matches if the input is read as {other_format}: the layer's data is {current}"
+    yield Hypothesis(cause, _with(spec, {"data_format": other_format}), inputs)
 
 
 def _transposed_kernel(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hypothesis]:
@@ -426,9 +430,9 @@ def _transposed_kernel(spec: LayerSpec, inputs: list[np.ndarray]) -> Iterator[Hy
             )
             yield Hypothesis(cause, _with(spec, weights={"kernel": kernel.T}), inputs)
         return
-    if spec.class_name not in _CONV | _TRANSPOSE or (name := _spatial_kernel(spec)) is None:
+    if spec.class_name not in _CONV | _TRANSPOSE or (found := _spatial_kernel(spec)) is None:
         return
-    kernel = spec.weight(name)
+    name, kernel = found
     if kernel.ndim == 4:
         swapped = np.swapaxes(kernel, 0, 1)
         cause = "matches if the kernel's spatial axes are transposed (kernel[i, j] read as [j, i])"

@@ -154,4 +154,5 @@ def find_impl(impls: Sequence[UserImpl], layer_name: str, class_name: str) -> Us
     """The implementation for a layer: one keyed by its name wins over one keyed by class."""
     by_name = [i for i in impls if i.matches(layer_name, "\0")]
     by_class = [i for i in impls if i.matches("\0", class_name)]
-    return (by_name or by_class or [None])[-1]
+    chosen = by_name or by_class
+    return chosen[-1] if chosen else None

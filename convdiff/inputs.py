@@ -57,8 +57,9 @@ def random_inputs(specs: list[InputSpec], seed: int) -> Inputs:
     rng = np.random.default_rng(seed)
     arrays = []
     for spec in specs:
-        shape = [1 if i == 0 and n is None else n for i, n in enumerate(spec.shape)]
-        if any(n is None for n in shape):
+        sizes = [1 if i == 0 and n is None else n for i, n in enumerate(spec.shape)]
+        shape = [n for n in sizes if n is not None]
+        if len(shape) < len(sizes):
             raise InputError(
                 f"model input {spec.name!r} has shape {_fmt_shape(spec.shape)} with free axes; "
                 "--random-input needs fixed sizes, give an input file instead"

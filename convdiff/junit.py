@@ -52,10 +52,10 @@ def to_junit(report: Report | Sequence[Report], *, timestamp: datetime | None = 
     reports = [report] if isinstance(report, Report) else list(report)
     stamp = (timestamp or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S")
     suites = [_suite(r, stamp, len(reports) > 1) for r in reports]
-    totals = {k: sum(int(s.get(k)) for s in suites) for k in ("tests", "failures", "errors")}
-    total = _fmt_time(sum(float(s.get("time")) for s in suites))
+    totals = {k: sum(int(s.attrib[k]) for s in suites) for k in ("tests", "failures", "errors")}
+    total = _fmt_time(sum(float(s.attrib["time"]) for s in suites))
     # Jenkins' schema has no "skipped" on <testsuites>: only on <testsuite>.
-    root = ET.Element("testsuites", name="convdiff", time=total, **_str_values(totals))
+    root = ET.Element("testsuites", {"name": "convdiff", "time": total, **_str_values(totals)})
     root.extend(suites)
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode")
@@ -77,11 +77,13 @@ def _suite(report: Report, stamp: str, per_input: bool) -> ET.Element:
     )
     suite = ET.Element(
         "testsuite",
-        name=name,
-        timestamp=stamp,
-        hostname=_clean(socket.gethostname()) or "localhost",
-        time=_fmt_time(sum(r.seconds for r in report.layers)),
-        **_str_values(counts),
+        {
+            "name": name,
+            "timestamp": stamp,
+            "hostname": _clean(socket.gethostname()) or "localhost",
+            "time": _fmt_time(sum(r.seconds for r in report.layers)),
+            **_str_values(counts),
+        },
     )
     suite.append(_properties(report))
     suite.extend(cases)

@@ -30,7 +30,7 @@ def check_custom_objects(path: str | os.PathLike) -> Path:
     return file
 
 
-def load_custom_objects(path: str | None) -> dict[str, Any]:
+def load_custom_objects(path: str | os.PathLike | None) -> dict[str, Any]:
     """Import a user's Python file of custom layers; return its classes and functions by name.
 
     The file is the user's own code, named on the command line: importing it runs it.

@@ -424,6 +424,11 @@ def check_model_config(
     known_custom = {**keras.saving.get_custom_objects(), **custom_objects}
     for item in _layer_configs(config):
         name = _field(item, "class_name", path)
+        if name is None:  # the key is there (see _layer_configs), its value null
+            raise ModelLoadError(
+                f"{str(path)!r} has a model configuration entry whose 'class_name' is null; "
+                "the file is corrupt"
+            )
         inner = item.get("config")
         layer_name = inner.get("name", "?") if isinstance(inner, dict) else "?"
         if name == "Lambda" and not unsafe:

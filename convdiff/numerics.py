@@ -424,7 +424,9 @@ class Bounded:
         moved = self.move(lambda v: _to_front(v, axis, keepdims)[0], x)
         _, shape = _to_front(x.value, axis, keepdims)
         out = self.dot(moved, None, "k")
-        return Tracked(out.value.reshape(shape), out.err.reshape(shape), out.scale.reshape(shape))
+        return Tracked(
+            out.value.reshape(shape), out.err.reshape(shape), out.magnitude.reshape(shape)
+        )
 
     # Elementwise, one rounding each --------------------------------------------------------
     def add(self, x, y):

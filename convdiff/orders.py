@@ -203,8 +203,12 @@ class _Engine:
         tiny_log2 = math.log2(float(finfo(dtype).smallest_normal)) if dtype != np.float64 else 0
         # Nonzero results below the smallest normal number are impossible when every product
         # is a multiple of a power of two >= that number (then so is every rounded sum).
+        # (fused steps have a second operand)
         self._tiny = (
-            self.fused and dtype != np.float64 and quantum_log2(a) + quantum_log2(b) < tiny_log2
+            self.fused
+            and b is not None
+            and dtype != np.float64
+            and quantum_log2(a) + quantum_log2(b) < tiny_log2
         )
         self._smallest_normal = float(finfo(dtype).smallest_normal) if self._tiny else 0.0
         self._sum_bits = self._sum.view(np.uint64)
@@ -213,7 +217,12 @@ class _Engine:
             self.fused and not self._tiny and dtype in (np.dtype(np.float32), np.dtype(np.float16))
         )
         # float64 operands' products are not exact in float64: a true fused step (fma64)
-        self._fma64 = self.fused and dtype == np.float64 and not exact_products(a.dtype, b.dtype)
+        self._fma64 = (
+            self.fused
+            and b is not None
+            and dtype == np.float64
+            and not exact_products(a.dtype, b.dtype)
+        )
 
     def _scratch(self) -> None:
         """The buffers of a rounded sum (all that :meth:`add` needs: joining partial sums never
@@ -233,14 +242,15 @@ class _Engine:
         """
         if not self._ready:
             self._prepare()
-        if fused is False and self.fused and self.b is not None:
-            np.multiply(self.a[k], self.b[k], out=self._prod)
+        a, b = self.a, self.b
+        if b is None:  # a plain sum (never fused: see _fast and _fma64)
+            np.add(acc, a[k], out=self._sum)
+        elif fused is False and self.fused:  # one unfused step in a fused engine
+            np.multiply(a[k], b[k], out=self._prod)
             self._round_into(self._prod, self._prod)
             np.add(acc, self._prod, out=self._sum)
-            self._round_into(self._sum, acc)
-            return
-        if self._fast:  # the common case, six NumPy passes
-            np.multiply(self.a[k], self.b[k], out=self._prod)
+        elif self._fast:  # the common case, six NumPy passes
+            np.multiply(a[k], b[k], out=self._prod)
             np.add(acc, self._prod, out=self._sum)
             np.left_shift(self._sum_bits, self._shift, out=self._low)
             if self._low_signed.min() == _SIGN_BIT:
@@ -248,17 +258,15 @@ class _Engine:
             np.copyto(self._cast, self._sum, casting="unsafe")
             np.copyto(acc, self._cast)
             return
-        if self._fma64:
-            np.copyto(acc, fma64(acc, self.a[k], self.b[k]))
+        elif self._fma64:
+            np.copyto(acc, fma64(acc, a[k], b[k]))
             return
-        if self.b is None:
-            np.add(acc, self.a[k], out=self._sum)
         elif not self.fused:
-            np.multiply(self.a[k], self.b[k], out=self._prod)
+            np.multiply(a[k], b[k], out=self._prod)
             self._round_into(self._prod, self._prod)
             np.add(acc, self._prod, out=self._sum)
         else:
-            np.multiply(self.a[k], self.b[k], out=self._prod)
+            np.multiply(a[k], b[k], out=self._prod)
             np.add(acc, self._prod, out=self._sum)
             if self.dtype != np.float64 and self._double_rounding_possible():
                 self._round_to_odd(acc, self._prod, self._sum)
@@ -789,7 +797,7 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
     b64 = None if b is None else np.broadcast_to(b.astype(np.float64), shape)
     risky = np.zeros(shape[1:], bool)
     with np.errstate(all="ignore"):
-        if b64 is None:
+        if b is None or b64 is None:
             terms = a64
         elif exact_products(a.dtype, b.dtype):
             terms = a64 * b64
@@ -822,7 +830,7 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
         unsure |= ~np.isfinite(res) & np.isfinite(terms).all(axis=0)
     out = np.atleast_1d(out)
     for i in np.flatnonzero(unsure):
-        at = (slice(None), *np.unravel_index(i, res.shape))  # one column of the operands
+        at: tuple[Any, ...] = (slice(None), *np.unravel_index(i, res.shape))  # one column
         column = [Fraction(float(v)) for v in a64[at]]
         if b64 is not None:
             column = [x * Fraction(float(y)) for x, y in zip(column, b64[at], strict=True)]

@@ -137,8 +137,7 @@ class RecordingWriter:
 
     def add(self, name: str, output: np.ndarray) -> None:
         """Store one layer call's output (names must be unique, as in the report)."""
-        if self._zip is None:
-            raise RuntimeError("RecordingWriter.add outside its with-block")
+        self._archive()
         if _LAYER + name in self._meta["dtypes"]:
             raise ValueError(f"layer {name!r} recorded twice")
         self._write(_LAYER + name, output)
@@ -151,12 +150,12 @@ class RecordingWriter:
         try:
             meta = json.dumps(json_safe(self._meta)).encode()
             self._write_raw(_META, np.frombuffer(meta, dtype=np.uint8))
-            self._zip.close()  # writes the zip's central directory
+            self._archive().close()  # writes the zip's central directory
             self._zip = None
             self._file.close()  # ZipFile leaves a file object it was given open
             self._file = None
-            os.replace(self._tmp, self.path)
-            self._tmp = None
+            tmp, self._tmp = self._tmp, None
+            os.replace(str(tmp), self.path)
         except OSError as exc:
             self._abort()
             raise OutputError(f"cannot write {str(self.path)!r}: {exc.strerror or exc}") from None
@@ -176,13 +175,19 @@ class RecordingWriter:
 
     def _write_raw(self, key: str, array: np.ndarray) -> None:
         try:
-            with self._zip.open(key + ".npy", "w", force_zip64=True) as member:
+            with self._archive().open(key + ".npy", "w", force_zip64=True) as member:
                 # write_array handles any memory layout; np.ascontiguousarray would turn a
                 # 0-d output into shape (1,).
                 np.lib.format.write_array(member, array, allow_pickle=False)
         except OSError as exc:
             self._abort()
             raise OutputError(f"cannot write {str(self.path)!r}: {exc.strerror or exc}") from None
+
+    def _archive(self) -> zipfile.ZipFile:
+        """The open archive; writing outside the with-block is a programming error."""
+        if self._zip is None:
+            raise RuntimeError("RecordingWriter used outside its with-block")
+        return self._zip
 
     def _abort(self) -> None:
         """Close and remove the temporary file (never the target)."""

@@ -126,8 +126,8 @@ def _fmt_ratio(value: float | None) -> str:
 TABLE_STEPS = ("#", "p99 ULP", "class", "max abs", "shape", SHORTEN, "differ", "max ULP", "/bound")
 
 
-TABLE_HEADERS = ("#", "layer", "class", "shape", "status", "max ULP", "p99 ULP", "max abs")
-TABLE_HEADERS += ("differ", "/bound")
+TABLE_HEADERS: tuple[str, ...] = ("#", "layer", "class", "shape", "status", "max ULP", "p99 ULP")
+TABLE_HEADERS += ("max abs", "differ", "/bound")
 
 
 def render_table(report: Report) -> FittedTable:
@@ -198,7 +198,7 @@ def render_summary(report: Report) -> Text:
     if repeat > 1:
         changed = [r for r in report.layers if r.repeat_max_ulp]
         if changed:
-            worst = max(changed, key=lambda r: r.repeat_max_ulp)
+            worst = max(changed, key=lambda r: r.repeat_max_ulp or 0)
             lines.append(
                 f"Keras changed between its {repeat} runs in {plural(len(changed), 'layer')} "
                 f"(worst {worst.name}: {worst.repeat_max_ulp:,} ULP)\n",
@@ -318,13 +318,13 @@ def render_growth(report: Report) -> Text | None:
     rows = [r for r in report.layers if r.comparison is not None]
     if report.settings.get("mode") != "propagated" or not rows:
         return None
-    scaled = [r.comparison.max_ulp_scaled or 0.0 for r in rows]
+    scaled = [c.max_ulp_scaled or 0.0 for r in rows if (c := r.comparison) is not None]
     text = Text("Growth over depth (max ULP of the terms' scale per layer): ")
     text.append(sparkline(scaled), style="cyan")
     text.append(f" {scaled[0]:.3g} -> {scaled[-1]:.3g}\n")
     amplified = [r for r in rows if r.amplification is not None]
     if amplified:
-        worst = max(amplified, key=lambda r: r.amplification)
+        worst = max(amplified, key=lambda r: r.amplification or 0.0)
         text.append(
             f"Largest amplification: {worst.name} x{worst.amplification:.3g} of its incoming "
             f"difference (own contribution {worst.own_ulp_scaled or 0:.3g} ULP of its scale)\n"
@@ -342,10 +342,14 @@ def render_histograms(report: Report) -> FittedTable | None:
     layers = [r for r in report.layers if r.histogram]
     if not layers:
         return None
-    names, buckets, counts, bars = [], [], [], []
+    names: list[str | Text | None] = []
+    buckets: list[str | Text | None] = []
+    counts: list[str | Text | None] = []
+    bars: list[float] = []
     for r in layers:
-        total = max(sum(count for _, count in r.histogram), 1)
-        for i, (bucket, count) in enumerate(r.histogram):
+        histogram = r.histogram or []
+        total = max(sum(count for _, count in histogram), 1)
+        for i, (bucket, count) in enumerate(histogram):
             names.append(r.name if i == 0 else None)
             buckets.append(bucket)
             counts.append(f"{count:,}")

@@ -336,7 +336,7 @@ def _compare_node(
         index, node.name, node.class_name, tuple(first.shape), str(first.dtype), "skipped"
     )
     kernel = find_kernel(type(node.layer), public)
-    impl = find_impl(settings.impls, node.name, node.class_name)
+    impl: UserImpl | _RecordedOutput | None = find_impl(settings.impls, node.name, node.class_name)
     if settings.reference is not None:
         recorded = settings.reference.layers.get(node.name)
         if recorded is None:
@@ -470,7 +470,9 @@ def _growth(
     if alone.shape != keras_out.shape or not is_float(keras_out.dtype):
         return
     alone = alone.astype(keras_out.dtype)
-    result.own_ulp_scaled = _max_finite(scaled_ulp(keras_out, alone, run.scale, keras_out.dtype))
+    # the scale of the terms the output was computed from; its magnitude when none was kept
+    scale = np.abs(keras_out) if run.scale is None else run.scale
+    result.own_ulp_scaled = _max_finite(scaled_ulp(keras_out, alone, scale, keras_out.dtype))
     incoming = max(
         (
             _max_finite(scaled_ulp(k, n.astype(k.dtype), np.abs(k) if s is None else s, k.dtype))
@@ -479,7 +481,7 @@ def _growth(
         ),
         default=0.0,
     )
-    outgoing = _max_finite(scaled_ulp(keras_out, output, run.scale, keras_out.dtype))
+    outgoing = _max_finite(scaled_ulp(keras_out, output, scale, keras_out.dtype))
     if incoming > 0:
         result.amplification = outgoing / incoming
 
@@ -505,7 +507,7 @@ class _RecordedOutput:
 
 
 def _implementation(
-    impl: UserImpl, spec, returned: list[str] | None = None
+    impl: UserImpl | _RecordedOutput, spec, returned: list[str] | None = None
 ) -> Callable[[list[np.ndarray]], np.ndarray]:
     """The user's function in the NumPy side's place; the type of what it returns, when that
     is not an array (a list, a scalar), is put in ``returned`` for the notes."""

@@ -71,6 +71,7 @@ def _fields(data: bytes) -> dict[int, list[Any]]:
     while pos < len(data):
         key, pos = _varint(data, pos)
         wire = key & 7
+        value: int | bytes
         if wire == _VARINT:
             value, pos = _varint(data, pos)
         elif wire in (_FIXED64, _FIXED32):

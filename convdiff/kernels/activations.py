@@ -48,9 +48,7 @@ import numpy as np
 from convdiff.kernels import LayerSpec, Unsupported, register
 
 if TYPE_CHECKING:
-    from convdiff.numerics import Bounded, Rounded
-
-    Nx = Rounded | Bounded
+    from convdiff.numerics import Arithmetic as Nx
 
 Array = Any  # np.ndarray under Rounded, Tracked under Bounded
 ActivationFn = Callable[..., Array]
@@ -95,7 +93,7 @@ def relu(
         y, clip_max = relu6(x, nx), False  # Keras uses the native Relu6 op
     else:
         y = nx.maximum(x, 0.0)
-    if clip_max:
+    if clip_max and max_value is not None:
         top = _scalar(nx, max_value, via_float32=True)
         y = nx.maximum(nx.minimum(y, top), 0.0)  # tf.clip_by_value: exact
     if negative_slope != 0.0:

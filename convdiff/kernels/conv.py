@@ -192,11 +192,14 @@ def _dilate(x: np.ndarray, strides, pads) -> np.ndarray:
     shape = [x.shape[0]]
     shape += [(n - 1) * s + 1 for n, s in zip(x.shape[1:-1], strides, strict=True)]
     out = np.zeros((*shape, x.shape[-1]), x.dtype)
-    out[(slice(None), *(slice(None, None, s) for s in strides), slice(None))] = x
-    crop = tuple(
-        slice(max(-lo, 0), n - max(-hi, 0)) for (lo, hi), n in zip(pads, shape[1:], strict=True)
+    spread = (slice(None), *(slice(None, None, s) for s in strides), slice(None))
+    out[spread] = x
+    crop = (
+        slice(None),
+        *(slice(max(-lo, 0), n - max(-hi, 0)) for (lo, hi), n in zip(pads, shape[1:], strict=True)),
+        slice(None),
     )
-    out = out[(slice(None), *crop, slice(None))]
+    out = out[crop]
     pos = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
     return np.pad(out, [(0, 0), *pos, (0, 0)])
 

@@ -158,7 +158,7 @@ def _bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     return lower, upper, (src - floor).astype(f32)
 
 
-def _resize_bilinear(x: Any, nx: Any, sizes: tuple[int, int]) -> Any:
+def _resize_bilinear(x: Any, nx: Any, sizes: Sequence[int]) -> Any:
     """Bilinear upsampling of channels_last ``x`` (N, H, W, C) by integer ``sizes``."""
     _, height, width, _ = nx.value(x).shape
     y_lo, y_hi, y_w = _bilinear_weights(height, height * sizes[0])
