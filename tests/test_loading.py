@@ -273,8 +273,24 @@ def test_keras_archive_with_corrupt_weights_but_valid_crc(files, tmp_path):
             b'[{"class_name": "Dense", "module": 5, "config": {}}]}}',
             "whose 'module' is int, not text",
         ),
+        (
+            b'{"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", '
+            b'"module": "keras.layers", "config": {"kernel_initializer": '
+            b'{"class_name": null, "module": "mine", "config": {}}}}]}}',
+            "whose 'class_name' is null",
+        ),
     ],
-    ids=["garbage", "not-utf8", "nested", "list", "class-int", "no-class", "no-layers", "module"],
+    ids=[
+        "garbage",
+        "not-utf8",
+        "nested",
+        "list",
+        "class-int",
+        "no-class",
+        "no-layers",
+        "module",
+        "class-null",
+    ],
 )
 def test_keras_archive_with_bad_config(files, tmp_path, config, fragment):
     path = tmp_path / "badcfg.keras"
