@@ -45,6 +45,11 @@ _WORKER = textwrap.dedent(
     modelfile.PROBE_TIMEOUT_S = float(sys.argv[1])
     specs = [inputs.InputSpec(s["name"], tuple(s["shape"]), s["dtype"])
              for s in json.loads(sys.argv[2])]
+    # Keras and TensorFlow imported before the first case, as the loader would import them:
+    # a case's time limit then measures the case, not TensorFlow's import (tens of seconds
+    # on a loaded machine).
+    from convdiff.runtime import configure_tensorflow
+    configure_tensorflow()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         case = json.loads(line)
