@@ -59,3 +59,12 @@ def junit_schema():
     from support import JUNIT_SCHEMA
 
     return xmlschema.XMLSchema(JUNIT_SCHEMA)
+
+
+@pytest.fixture(scope="session")
+def keras2_dir(tmp_path_factory):
+    """Keras 2 (tf-keras) .h5 files: tests/test_compat.py's cases and every model_zoo model
+    (``zoo_NAME.h5``), with inputs and tf-keras's outputs, written once in one subprocess."""
+    import model_zoo
+
+    return model_zoo.save_keras2(tmp_path_factory.mktemp("keras2"))

@@ -1,17 +1,14 @@
 """Keras 2 (tf-keras) .h5 files loaded through convdiff.compat: real files written by tf-keras
-in one subprocess (the two Keras versions never share a process), with the tf-keras model's
-output on a fixed input saved beside each file, so that each fix-up is checked end to end:
-plain Keras 3 fails on the file, convdiff loads it, and the loaded model computes what tf-keras
-computed.
+in one subprocess (tests/model_zoo.py, the ``keras2_dir`` fixture; the two Keras versions never
+share a process), with the tf-keras model's output on a fixed input saved beside each file, so
+that each fix-up is checked end to end: plain Keras 3 fails on the file, convdiff loads it, and
+the loaded model computes what tf-keras computed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -23,89 +20,6 @@ from model_zoo import BUILDERS
 from convdiff import compat
 from convdiff.errors import ModelLoadError
 from convdiff.loading import load_model
-
-# Each case: a tf-keras model builder (``k`` is tf_keras, ``L`` its layers), run in the
-# subprocess below. Weights are random (normal around 0.5), so that no weight can be silently
-# left at its initial value.
-_CASES = r"""
-def seq(shape, *layers):
-    return k.Sequential([k.Input(shape)] + list(layers))
-
-def mixed_float16():
-    k.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        return seq((6, 6, 3), L.Conv2D(4, 3), L.BatchNormalization(), L.Dense(3),
-                   L.Activation("softmax", dtype="float32"))
-    finally:
-        k.mixed_precision.set_global_policy("float32")
-
-def nested_sequential_output():
-    x = k.Input((5,), name="x")
-    inner = k.Sequential([k.Input((5,)), L.Dense(4, name="inner_dense")], name="inner")
-    return k.Model(x, [inner(x), L.Dense(2, name="side")(x)])
-
-def nested_functional_shared():
-    # called twice (Keras 2 nodes 1 and 2); the second call is also a model output
-    x = k.Input((5,), name="x")
-    i = k.Input((5,))
-    inner = k.Model(i, L.Dense(5, name="inner_dense")(i), name="inner")
-    twice = inner(inner(x))
-    return k.Model(x, [L.Dense(2, name="after")(twice), twice])
-
-def functional_in_sequential():
-    i = k.Input((5,))
-    inner = k.Model(i, L.Dense(4, name="inner_dense")(i), name="inner")
-    return seq((5,), inner, L.Dense(2, name="after"))
-
-CASES = {
-    "depthwise_transpose": lambda: seq(
-        (8, 8, 3), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
-        L.Conv2DTranspose(4, 3, strides=2), L.Reshape((17 * 17, 4)), L.DepthwiseConv1D(3)),
-    "separable": lambda: seq((8, 8, 3), L.SeparableConv2D(5, 3, depth_multiplier=2)),
-    "mixed_float16": mixed_float16,
-    "thresholded_relu": lambda: seq((6,), L.Dense(8), L.ThresholdedReLU(theta=0.3)),
-    "lstm": lambda: seq((4, 3), L.LSTM(2)),
-    "spatial_dropout": lambda: seq((6, 6, 2), L.Conv2D(3, 3), L.SpatialDropout2D(0.5)),
-    "leaky_relu": lambda: seq((6,), L.LeakyReLU(alpha=0.1)),
-    "nested_sequential_output": nested_sequential_output,
-    "nested_functional_shared": nested_functional_shared,
-    "functional_in_sequential": functional_in_sequential,
-    "hard_sigmoid": lambda: seq((6,), L.Dense(4, activation="hard_sigmoid")),
-    "virtual_batch": lambda: seq((4, 3), L.BatchNormalization(virtual_batch_size=2)),
-    "lambda": lambda: seq((6,), L.Lambda(lambda t: t * 2.0)),
-}
-"""
-
-_SCRIPT = r"""
-import os, sys
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np
-import tf_keras as k
-L = k.layers
-out, tests = sys.argv[1], sys.argv[2]
-sys.path.insert(0, tests)
-import model_zoo
-exec(CASES_SOURCE)
-builders = dict(CASES)
-for zoo_name in model_zoo.BUILDERS:
-    builders["zoo_" + zoo_name] = lambda zoo_name=zoo_name: model_zoo.build(zoo_name, k)
-for name, build in builders.items():
-    k.utils.set_random_seed(3)
-    model = build()
-    rng = np.random.default_rng(11)
-    if not name.startswith("zoo_"):  # the zoo sets its own weights
-        for layer in model.layers:
-            weights = layer.get_weights()
-            if weights:
-                layer.set_weights([rng.normal(0.5, 0.3, w.shape).astype(w.dtype) for w in weights])
-    xs = [rng.standard_normal((2, *t.shape[1:])).astype("float32") for t in model.inputs]
-    ys = model(xs if len(xs) > 1 else xs[0], training=False)
-    ys = ys if isinstance(ys, (list, tuple)) else [ys]
-    model.save(os.path.join(out, name + ".h5"))
-    np.savez(os.path.join(out, name + ".npz"),
-             **{f"x{i}": x for i, x in enumerate(xs)},
-             **{f"y{i}": np.asarray(y, dtype="float32") for i, y in enumerate(ys)})
-"""
 
 # Which case needs which fix-up (the case fails without it).
 FIXUP_CASES = {
@@ -124,19 +38,6 @@ NESTED = ["nested_sequential_output", "nested_functional_shared"]
 LOADABLE = [*FIXUP_CASES.values(), "leaky_relu", *NESTED] + [
     f"zoo_{name}" for name in BUILDERS if f"zoo_{name}" not in FIXUP_CASES.values()
 ]
-
-
-@pytest.fixture(scope="session")
-def keras2_dir(tmp_path_factory) -> Path:
-    """Every case and every model_zoo model written by tf-keras, with inputs and outputs."""
-    directory = tmp_path_factory.mktemp("keras2")
-    script = _SCRIPT.replace("exec(CASES_SOURCE)", textwrap.dedent(_CASES))
-    tests = str(Path(__file__).parent)
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(directory), tests], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory
 
 
 def _arrays(directory: Path, name: str, prefix: str) -> list[np.ndarray]:
