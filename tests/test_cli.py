@@ -411,7 +411,7 @@ def test_tensorflow_is_imported_after_the_model_check_starts(examples):
 
 
 def test_help_lists_commands_and_options_by_concern():
-    result = run("--help")
+    result = run_cli("--help")
     assert result.exit_code == 0
     text = result.stdout
     sections = ["Input:", "What the NumPy side computes:", "Budgets and reports (CI):"]
@@ -420,12 +420,12 @@ def test_help_lists_commands_and_options_by_concern():
     assert positions == sorted(positions), positions
     assert "compare-runs" in text.split("Commands:")[1] and "--order" in text
     assert text.index("--tf32") > text.index("Where Keras runs:") > text.index("--show-worst")
-    assert "RECORDING_A RECORDING_B" in run("compare-runs", "--help").stdout
+    assert "RECORDING_A RECORDING_B" in run_cli("compare-runs", "--help").stdout
 
 
 def test_the_compare_command_is_the_default(examples):
     args = [examples / "one_layer.h5", examples / "one_layer_input.npy", "--json", "-"]
-    default, named = run(*args), run("compare", *args)
+    default, named = run_cli(*args), run_cli("compare", *args)
     assert default.exit_code == named.exit_code == 0
     layers = [json.loads(r.stdout)["layers"][0]["status"] for r in (default, named)]
     assert layers[0] == layers[1] in ("identical", "rounding")

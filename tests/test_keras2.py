@@ -19,8 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_cli import assert_error
-from test_cli import run as run_cli
+from support import assert_error, run_cli
 
 from convdiff.errors import ModelLoadError
 from convdiff.loading import load_model
