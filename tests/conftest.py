@@ -61,10 +61,51 @@ def junit_schema():
     return xmlschema.XMLSchema(JUNIT_SCHEMA)
 
 
-@pytest.fixture(scope="session")
-def keras2_dir(tmp_path_factory):
-    """Keras 2 (tf-keras) .h5 files: tests/test_compat.py's cases and every model_zoo model
-    (``zoo_NAME.h5``), with inputs and tf-keras's outputs, written once in one subprocess."""
-    import model_zoo
+# Runs the registered Keras 2 writers one after another, each in a namespace of its own.
+_KERAS2_DRIVER = """
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+jobs, tests = json.load(open(sys.argv[1])), sys.argv[2]
+for out, source in jobs:
+    os.makedirs(out, exist_ok=True)
+    sys.argv = ["-c", out, tests]
+    exec(compile(source, out, "exec"), {"__name__": "__main__"})
+"""
 
-    return model_zoo.save_keras2(tmp_path_factory.mktemp("keras2"))
+
+@pytest.fixture(scope="session")
+def keras2_files(tmp_path_factory):
+    """``keras2_files(name)``: the directory the Keras 2 writer ``name``
+    (support.keras2_writer) wrote its files into. All registered writers run at the first
+    request, in one tf-keras subprocess."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support import KERAS2_WRITERS
+
+    root = tmp_path_factory.mktemp("keras2")
+    written: set[str] = set()
+
+    def get(name: str) -> Path:
+        if name not in KERAS2_WRITERS:
+            raise KeyError(f"no Keras 2 writer {name!r} is registered (support.keras2_writer)")
+        if name not in written:
+            jobs = [(str(root / n), s) for n, s in KERAS2_WRITERS.items() if n not in written]
+            (root / "jobs.json").write_text(json.dumps(jobs))
+            tests = str(Path(__file__).parent)
+            args = [sys.executable, "-c", _KERAS2_DRIVER, str(root / "jobs.json"), tests]
+            done = subprocess.run(args, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+            written.update(n for n in KERAS2_WRITERS)
+        return root / name
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def keras2_dir(keras2_files):
+    """Keras 2 (tf-keras) .h5 files: tests/test_compat.py's cases and every model_zoo model
+    (``zoo_NAME.h5``), with inputs and tf-keras's outputs (the writer "zoo")."""
+    return keras2_files("zoo")

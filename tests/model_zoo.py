@@ -7,8 +7,6 @@ written by both versions.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -175,6 +173,8 @@ CASES = {
 }
 """
 
+# Writes every Keras 2 case and every zoo model (as ``zoo_NAME``) as .h5, each with its input
+# and tf-keras's output on it (``NAME.npz``: ``x0...``, ``y0...``).
 _KERAS2_SCRIPT = r"""
 import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -206,15 +206,6 @@ for name, build in builders.items():
              **{f"y{i}": np.asarray(y, dtype="float32") for i, y in enumerate(ys)})
 """
 
-
-def save_keras2(directory: Path) -> Path:
-    """Every Keras 2 case and every zoo model (as ``zoo_NAME``) written by tf-keras as .h5 in
-    one subprocess, each with its input and tf-keras's output on it (``NAME.npz``: ``x0...``,
-    ``y0...``); returns ``directory``."""
-    script = _KERAS2_SCRIPT.replace("exec(CASES_SOURCE)", textwrap.dedent(KERAS2_CASES))
-    tests = str(Path(__file__).parent)
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(directory), tests], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory
+# The script above with the cases in it: tests/test_compat.py and tests/test_end_to_end.py
+# register it as the Keras 2 writer "zoo" (support.keras2_writer).
+KERAS2_SCRIPT = _KERAS2_SCRIPT.replace("exec(CASES_SOURCE)", textwrap.dedent(KERAS2_CASES))

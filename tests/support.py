@@ -180,3 +180,20 @@ def assert_valid_junit(data: bytes, schema) -> ET.Element:
     names = [case.get("name") for case in cases]
     assert len(set(names)) == len(names)
     return suite
+
+
+# --------------------------------------------------------------------------- Keras 2 files
+
+# Scripts that write Keras 2 files with tf-keras, by name, registered by the test modules that
+# read those files when they are imported (at collection). conftest's ``keras2_files`` runs
+# every registered script in one subprocess the first time a test asks for one: the two Keras
+# versions never share a process, and TensorFlow and tf-keras are imported once per session.
+# A script reads its output directory from sys.argv[1] and the tests directory from
+# sys.argv[2].
+KERAS2_WRITERS: dict[str, str] = {}
+
+
+def keras2_writer(name: str, script: str) -> None:
+    """Register ``script`` as the Keras 2 writer ``name`` (the same script again is a no-op)."""
+    if KERAS2_WRITERS.setdefault(name, script) != script:
+        raise ValueError(f"another Keras 2 writer is already called {name!r}")

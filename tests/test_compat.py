@@ -15,11 +15,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from model_zoo import BUILDERS
+from model_zoo import BUILDERS, KERAS2_SCRIPT
+from support import keras2_writer
 
 from convdiff import compat
 from convdiff.errors import ModelLoadError
 from convdiff.loading import load_model
+
+keras2_writer("zoo", KERAS2_SCRIPT)
 
 # Which case needs which fix-up (the case fails without it).
 FIXUP_CASES = {

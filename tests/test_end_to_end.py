@@ -5,6 +5,7 @@ from __future__ import annotations
 import model_zoo
 import numpy as np
 import pytest
+from support import keras2_writer
 
 from convdiff.api import compare
 
@@ -18,6 +19,8 @@ def zoo(tmp_path_factory, keras2_dir) -> dict:
     keras2 = {f"{name}.k2.h5": keras2_dir / f"zoo_{name}.h5" for name in model_zoo.BUILDERS}
     return {**model_zoo.save_keras3(tmp_path_factory.mktemp("zoo")), **keras2}
 
+
+keras2_writer("zoo", model_zoo.KERAS2_SCRIPT)
 
 FILES = [f"{n}.{ext}" for n in model_zoo.BUILDERS for ext in ("h5", "keras", "k2.h5")]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import keras2_writer
 
 SEED = 20261127
 MODEL_MUTATIONS = 80
@@ -165,10 +166,11 @@ _KERAS2_SCRIPT = textwrap.dedent(
         m.save(sys.argv[1] + "/" + name)
     """
 )
+keras2_writer("fuzz", _KERAS2_SCRIPT)
 
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory) -> dict[str, Path]:
+def seeds(tmp_path_factory, keras2_files) -> dict[str, Path]:
     """Healthy files to damage: Keras 3 .keras and .h5, Keras 2 .h5, .keras and SavedModel,
     .npy, .npz."""
     import keras
@@ -186,13 +188,11 @@ def seeds(tmp_path_factory) -> dict[str, Path]:
     )
     model.save(d / "model.keras")
     model.save(d / "model.h5")
-    done = subprocess.run([sys.executable, "-c", _KERAS2_SCRIPT, str(d)], capture_output=True)
-    assert done.returncode == 0, done.stderr[-2000:]
     x = np.random.default_rng(1).standard_normal((1, 6, 6, 2)).astype(np.float32)
     np.save(d / "x.npy", x)
     np.savez(d / "x.npz", x=x)
     np.savez_compressed(d / "xc.npz", x=x)
-    return {p.name: p for p in d.iterdir()}
+    return {p.name: p for directory in (d, keras2_files("fuzz")) for p in directory.iterdir()}
 
 
 # The files of a SavedModel that convdiff reads (saved_model.pb, the traced graph, is not read).

@@ -1,9 +1,10 @@
 """Keras 2 .keras archives and SavedModel directories (convdiff.keras2, convdiff.savedmodel):
-real files written by tf-keras, all in one subprocess per session (the two Keras versions
-never share a process). Each model is saved as .keras, as a SavedModel and as .h5, and
-tf-keras's own loading of the .keras and SavedModel files is recorded beside them, so that
-each weight convdiff assigns is checked against what tf-keras itself reads from the same file,
-and each comparison against the one of the .h5 saved from the same model.
+real files written by tf-keras, in the session's one tf-keras subprocess (conftest's
+keras2_files; the two Keras versions never share a process). Each model is saved as .keras, as
+a SavedModel and as .h5, and tf-keras's own loading of the .keras and SavedModel files is
+recorded beside them, so that each weight convdiff assigns is checked against what tf-keras
+itself reads from the same file, and each comparison against the one of the .h5 saved from the
+same model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from support import assert_error, run_cli
+from support import assert_error, keras2_writer, run_cli
 
 from convdiff.errors import ModelLoadError
 from convdiff.loading import load_model
@@ -128,16 +129,13 @@ MODELS = ["sequential_cnn", "functional_branches", "multi_io", "nested", "functi
 FORMATS = [".keras", "_savedmodel"]
 
 
+keras2_writer("formats", _SCRIPT)
+
+
 @pytest.fixture(scope="session")
-def k2(tmp_path_factory) -> Path:
+def k2(keras2_files) -> Path:
     """Every model above written by tf-keras, with what tf-keras loads back."""
-    directory = tmp_path_factory.mktemp("keras2_formats")
-    tests = str(Path(__file__).parent)
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(directory), tests], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return directory
+    return keras2_files("formats")
 
 
 def _weights(model, prefix: str = "") -> dict[str, np.ndarray]:
