@@ -1,4 +1,6 @@
-"""Shared fixtures: quiet TensorFlow, a seeded generator."""
+"""Shared fixtures: quiet TensorFlow, a seeded generator, the examples, the JUnit schema,
+Keras's custom-object registry restored after a test, and the session's Keras 2 files (written
+by one tf-keras subprocess)."""
 
 from __future__ import annotations
 

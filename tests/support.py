@@ -1,6 +1,7 @@
 """Test helpers shared by the test files: run one real Keras layer and convdiff's kernel for it
 on the same input; run the command line in-process and check its one-line errors; check a
-JUnit report; save a model whose custom layers the loader must not know."""
+JUnit report; save a model whose custom layers the loader must not know; register a script
+that writes Keras 2 files (conftest's keras2_files runs them all in one subprocess)."""
 
 from __future__ import annotations
 
