@@ -182,9 +182,12 @@ def map_reductions(
         .reshape(-1)
         .astype(np.int64)
     )
-    *inner, (a_last, b_last) = recorder.dots
+    dots = [(a, b) for a, b in recorder.dots if b is not None]
+    if len(dots) < len(recorder.dots):  # no weights to probe a plain sum through
+        raise NotATree("a sum without weights")
+    *inner, (a_last, b_last) = dots
     if len(inner) > 1:
-        raise NotATree(f"{len(recorder.dots)} reductions in one layer")
+        raise NotATree(f"{len(dots)} reductions in one layer")
     first_last = out.min()  # the last reduction's markers start here
     raw_of = np.empty(out.size, np.int64)
     raw_of[out - first_last] = np.arange(out.size)

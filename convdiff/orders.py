@@ -181,7 +181,9 @@ class _Engine:
         # the operands for compiled chains (see chain()), None where they are not compiled
         self._compiled = accel.operands(a, b_compiled, dtype)
         self._ready = False
-        self._sum: np.ndarray | None = None
+        self._sum: np.ndarray  # the scratch buffers, made on first use (_scratch)
+        self._cast: np.ndarray
+        self._has_scratch = False
 
     def _prepare(self) -> None:
         """The float64 operands and scratch buffers of the NumPy steps (made on first use:
@@ -227,9 +229,10 @@ class _Engine:
     def _scratch(self) -> None:
         """The buffers of a rounded sum (all that :meth:`add` needs: joining partial sums never
         reads the operands, so it does not convert them)."""
-        if self._sum is None:
+        if not self._has_scratch:
             self._sum = np.empty(self.shape)
             self._cast = np.empty(self.shape, self.dtype)
+            self._has_scratch = True
 
     def zeros(self) -> np.ndarray:
         return np.zeros(self.shape)
@@ -608,11 +611,12 @@ class _Grid:
         row_shape = [self.shape[i] for i in self.row_axes]
         index = np.unravel_index(picked, row_shape)
         a = self._moved(self.a)
-        a = a[(slice(None), *index)]
+        picked_rows: tuple[Any, ...] = (slice(None), *index)  # in a subscript: Python 3.11+
+        a = a[picked_rows]
         b = (
             None
             if self.b is None
-            else self._moved(self.b)[(slice(None), *([0] * len(index)))][:, None]
+            else self._moved(self.b)[(slice(None),) + (0,) * len(index)][:, None]
         )
         sub_shape = (len(picked), *(self.shape[i] for i in self.col_axes))
 
@@ -624,6 +628,8 @@ class _Grid:
     def columns(self, picked: np.ndarray):
         """Columns ``picked`` (flat): operands shaped ``(K, ...positions, n)`` and a function
         that writes their result into an output of the full shape."""
+        if self.b is None:  # columns are where the second operand varies
+            raise ValueError("a plain sum has no columns")
         col_shape = [self.shape[i] for i in self.col_axes]
         index = np.unravel_index(picked, col_shape)
         a = self._moved(self.a)

@@ -61,10 +61,17 @@ class TermBackend(Protocol):
         dtype: the dtype of the operands and of the result.
     """
 
-    terms: int
-    rows: int
-    columns: int
-    dtype: np.dtype
+    @property
+    def terms(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def columns(self) -> int: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
 
     def present(self) -> np.ndarray:
         """``(terms, rows)`` booleans: where ``a[k, r]`` reads an input element (not padding)."""
@@ -235,13 +242,12 @@ def _sampled_sweeps(
     subtree size as those groups give it, and the answers to the probes made (one row per
     probe, in the order :func:`_reconstruct` records them)."""
     quota = max(8, prober.backend.columns // max(1, len(tasks)))
-    wanted: dict[int, np.ndarray | None] = {}
+    wanted = {id(t): _sample(len(t.terms), quota) for t in tasks}
+    unchunked: set[int] = set()  # tasks whose answers fit no chunked family
     known: dict[int, dict[int, int]] = {id(t): {} for t in tasks}
     probed: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {id(t): [] for t in tasks}
-    for t in tasks:
-        wanted[id(t)] = _sample(len(t.terms), quota)
     for _ in range(_GUESS_ROUNDS):
-        live = [t for t in tasks if wanted[id(t)] is not None and wanted[id(t)].size]
+        live = [t for t in tasks if id(t) not in unchunked and wanted[id(t)].size]
         if not live:
             break
         got = prober.sizes([(t.terms[0], t.terms[i]) for t in live for i in wanted[id(t)]])
@@ -252,10 +258,14 @@ def _sampled_sweeps(
             at += len(positions)
             probed[id(t)].append((positions, block))
             known[id(t)].update(zip(positions.tolist(), block[:, row].tolist(), strict=True))
-            wanted[id(t)] = _unplaced(known[id(t)], len(t.terms))
+            following = _unplaced(known[id(t)], len(t.terms))
+            if following is None:
+                unchunked.add(id(t))
+            else:
+                wanted[id(t)] = following
     out = {}
     for t in tasks:
-        if wanted[id(t)] is None or wanted[id(t)].size:
+        if id(t) in unchunked or wanted[id(t)].size:
             continue  # not a chunked sweep (or not placed in time): FPRev's full sweep
         ends = _chunk_ends(known[id(t)], len(t.terms))
         sizes = np.arange(2, len(t.terms) + 1)  # positions 1.. inside the first chunk
@@ -306,8 +316,10 @@ def _finish(task: _Task) -> Add | int:
 
     def resolved(x: _Sum | _Task | int) -> _Sum | int:
         while isinstance(x, _Task):
-            x = x.tree  # type: ignore[assignment]
-        return x  # type: ignore[return-value]
+            if x.tree is None:  # every task is revealed before the tree is finished
+                raise NotATree("a subtree left unrevealed")
+            x = x.tree
+        return x
 
     made: dict[int, Add | int] = {}
     root = resolved(task)
@@ -354,11 +366,12 @@ def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | Non
         got = prober.sizes([(terms[0], terms[i]) for i in wanted])
         blocks.append((wanted, got))
         known.update(zip(wanted.tolist(), got[:, row].tolist(), strict=True))
-        wanted = _unplaced(known, n)
-        if wanted is None:
+        following = _unplaced(known, n)
+        if following is None:
             return None
-        if not wanted.size:
+        if not following.size:
             break
+        wanted = following
     else:
         return None
     ends = _chunk_ends(known, n)
@@ -437,7 +450,7 @@ def _consistent_rows(prober: _Prober, rec: _Reconstruction, rows: np.ndarray) ->
     present = prober.present[:, rows]
     covered = np.zeros(prober.backend.terms, bool)
     covered[rec.terms] = True
-    ok = ~(present & ~covered[:, None]).any(axis=0)
+    ok = np.asarray(~(present & ~covered[:, None]).any(axis=0))
     if not rec.orders:
         return ok
     distinct, inverse = patterns(present)
@@ -806,8 +819,7 @@ def _reveal_columns(
     if len(classes) == 1:
         return _reveal(prober, max_trees, deep)
     found = [
-        _reveal(_Prober(_Columns(prober, cols)), max_trees, deep)[0]  # type: ignore[arg-type]
-        for cols in classes
+        _reveal(_Prober(_Columns(prober, cols)), max_trees, deep)[0] for cols in classes
     ]  # the view's calls go through ``prober``: its limit holds
     biggest = max(range(len(classes)), key=lambda i: len(classes[i]))
     others = tuple(

@@ -178,7 +178,9 @@ def post_order(tree: Add | int) -> list[Add | int]:
     return out[::-1]
 
 
-def with_fusion(node: Node, fused: dict[int, bool], swapped: set[int] = frozenset()) -> Node:
+def with_fusion(
+    node: Node, fused: dict[int, bool], swapped: frozenset[int] | set[int] = frozenset()
+) -> Node:
     """The tree with each chain's ``fused`` set from ``fused`` (by position in
     :func:`chains`' order) and the first two terms of the chains in ``swapped`` exchanged."""
     counter = iter(range(1 << 62))
@@ -277,12 +279,18 @@ def node_to_dict(node: Node) -> dict[str, Any]:
     return out
 
 
+def _run(values: Any) -> tuple[int, int, int]:
+    """One stored run of a chain (see :func:`to_runs`): three integers."""
+    first, second, third = (int(v) for v in values)
+    return first, second, third
+
+
 def node_from_dict(data: dict[str, Any]) -> Node:
     if "join" in data:
         return Join(tuple(node_from_dict(p) for p in data["join"]))
     start = data.get("start")
     return Chain(
-        tuple(tuple(int(v) for v in r) for r in data["chain"]),
+        tuple(_run(r) for r in data["chain"]),
         bool(data["fused"]),
         None if start is None else node_from_dict(start),
     )
