@@ -7,8 +7,9 @@ the fused step exactly in float64 (six passes a term). Where numba is installed 
 the same chains compiled (:mod:`convdiff._compiled`), with the hardware's own fused multiply-add
 (LLVM's ``llvm.fma``, one rounding by definition, in the accumulator's dtype) or, unfused, a
 product and a sum each rounded once: the IEEE operations the NumPy engine emulates, hence the
-same bits. Outputs are visited in cache-sized chunks, each chunk's accumulators held while every
-term of the chain is added, each term's operands read once per chunk.
+same bits. The outputs are computed in register tiles (a few rows times one vector of
+positions, each accumulator held in a register for its whole chain) and shared out between the
+cores the process may use; each output's chain runs on one thread, in order.
 
 Only float32 and float64 accumulators with operands of their own dtype are compiled (the
 NumPy engine emulates a float64 fused step with Dekker's exact product and a round-to-odd sum,
@@ -20,7 +21,9 @@ does the work. The tests run both paths on the same reductions and require ident
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
 
@@ -78,8 +81,84 @@ def fma_chain(a: np.ndarray, b: np.ndarray, acc: np.ndarray, terms: range, fused
     if not len(terms):
         return
     work = acc.astype(a.dtype)
-    _kernels()(a, b, work, terms.start, terms.stop, terms.step, fused)
+    geometry = _tiling(a, b, work.shape, terms)
+    if geometry is None:  # no layout of orders._arrange: each output a group of its own
+        full = (a.shape[0], work.size, 1, 1)
+        a, b = (np.broadcast_to(x, (x.shape[0], *work.shape)).reshape(full) for x in (a, b))
+        geometry = _tiling(a, b, full[1:], terms)
+    _run_tiles(*geometry, work.reshape(-1), len(terms), fused)
     acc[...] = work
+
+
+# Multiply-adds below which a chain runs on one thread (splitting costs ~0.1 ms).
+_PARALLEL_STEPS = 1 << 22
+
+
+def _tiling(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range) -> tuple | None:
+    """How :func:`convdiff._compiled.tiled_chain` reads the operands: ``(x, w, geometry)``
+    with ``x`` the operand that varies along the outputs' last axis only, ``w`` the one that
+    does not (a product is commutative, bit for bit); None when neither does (never for the
+    layouts of :func:`convdiff.orders._arrange`)."""
+    _, rows, length = shape
+    for x, w in ((a, b), (b, a)):
+        if x.shape[2] == 1 and w.shape[3] == 1 and x.shape[3] == length:
+            break
+    else:
+        return None
+    x_term, w_term = x.shape[1] * x.shape[3], w.shape[1] * w.shape[2]
+    geometry = (
+        terms.start * x_term,
+        x.shape[3] if x.shape[1] > 1 else 0,
+        terms.step * x_term,
+        terms.start * w_term,
+        w.shape[2] if w.shape[1] > 1 else 0,
+        1 if w.shape[2] > 1 else 0,
+        terms.step * w_term,
+        rows,
+        length,
+    )
+    return x.reshape(-1), w.reshape(-1), geometry
+
+
+def _run_tiles(
+    x: np.ndarray, w: np.ndarray, geometry: tuple, flat: np.ndarray, count: int, fused: bool
+) -> None:
+    """Run the tiled chains on the accumulators ``flat`` (laid out as ``geometry`` says), the
+    outputs split between threads: disjoint outputs, so the split cannot change a bit."""
+    from convdiff._compiled import VECTOR_BYTES, tiled_chain
+
+    rows, length = geometry[-2:]
+    groups = flat.size // max(rows * length, 1)
+    threads = _threads()
+    if threads == 1 or count * flat.size < _PARALLEL_STEPS:
+        tiled_chain(x, w, flat, geometry, count, fused, 0, groups, 0, length)
+        return
+    lanes = VECTOR_BYTES // x.itemsize
+    if length >= 2 * threads * lanes:  # split the positions at vector boundaries
+        step = math.ceil(length / threads / lanes) * lanes
+        parts = [(0, groups, lo, min(lo + step, length)) for lo in range(0, length, step)]
+    else:
+        step = math.ceil(groups / threads)
+        parts = [(lo, min(lo + step, groups), 0, length) for lo in range(0, groups, step)]
+    jobs = [
+        _pool().submit(tiled_chain, x, w, flat, geometry, count, fused, *part) for part in parts
+    ]
+    for job in jobs:
+        job.result()
+
+
+@cache
+def _threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="convdiff-chains")
 
 
 @cache
@@ -90,4 +169,4 @@ def _kernels() -> Any:
         from convdiff import _compiled
     except ImportError:
         return None
-    return _compiled.chain
+    return _compiled.tiled_chain

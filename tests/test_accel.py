@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convdiff import accel
+from convdiff import accel, orders
 from convdiff.orders import parse_order, reduce_terms
 
 # Operand layouts of real reductions: (a shape, b shape), terms first.
 LAYOUTS = {
     "conv": ((200, 300, 1), (200, 1, 24)),  # positions x channels
     "conv-wide": ((40, 7, 1), (40, 1, 900)),  # few positions, many channels
+    "conv-whole-tiles": ((64, 48, 1), (64, 1, 12)),  # no remainder of rows or positions
+    "few-positions": ((50, 5, 1), (50, 1, 3)),  # fewer positions than a vector
+    "grouped": ((30, 4, 40, 1), (30, 4, 1, 7)),  # both vary along the groups
     "depthwise": ((9, 50, 16), (9, 1, 16)),  # both vary along the channels
     "dense-batch1": ((300, 1, 1), (300, 1, 70)),
     "elementwise": ((33, 500), (33, 500)),
@@ -54,6 +57,38 @@ def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, rng
         np.testing.assert_array_equal(
             compiled.view(f"u{dt.itemsize}"), plain.view(f"u{dt.itemsize}")
         )
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_arranged_layouts_are_tiled_as_they_are(layout, rng):
+    """Every layout orders._arrange makes has an operand varying along the positions only and
+    one that does not vary along them: the tiles read it without a copy (the copy that
+    fma_chain falls back to is for other callers)."""
+    a, b = (rng.standard_normal(shape).astype(np.float32) for shape in LAYOUTS[layout])
+    shape = np.broadcast_shapes(a.shape[1:], b.shape[1:])
+    arranged = orders._arrange(a, b, shape)
+    assert accel._tiling(arranged.a, arranged.b, arranged.dims, range(a.shape[0])) is not None
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dt_name", ["float32", "float64"])
+@pytest.mark.parametrize("order", ["sequential", "reverse", "pairwise", "sequential/nofma"])
+def test_tiles_split_between_threads_give_the_same_bits(layout, dt_name, order, rng, monkeypatch):
+    """Outputs split between threads (by positions, or by groups where the positions are few):
+    each output's chain is still one thread's, in order."""
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    monkeypatch.setenv("CONVDIFF_NUMBA", "1")
+    monkeypatch.setattr(accel, "_PARALLEL_STEPS", 0)
+    monkeypatch.setattr(accel, "_threads", lambda: 3)
+    dt = np.dtype(dt_name)
+    name, _, nofma = order.partition("/")
+    parsed = parse_order(name, fma=not nofma)
+    a, b = (rng.standard_normal(shape).astype(dt) for shape in LAYOUTS[layout])
+    threaded = reduce_terms(a, b, parsed, dt)
+    monkeypatch.setenv("CONVDIFF_NUMBA", "0")
+    plain = reduce_terms(a, b, parsed, dt)
+    np.testing.assert_array_equal(threaded.view(f"u{dt.itemsize}"), plain.view(f"u{dt.itemsize}"))
 
 
 def _tiny(rng: np.random.Generator, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
@@ -104,3 +139,23 @@ def test_compiled_code_is_cached_outside_the_package(tmp_path):
         p for p in package.rglob("*.nb[ic]") if p.stat().st_mtime >= cached[0].stat().st_mtime
     ]
     assert not beside, beside
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_operands_of_any_other_layout_are_copied_into_one_the_tiles_read(fused, rng, monkeypatch):
+    """An operand that varies along the rows and the positions at once (no layout of
+    orders._arrange, but fma_chain takes any broadcasting operands): the same bits as the
+    NumPy engine's steps, with a reversed range of terms."""
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    a = rng.standard_normal((20, 2, 3, 17)).astype(np.float32)
+    b = rng.standard_normal((20, 1, 3, 1)).astype(np.float32)
+    assert accel._tiling(a, b, (2, 3, 17), range(20)) is None
+    terms = range(19, -1, -1)
+    compiled = np.zeros((2, 3, 17))
+    accel.fma_chain(*accel.operands(a, b, np.dtype(np.float32)), compiled, terms, fused)
+    monkeypatch.setenv("CONVDIFF_NUMBA", "0")
+    engine = orders._Engine(a, b, np.dtype(np.float32), fused)
+    plain = np.zeros((2, 3, 17))
+    engine.chain(plain, terms)
+    np.testing.assert_array_equal(compiled, plain)
