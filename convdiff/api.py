@@ -52,6 +52,7 @@ from convdiff.runtime import (
     runtime_scope,
     select_backend,
 )
+from convdiff.timing import phase
 
 
 def compare(
@@ -174,26 +175,27 @@ def compare(
         cache=cache,
     )
     runtime = Runtime(device=device, tf32=tf32, deterministic=deterministic, threads=threads)
-    prepared = (
-        model
-        if isinstance(model, PreparedModel)
-        else prepare_model(
-            model,
-            runtime,
-            backend=backend,
-            onednn=onednn,
-            unsafe=unsafe,
-            custom_objects=custom_objects,
+    with phase("startup"):
+        prepared = (
+            model
+            if isinstance(model, PreparedModel)
+            else prepare_model(
+                model,
+                runtime,
+                backend=backend,
+                onednn=onednn,
+                unsafe=unsafe,
+                custom_objects=custom_objects,
+            )
         )
-    )
-    if prepared is model:
-        prepare_runtime(runtime)
-    graph = prepared.graph
-    graph_layers = [(n.name, n.class_name) for n in graph.nodes]
-    _check_patterns(settings, graph_layers)
-    if inputs is None and settings.reference is not None:
-        inputs = dict(settings.reference.inputs)
-    fitted, input_label = _inputs(graph, inputs, seed)
+        if prepared is model:
+            prepare_runtime(runtime)
+        graph = prepared.graph
+        graph_layers = [(n.name, n.class_name) for n in graph.nodes]
+        _check_patterns(settings, graph_layers)
+        if inputs is None and settings.reference is not None:
+            inputs = dict(settings.reference.inputs)
+        fitted, input_label = _inputs(graph, inputs, seed)
     check_memory(estimate_memory(graph, fitted.arrays, settings.order, settings.mode))
     with runtime_scope(runtime):
         env = {**environment(), **runtime_environment(runtime)}

@@ -294,6 +294,13 @@ _KERAS = "Where Keras runs"
     default=None,
     help="TensorFlow's oneDNN path on or off (default: TensorFlow's for this CPU).",
 )
+@_option(
+    "Looking closer",
+    "--profile",
+    is_flag=True,
+    help="Where the time went: seconds per phase (startup, Keras, NumPy kernels, bounds, "
+    "statistics, rendering) on stderr.",
+)
 @_loading_options
 def compare_command(**options: Any) -> None:
     """Diff every layer of a Keras MODEL (.keras, .h5, or a Keras 2 SavedModel directory) on
@@ -306,7 +313,19 @@ def compare_command(**options: Any) -> None:
     sys.exit(_run(**options))
 
 
-def _run(
+def _run(profile: bool, **options: Any) -> int:
+    """A run, and with ``profile`` its seconds per phase on stderr after the report."""
+    from convdiff.timing import Timings
+
+    with Timings() as timings:
+        code = _diff(**options)
+    if profile:
+        sys.stdout.flush()  # after the report, also where both streams go to one terminal
+        click.echo(f"Profile (seconds): {timings.summary()}", err=True)
+    return code
+
+
+def _diff(
     model: str,
     input: str | None,
     random_input: bool,
@@ -327,6 +346,7 @@ def _run(
     options["spatial"] = html_path is not None
     from convdiff.api import compare, compare_many, expand_inputs
     from convdiff.loading import check_custom_objects
+    from convdiff.timing import phase
 
     # None: --random-input (one run)
     paths: list[str | None] = list(expand_inputs(input)) if input is not None else [None]
@@ -342,9 +362,10 @@ def _run(
         else:
             files = [path for path in paths if path is not None]  # several: input files
             reports = compare_many(model, files, reference=reference, on_layer=on_layer, **options)
-    if len(paths) == 1:
-        return _emit(report, json_path, junit_path, quiet, html_path)
-    return _emit_many(reports, json_path, junit_path, quiet, html_path)
+    with phase("rendering"):
+        if len(paths) == 1:
+            return _emit(report, json_path, junit_path, quiet, html_path)
+        return _emit_many(reports, json_path, junit_path, quiet, html_path)
 
 
 @cli.command(

@@ -11,6 +11,7 @@ from convdiff.floats import is_float
 from convdiff.kernels import Kernel, LayerSpec
 from convdiff.numerics import Bounded, Rounded
 from convdiff.orders import Order, accumulator_dtype
+from convdiff.timing import phase
 
 
 @dataclass(frozen=True)
@@ -66,21 +67,24 @@ def run_kernel(
     refs = (
         inputs if reference_inputs is None else [_autocast(x, spec.dtype) for x in reference_inputs]
     )
-    if implementation is not None:
-        numpy_out = implementation(list(inputs))
-    elif kernel is not None:
-        # NaN and inf are data here: IEEE arithmetic on them is the result, not an accident.
-        with np.errstate(all="ignore"):
-            numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
-    else:
-        raise ValueError("run_kernel needs a kernel or an implementation")
+    with phase("kernel"):
+        if implementation is not None:
+            numpy_out = implementation(list(inputs))
+        elif kernel is not None:
+            # NaN and inf are data here: IEEE arithmetic on them is the result, not an accident.
+            with np.errstate(all="ignore"):
+                numpy_out = kernel(spec, inputs, Rounded(spec.dtype, order))
+        else:
+            raise ValueError("run_kernel needs a kernel or an implementation")
     if kernel is None or not bound:
         return KernelRun(np.asarray(numpy_out), None, None)
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer
     # dtype's gamma_n covers both.
     bounded = Bounded(spec.dtype, (spec.dtype, accumulator_dtype(order, spec.dtype)))
-    tracked = [bounded.track(r, _input_difference(x, r)) for x, r in zip(inputs, refs, strict=True)]
-    with np.errstate(all="ignore"):
+    with phase("bound"), np.errstate(all="ignore"):
+        tracked = [
+            bounded.track(r, _input_difference(x, r)) for x, r in zip(inputs, refs, strict=True)
+        ]
         ref = kernel(spec, tracked, bounded)
     return KernelRun(
         np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err), np.asarray(ref.magnitude)

@@ -45,6 +45,7 @@ from convdiff.metrics import (
 from convdiff.orders import Order
 from convdiff.recording import Recording
 from convdiff.spatial import Spatial, summarize
+from convdiff.timing import phase
 
 MODES = ("isolated", "propagated")
 STATUSES = ("identical", "rounding", "divergent", "skipped", "error")
@@ -271,7 +272,8 @@ def _run_keras(node: GraphNode, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import keras
 
     try:
-        return [keras.ops.convert_to_numpy(t) for t in node.call(inputs)]
+        with phase("keras"):
+            return [keras.ops.convert_to_numpy(t) for t in node.call(inputs)]
     except Exception as exc:  # the backend's own error types: TensorFlow, JAX, torch
         text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
         if "only supports the NHWC" in text or "only supports NHWC" in text:
@@ -382,11 +384,12 @@ def _compare_node(
         result.likely_cause = _explain(kernel, spec, numpy_in, run.output, impl, settings)
         return result, keras_out, None
     result.reason = notes
-    _judge(result, first, output, run, settings)
-    if settings.spatial:
-        # while both outputs and the bound exist: they are freed after this layer
-        first_axis = spec.config.get("data_format") == "channels_first"
-        result.spatial = summarize(first, output, run.bound, channels_first=first_axis)
+    with phase("statistics"):
+        _judge(result, first, output, run, settings)
+        if settings.spatial:
+            # while both outputs and the bound exist: they are freed after this layer
+            first_axis = spec.config.get("data_format") == "channels_first"
+            result.spatial = summarize(first, output, run.bound, channels_first=first_axis)
     if result.status == "divergent":
         result.likely_cause = _explain(kernel, spec, numpy_in, run.output, impl, settings)
     if settings.mode == "propagated" and settings.reference is None and kernel is not None:
@@ -425,7 +428,8 @@ def _rank_orders(kernel, spec, inputs, keras_out: np.ndarray, orders) -> list[di
             if output.dtype == keras_out.dtype
             else round_to(output.astype(np.float64), keras_out.dtype)
         )
-        c = compare_outputs(keras_out, output)
+        with phase("statistics"):
+            c = compare_outputs(keras_out, output)
         ranked.append(
             {
                 "order": order.label,
@@ -469,19 +473,22 @@ def _growth(
     ).output
     if alone.shape != keras_out.shape or not is_float(keras_out.dtype):
         return
-    alone = alone.astype(keras_out.dtype)
-    # the scale of the terms the output was computed from; its magnitude when none was kept
-    scale = np.abs(keras_out) if run.scale is None else run.scale
-    result.own_ulp_scaled = _max_finite(scaled_ulp(keras_out, alone, scale, keras_out.dtype))
-    incoming = max(
-        (
-            _max_finite(scaled_ulp(k, n.astype(k.dtype), np.abs(k) if s is None else s, k.dtype))
-            for k, n, s in zip(keras_in, numpy_in, in_scales, strict=True)
-            if is_float(k.dtype)
-        ),
-        default=0.0,
-    )
-    outgoing = _max_finite(scaled_ulp(keras_out, output, scale, keras_out.dtype))
+    with phase("statistics"):
+        alone = alone.astype(keras_out.dtype)
+        # the scale of the terms the output was computed from; its magnitude when none was kept
+        scale = np.abs(keras_out) if run.scale is None else run.scale
+        result.own_ulp_scaled = _max_finite(scaled_ulp(keras_out, alone, scale, keras_out.dtype))
+        incoming = max(
+            (
+                _max_finite(
+                    scaled_ulp(k, n.astype(k.dtype), np.abs(k) if s is None else s, k.dtype)
+                )
+                for k, n, s in zip(keras_in, numpy_in, in_scales, strict=True)
+                if is_float(k.dtype)
+            ),
+            default=0.0,
+        )
+        outgoing = _max_finite(scaled_ulp(keras_out, output, scale, keras_out.dtype))
     if incoming > 0:
         result.amplification = outgoing / incoming
 

@@ -1,0 +1,58 @@
+"""``--profile``: seconds per phase (convdiff.timing), phases counted without overlap."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from click.testing import CliRunner
+
+from convdiff.cli import cli
+from convdiff.timing import PHASES, Timings, phase
+
+
+def test_an_inner_phase_counts_for_itself_only():
+    with Timings() as timings:
+        with phase("statistics"):
+            time.sleep(0.02)
+            with phase("bound"):
+                time.sleep(0.05)
+        time.sleep(0.01)
+    assert 0.05 <= timings.seconds["bound"] < timings.total
+    # the outer phase's own time excludes the inner one's
+    assert 0.02 <= timings.seconds["statistics"] < 0.05
+    assert timings.other >= 0.01
+    total = sum(timings.seconds.values()) + timings.other
+    assert abs(total - timings.total) < 1e-9
+
+
+def test_phases_outside_timings_cost_nothing_and_record_nothing():
+    with phase("keras"):
+        pass
+    with Timings() as timings:
+        pass
+    assert set(timings.seconds.values()) == {0.0}
+
+
+def test_profile_prints_every_phase_after_the_report(examples):
+    result = CliRunner().invoke(
+        cli,
+        [str(examples / "one_layer.keras"), str(examples / "one_layer_input.npy"), "--profile"],
+    )
+    assert result.exit_code == 0, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Profile (seconds): "), result.stderr
+    figures = dict((name, float(value)) for name, value in re.findall(r"(\w+) (\d+\.\d\d)", line))
+    assert list(figures) == [*PHASES, "other", "total"]
+    # the one layer is run by Keras, computed and bounded by convdiff, and judged
+    assert all(figures[name] > 0 for name in ("startup", "keras", "kernel", "bound"))
+    assert sum(v for k, v in figures.items() if k != "total") <= figures["total"] + 0.05
+    assert "1 layer" in result.stdout  # the report itself is unchanged
+
+
+def test_without_profile_nothing_is_printed(examples):
+    result = CliRunner().invoke(
+        cli, [str(examples / "one_layer.keras"), str(examples / "one_layer_input.npy")]
+    )
+    assert result.exit_code == 0
+    assert "Profile" not in result.stderr
