@@ -4,18 +4,21 @@
     python benchmarks/speed.py --quick      # the one-layer example and MobileNetV2 only
     python benchmarks/speed.py --case ResNet50:8 --html   # one case, and the cost of --html
     python benchmarks/speed.py --case ResNet50:1 --auto     # and --order auto, first and cached
+    python benchmarks/speed.py --profile    # also convdiff's seconds per phase (its --profile)
 
 For each case, in separate processes (so peak memory is each one's own):
   baseline  import TensorFlow, load the saved model, one forward pass returning every layer's
             output (a Keras model whose outputs are all layer outputs);
   convdiff  the same model and input through convdiff with default settings, and with
-            --order blas;
+            --order blas (and on ResNet50 batch 1 with --order all: every candidate order on
+            every layer);
   html      (with --html) default settings writing the --html report, whose size is printed.
   auto      (with --auto) --order auto: a first run from an empty cache of revealed trees,
             and a run right after it that reads the trees the first one stored.
-Each measurement runs --repeat times (default 3), the three kinds interleaved, and the median
-wall time and the largest peak resident memory are printed, with each convdiff figure as a
-ratio to the baseline.
+Each measurement runs --repeat times (default 3), the kinds interleaved, and the median wall
+time and the largest peak resident memory are printed, with each convdiff figure as a ratio to
+the baseline. With --profile each convdiff run also reports its seconds per phase (convdiff's
+own --profile), printed as medians under the case's line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -89,7 +93,8 @@ CONVDIFF = textwrap.dedent(
 )
 
 
-def measure(code: str, *args: str, stream: str = "stdout") -> tuple[float, int]:
+def measure(code: str, *args: str, stream: str = "stdout") -> tuple[float, int, dict]:
+    """Wall seconds, peak resident bytes and (with --profile) convdiff's seconds per phase."""
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
@@ -99,7 +104,9 @@ def measure(code: str, *args: str, stream: str = "stdout") -> tuple[float, int]:
     )
     line = (proc.stdout if stream == "stdout" else proc.stderr).strip().splitlines()[-1]
     seconds, rss = line.split()
-    return float(seconds), int(rss)
+    profile = re.search(r"^Profile \(seconds\): (.*)$", proc.stderr, re.MULTILINE)
+    phases = {} if profile is None else dict(re.findall(r"(\w+) (\d+\.\d+)", profile[1]))
+    return float(seconds), int(rss), {name: float(s) for name, s in phases.items()}
 
 
 def main() -> None:
@@ -124,6 +131,9 @@ def main() -> None:
         action="store_true",
         help="also time --order auto: its first run (no revealed trees cached) and a cached run",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="print convdiff's median seconds per phase"
+    )
     args = parser.parse_args()
     cases = [("one_layer", 1), ("MobileNetV2", 1)]
     if not args.quick:
@@ -132,18 +142,20 @@ def main() -> None:
         cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.case]
     with tempfile.TemporaryDirectory() as tmp:
         page = os.path.join(tmp, "report.html")
+        profile = ["--profile"] if args.profile else []
         runs = {
             "baseline": (BASELINE, [], "stdout"),
-            "default": (CONVDIFF, [], "stderr"),
-            "blas": (CONVDIFF, ["--order", "blas"], "stderr"),
+            "default": (CONVDIFF, profile, "stderr"),
+            "blas": (CONVDIFF, ["--order", "blas", *profile], "stderr"),
+            "all": (CONVDIFF, ["--order", "all", *profile], "stderr"),
         }
         if args.html:
-            runs["html"] = (CONVDIFF, ["--html", page], "stderr")
+            runs["html"] = (CONVDIFF, ["--html", page, *profile], "stderr")
         if args.auto:
             # "auto_first" starts each time from an empty tree cache (the compiled chains'
             # own cache stays); "auto_cached" runs right after it, reading what it stored
-            runs["auto_first"] = (CONVDIFF, ["--order", "auto"], "stderr")
-            runs["auto_cached"] = (CONVDIFF, ["--order", "auto"], "stderr")
+            runs["auto_first"] = (CONVDIFF, ["--order", "auto", *profile], "stderr")
+            runs["auto_cached"] = (CONVDIFF, ["--order", "auto", *profile], "stderr")
         os.environ["CONVDIFF_CACHE_DIR"] = os.path.join(tmp, "cache")
         rows = [_case(name, batch, runs, args.repeat, tmp, page) for name, batch in cases]
     if args.json:
@@ -151,12 +163,15 @@ def main() -> None:
 
 
 def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -> dict:
-    """Build the case's model and input, measure every run kind, print one line."""
+    """Build the case's model and input, measure every run kind, print one line (and the
+    phases' medians under it)."""
+    # --order all (every candidate order on every layer) on ResNet50 batch 1 only
+    runs = {k: v for k, v in runs.items() if k != "all" or (name, batch) == ("ResNet50", 1)}
     stem = os.path.join(tmp, f"{name}_{batch}")
     subprocess.run([sys.executable, "-c", BUILD, name, str(batch), stem], check=True)
     model, inputs = stem + ".keras", stem + ".npy"
     # Interleaved rounds: a slow spell of a shared machine hits every label alike.
-    samples: dict[str, list[tuple[float, int]]] = {label: [] for label in runs}
+    samples: dict[str, list[tuple[float, int, dict]]] = {label: [] for label in runs}
     for _ in range(repeat):
         for label, (code, extra, stream) in runs.items():
             if label == "auto_first":
@@ -164,8 +179,12 @@ def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -
             samples[label].append(measure(code, model, inputs, *extra, stream=stream))
     row: dict = {"model": name, "batch": batch, "repeat": repeat}
     for label, values in samples.items():
-        row[f"{label}_s"] = statistics.median(s for s, _ in values)
-        row[f"{label}_rss"] = max(rss for _, rss in values)
+        row[f"{label}_s"] = statistics.median(s for s, _, _ in values)
+        row[f"{label}_rss"] = max(rss for _, rss, _ in values)
+        if values[0][2]:
+            row[f"{label}_phases"] = {
+                phase: statistics.median(p[phase] for _, _, p in values) for phase in values[0][2]
+            }
     base_s, base_rss = row["baseline_s"], row["baseline_rss"]
     line = (
         f"{name:12s} batch {batch}: baseline {base_s:6.1f} s {base_rss / 2**30:5.2f} GiB | "
@@ -174,6 +193,11 @@ def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -
         f"--order blas {row['blas_s']:6.1f} s (x{row['blas_s'] / base_s:4.2f}) "
         f"{row['blas_rss'] / 2**30:5.2f} GiB (x{row['blas_rss'] / base_rss:3.1f})"
     )
+    if "all" in runs:
+        line += (
+            f" | --order all {row['all_s']:6.1f} s (x{row['all_s'] / base_s:4.2f}) "
+            f"{row['all_rss'] / 2**30:5.2f} GiB (x{row['all_rss'] / base_rss:3.1f})"
+        )
     if "html" in runs:
         row["html_page_bytes"] = os.path.getsize(page)
         line += (
@@ -184,6 +208,10 @@ def _case(name: str, batch: int, runs: dict, repeat: int, tmp: str, page: str) -
     print(line, flush=True)
     if "auto_first" in runs:
         print(_auto_line(row), flush=True)
+    for label in runs:
+        if f"{label}_phases" in row:
+            text = ", ".join(f"{p} {s:.1f}" for p, s in row[f"{label}_phases"].items())
+            print(f"    {label} seconds: {text}", flush=True)
     return row
 
 
