@@ -28,9 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 
 from convdiff.floats import round_to, underflow_unit, unit_roundoff
+from convdiff.magnitude import product_magnitude
 from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms
 
 # Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
@@ -47,6 +49,9 @@ class Tracked:
     value: np.ndarray
     err: np.ndarray
     scale: np.ndarray | None = None
+    # every value is a float32 number (inputs and weights, and what moving them gives): the
+    # terms' magnitude of a product can then be computed in float32 (convdiff.magnitude)
+    float32_exact: bool = False
 
     @property
     def magnitude(self) -> np.ndarray:
@@ -90,12 +95,21 @@ def _exact(xs: Any) -> bool:
     return isinstance(xs, Tracked) and _is_zero(xs.err)
 
 
+def _leaves(xs: Any) -> list[Any]:
+    """The values in ``xs`` (nested lists and tuples flattened)."""
+    if isinstance(xs, list | tuple):
+        return [leaf for x in xs for leaf in _leaves(x)]
+    return [xs]
+
+
 def _unwrap(xs: Any, field: str) -> Any:
     if isinstance(xs, list | tuple):
         return type(xs)(_unwrap(x, field) for x in xs)
     return getattr(xs, field) if isinstance(xs, Tracked) else xs
 
 
+# dtypes whose every value is a float32 number
+_FLOAT32_NUMBERS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 # dtypes whose + - * / NumPy evaluates in the dtype itself, correctly rounded (float16 goes
 # through float32 in some loops and bfloat16 is a user type: both take the float64 route).
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
@@ -314,18 +328,22 @@ class Bounded:
     @staticmethod
     def track(x: Any, err: Any = 0.0) -> Tracked:
         """Wrap an input: its value and how far the other side's input may be from it."""
+        narrow = np.asarray(x).dtype in _FLOAT32_NUMBERS
         value = np.asarray(x, dtype=np.float64)
-        return Tracked(value, np.broadcast_to(np.asarray(err, dtype=np.float64), value.shape))
+        err = np.broadcast_to(np.asarray(err, dtype=np.float64), value.shape)
+        return Tracked(value, err, float32_exact=narrow)
 
     def move(self, fn: Callable[..., np.ndarray], *xs: Any) -> Tracked:
         scaled = any(_has_scale(x) for x in xs)
         scale = fn(*_unwrap(xs, "magnitude")) if scaled else None
         value = fn(*_unwrap(xs, "value"))
+        # moving float32 numbers (padding with zeros or -inf included) gives float32 numbers
+        narrow = all(isinstance(x, Tracked) and x.float32_exact for x in _leaves(xs))
         if _exact(xs):
             # exactly known inputs (isolated mode, weights): the rearranged (padded, windowed)
             # values are exactly known too; no array of zeros is built for them
-            return Tracked(value, _zeros(np.shape(value)), scale)
-        return Tracked(value, fn(*_unwrap(xs, "err")), scale)
+            return Tracked(value, _zeros(np.shape(value)), scale, narrow)
+        return Tracked(value, fn(*_unwrap(xs, "err")), scale, narrow)
 
     def const(self, x: Any) -> Tracked:
         return self.track(np.asarray(x).astype(self.dtype))
@@ -394,7 +412,7 @@ class Bounded:
         with np.errstate(all="ignore"):
             if b is None:
                 value = av.sum(axis=0)
-                mag = np.abs(av).sum(axis=0)
+                mag = upper = np.abs(av).sum(axis=0)
                 prop = _zeros(()) if ae is None else ae.sum(axis=0)
             else:
                 b = self._lift(b)
@@ -409,13 +427,15 @@ class Bounded:
                     if ae is None
                     else contract(ae, np.abs(bv) if be is None else np.abs(bv) + be),
                 )
-                mag = contract(np.abs(av), np.abs(bv))
+                narrow = a.float32_exact and b.float32_exact
+                # the terms' magnitude as reported, and a rigorous upper bound on it
+                mag, upper = product_magnitude(av, bv, narrow)
             if not _is_zero(prop):
-                mag = mag + prop
+                mag, upper = mag + prop, upper + prop
             # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
             # evaluation's own error, plus k underflows.
             gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
-            err = prop + gamma * mag + k * self.acc_eta
+            err = prop + gamma * upper + k * self.acc_eta
             err = err + self.final_units * (np.abs(value) + err) + self.eta_sum
         return Tracked(np.asarray(value), np.asarray(err), np.asarray(mag))
 

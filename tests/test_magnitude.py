@@ -1,0 +1,100 @@
+"""The terms' magnitude ``sum |a_k| |b_k|`` computed in float32 (convdiff.magnitude): its
+upper bound is never below the exact magnitude (exact rationals), and not far above it."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from convdiff.magnitude import product_magnitude
+from convdiff.numerics import Bounded
+from convdiff.orders import contract
+
+
+def _exact_magnitudes(a: np.ndarray, b: np.ndarray) -> list[Fraction]:
+    """``sum_k |a_k| |b_k|`` of (K, n) and (K, 1) operands, exactly, one per output."""
+    a_terms = [[Fraction(abs(float(v))) for v in row] for row in a]
+    b_terms = [Fraction(abs(float(row[0]))) for row in b]
+    return [
+        sum((row[j] * w for row, w in zip(a_terms, b_terms, strict=True)), Fraction(0))
+        for j in range(a.shape[1])
+    ]
+
+
+def _operands(rng, terms: int, outputs: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    a = rng.standard_normal((terms, outputs))
+    b = rng.standard_normal((terms, 1))
+    if kind == "subnormal":  # float32 products below 2**-126, many below 2**-149
+        a, b = a * 2.0**-70, b * 2.0**-70
+    elif kind == "mixed":  # scales from 2**-80 to 2**40, some products subnormal
+        a = a * 2.0 ** rng.integers(-80, 40, a.shape)
+        b = b * 2.0 ** rng.integers(-60, 20, b.shape)
+    elif kind == "relu":  # non-negative inputs with exact zeros
+        a = np.maximum(a, 0)
+    return a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind", ["normal", "subnormal", "mixed", "relu"])
+@pytest.mark.parametrize("terms", [1, 2, 9, 300, 2500])
+def test_upper_bound_covers_the_exact_magnitude(terms, kind, rng):
+    a, b = _operands(rng, terms, 5, kind)
+    scale, upper = product_magnitude(a, b, float32_exact=True)
+    exact = _exact_magnitudes(a, b)
+    u = 2.0**-24
+    for j, s in enumerate(exact):
+        assert Fraction(float(upper[j])) >= s, (j, float(upper[j]), float(s))
+        # and not loose: the float32 sum's own error (K u) times the inflation (2 (K + 2) u),
+        # plus the underflow allowance
+        slack = s * (1 + 4 * (terms + 2) * u) + Fraction(terms) * Fraction(2) ** -146
+        assert Fraction(float(upper[j])) <= slack
+        # what reports show is the float32 sum: within K u of the exact magnitude
+        assert abs(Fraction(float(scale[j])) - s) <= s * terms * u + terms * Fraction(2) ** -149
+
+
+def test_float32_overflow_leaves_the_product_to_float64(rng):
+    """Products beyond float32's range (finite in float64) fall back to the float64 product."""
+    a = np.full((4, 3), 2.0**100)
+    b = np.full((4, 1), 2.0**60)
+    scale, upper = product_magnitude(a, b, float32_exact=True)
+    np.testing.assert_array_equal(scale, np.full(3, 4 * 2.0**160))
+    np.testing.assert_array_equal(upper, scale)
+
+
+def test_operands_that_are_not_float32_numbers_take_float64(rng):
+    a = rng.standard_normal((50, 4))  # float64 numbers: not cast to float32
+    b = rng.standard_normal((50, 1))
+    scale, upper = product_magnitude(a, b, float32_exact=False)
+    want = contract(np.abs(a), np.abs(b))
+    np.testing.assert_array_equal(scale, want)
+    np.testing.assert_array_equal(upper, want)
+
+
+def test_only_float32_numbers_are_marked_and_moving_keeps_the_mark(rng):
+    nx = Bounded("float32")
+    x = nx.track(rng.standard_normal((3, 4)).astype(np.float32))
+    assert x.float32_exact
+    assert nx.move(lambda v: np.pad(v, 1), x).float32_exact
+    assert not Bounded("float64").track(rng.standard_normal((3, 4))).float32_exact
+    assert not nx.add(x, x).float32_exact  # a float64 result of arithmetic
+
+
+@pytest.mark.parametrize("mode", ["isolated", "propagated"])
+def test_dot_bound_never_below_the_float64_magnitudes(mode, rng):
+    """Bounded.dot on float32 inputs (the float32 magnitude) against the same dot on the
+    same values held as float64 numbers (the float64 magnitude): the bound is never smaller,
+    and larger only by the inflation."""
+    terms = 700
+    a = rng.standard_normal((terms, 40)).astype(np.float32)
+    b = rng.standard_normal((terms, 1)).astype(np.float32)
+    err = 0.0 if mode == "isolated" else np.abs(rng.standard_normal(a.shape)) * 2.0**-20
+    nx = Bounded("float32")
+    narrow = nx.dot(nx.track(a, err), nx.track(b))
+    wide_a = nx.track(a, err)
+    wide_a.float32_exact = False
+    wide = nx.dot(wide_a, nx.track(b))
+    np.testing.assert_array_equal(narrow.value, wide.value)
+    assert (narrow.err >= wide.err).all()
+    assert (narrow.err <= wide.err * (1 + 4 * terms * 2.0**-24)).all()
+    np.testing.assert_allclose(narrow.scale, wide.scale, rtol=terms * 2.0**-24)
