@@ -249,8 +249,8 @@ class Comparison:
 
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` for ``num, den >= 0`` with 0/0 -> 0 and x/0 -> inf, without warnings."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = num / den
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = num / den  # a huge difference over a subnormal bound overflows to inf
     # The only NaNs left come from 0/0 (an exact match) or inf/inf (a float64 overflow of the
     # difference against an infinite bound, which cannot be shown to hold).
     return np.where(num == 0, 0.0, np.where(np.isnan(ratio), np.inf, ratio))
@@ -332,6 +332,9 @@ def compare(
             broadcast or holds negative or NaN values. These are programming errors.
     """
     reference, candidate = _pair(reference, candidate, "compare")
+    compiled = _compare_compiled(reference, candidate, bound, scale)
+    if compiled is not None:
+        return compiled
     _check_non_negative(bound, "bound")
     _check_non_negative(scale, "scale")
     # Every figure is 0 where the two sides are equal: the work is done on the positions that
@@ -394,6 +397,96 @@ def compare(
         nan_in_reference=int(np.count_nonzero(nan_mask & np.isnan(ref64))),
         first_nonfinite=first_nonfinite,
     )
+
+
+def _kernels() -> Any:
+    """The compiled kernels (:mod:`convdiff._compiled_metrics`), or None without numba or with
+    ``CONVDIFF_NUMBA=0``: :func:`compare` and :func:`max_ulp_distance` then take NumPy."""
+    from convdiff import accel
+
+    if not accel.enabled():
+        return None
+    from convdiff import _compiled_metrics
+
+    return _compiled_metrics
+
+
+def _flat_float64(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``values`` broadcast to ``shape``, flat and contiguous in float64; empty for None."""
+    if values is None:
+        return np.empty(0)
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(values, np.float64), shape)).reshape(-1)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """A flat float32 or float64 array's bit patterns as signed integers of its width."""
+    return x.view(f"i{x.dtype.itemsize}")
+
+
+def _compare_compiled(
+    reference: np.ndarray, candidate: np.ndarray, bound: Any, scale: Any
+) -> Comparison | None:
+    """:func:`compare` in one compiled pass (float32 and float64 arrays), the same figures bit
+    for bit; None where it does not apply."""
+    kernels = _kernels()
+    if kernels is None or reference.dtype not in _COMPILED:
+        return None
+    shape, size = reference.shape, int(reference.size)
+    ref, cand = np.ravel(reference), np.ravel(candidate)
+    bound64, scale64 = _flat_float64(bound, shape), _flat_float64(scale, shape)
+    ulps = np.empty(size, np.uint64)
+    info = ml_dtypes.finfo(reference.dtype)
+    figures = kernels.differences(
+        ref, cand, _bits(ref), _bits(cand), bound64, scale64, info.nmant, info.minexp, ulps
+    )
+    n_diff, both_nan, equal_inf, n_finite, max_ulp, worst_at = figures[:6]
+    max_abs, max_rel, max_ratio, max_scaled = figures[6:10]
+    nan_mismatch, inf_mismatch, nan_in_ref, first_at, negative_bound, negative_scale = figures[10:]
+    if negative_bound or negative_scale:
+        raise ValueError(f"{'bound' if negative_bound else 'scale'} must be non-negative")
+    if n_diff == both_nan:
+        return _identical(size, bound is not None, scale is not None)
+    equal_finite = size - n_diff - equal_inf
+    ulp_finite = ulps[:n_finite]
+    median, p99 = _percentiles_with_zeros(ulp_finite, equal_finite, (50, 99))
+    count = equal_finite + n_finite
+    mismatch_count = n_finite + nan_mismatch + inf_mismatch
+    first_nonfinite = None if first_at < 0 else _index(first_at, shape)
+    worst = None
+    if max_ulp > 0:
+        r, c = float(ref[worst_at]), float(cand[worst_at])
+        limit = None if bound is None else float(np.nan_to_num(bound64[worst_at], nan=0.0))
+        worst = Worst(_index(worst_at, shape), r, c, int(max_ulp), abs(c - r), limit)
+    return Comparison(
+        size=size,
+        max_ulp=int(max_ulp),
+        mean_ulp=float(ulp_finite.sum(dtype=np.float64)) / count if count else 0.0,
+        median_ulp=median,
+        p99_ulp=p99,
+        max_abs=max_abs,
+        max_rel=max_rel,
+        mismatch_count=mismatch_count,
+        mismatch_fraction=mismatch_count / size if size else 0.0,
+        nan_mismatch=nan_mismatch,
+        inf_mismatch=inf_mismatch,
+        bound_ratio=None
+        if bound is None
+        else math.inf
+        if first_nonfinite is not None
+        else max_ratio,
+        worst=worst,
+        max_ulp_scaled=None if scale is None else max_scaled,
+        nan_in_reference=nan_in_ref,
+        first_nonfinite=first_nonfinite,
+    )
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(j) for j in np.unravel_index(int(flat), shape))
+
+
+# dtypes compare and max_ulp_distance run compiled
+_COMPILED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def compare_outputs(
@@ -479,6 +572,10 @@ def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
 def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     """The largest ULP distance over positions where both sides are finite (0 if none)."""
     reference, candidate = _pair(reference, candidate, "max_ulp_distance")
+    kernels = _kernels()
+    if kernels is not None and reference.dtype in _COMPILED:
+        ref, cand = np.ravel(reference), np.ravel(candidate)
+        return int(kernels.max_ulp(ref, cand, _bits(ref), _bits(cand)))
     _, ref, cand = _differing(reference, candidate)  # only differing positions have a distance
     finite = np.isfinite(ref) & np.isfinite(cand)
     if not finite.all():

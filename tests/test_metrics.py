@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from convdiff import accel
 from convdiff.floats import unit_roundoff
 from convdiff.metrics import (
     Comparison,
@@ -34,6 +35,16 @@ pytestmark = [
 DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def engine(request, monkeypatch):
+    """Every test here runs twice: compare and max_ulp_distance compiled (numba, where
+    installed) and on their NumPy path (tests/test_metrics_compiled.py compares the two)."""
+    if request.param == "compiled" and not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    monkeypatch.setenv("CONVDIFF_NUMBA", "1" if request.param == "compiled" else "0")
+    return request.param
 
 
 @pytest.fixture

@@ -1,0 +1,148 @@
+"""metrics.compare and metrics.max_ulp_distance compiled (convdiff._compiled_metrics, numba)
+against their NumPy path, every figure bit for bit, on arrays full of special values.
+
+tests/test_metrics.py checks the figures themselves (on whichever path is enabled: the compiled
+one where numba is installed); the NumPy path is also checked there with CONVDIFF_NUMBA=0 in
+the fixture below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from convdiff import accel, metrics
+
+SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0]
+
+
+def _special(dt: np.dtype) -> list[float]:
+    info = np.finfo(dt)
+    return [*SPECIAL, float(info.max), -float(info.max), float(info.smallest_subnormal)]
+
+
+def _pair(rng, shape, dt: np.dtype, special_share: float):
+    """A reference and a candidate that differ by a few ULPs at most positions, with special
+    values sprinkled on either side (some at the same position on both)."""
+    ref = rng.standard_normal(shape).astype(dt)
+    steps = rng.integers(-3, 4, shape)
+    cand = ref.copy()
+    for _ in range(3):
+        cand = np.where(steps > 0, np.nextafter(cand, np.inf), cand).astype(dt)
+        cand = np.where(steps < 0, np.nextafter(cand, -np.inf), cand).astype(dt)
+        steps = steps - np.sign(steps)
+    specials = np.array(_special(dt), dt)
+    for side in (ref, cand):
+        hit = rng.random(shape) < special_share
+        side[hit] = rng.choice(specials, int(hit.sum()))
+    same = rng.random(shape) < special_share / 2
+    cand[same] = ref[same]
+    return ref, cand
+
+
+def _bound_scale(rng, shape, kind: str):
+    if kind == "none":
+        return None, None
+    bound = np.abs(rng.standard_normal(shape)) * 1e-6
+    scale = np.abs(rng.standard_normal(shape)) * 10
+    if kind == "special":
+        for x in (bound, scale):
+            x[rng.random(shape) < 0.05] = 0.0
+            x[rng.random(shape) < 0.05] = np.nan
+            x[rng.random(shape) < 0.02] = np.inf
+    if kind == "broadcast":
+        return bound[..., :1], scale[:1]
+    return bound, scale
+
+
+def _both(monkeypatch, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` compiled, then on the NumPy path."""
+    monkeypatch.setenv("CONVDIFF_NUMBA", "1")
+    compiled = fn(*args, **kwargs)
+    monkeypatch.setenv("CONVDIFF_NUMBA", "0")
+    return compiled, fn(*args, **kwargs)
+
+
+def _same(a, b) -> None:
+    """Equal field by field; floats by their bits (so that NaN equals NaN and 0.0 is not -0.0)."""
+    if dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            _same(getattr(a, f.name), getattr(b, f.name))
+        return
+    if isinstance(a, float):
+        assert isinstance(b, float) and np.float64(a).tobytes() == np.float64(b).tobytes(), (a, b)
+        return
+    assert type(a) is type(b) and a == b, (a, b)
+
+
+@pytest.fixture(autouse=True)
+def compiled_available():
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+
+
+@pytest.mark.parametrize("dt_name", ["float32", "float64"])
+@pytest.mark.parametrize("special_share", [0.0, 0.02, 0.3])
+@pytest.mark.parametrize("kind", ["none", "plain", "special", "broadcast"])
+@pytest.mark.parametrize("shape", [(7, 13, 5), (1,), ()])
+def test_compare_gives_the_numpy_paths_figures(
+    shape, kind, special_share, dt_name, rng, monkeypatch
+):
+    dt = np.dtype(dt_name)
+    for _ in range(3):
+        ref, cand = _pair(rng, shape, dt, special_share)
+        bound, scale = _bound_scale(rng, shape, kind) if shape else (None, None)
+        compiled, plain = _both(monkeypatch, metrics.compare, ref, cand, bound, scale=scale)
+        _same(compiled, plain)
+        compiled, plain = _both(monkeypatch, metrics.max_ulp_distance, ref, cand)
+        assert compiled == plain
+
+
+@pytest.mark.parametrize("dt_name", ["float32", "float64"])
+def test_identical_and_all_nan_arrays(dt_name, monkeypatch):
+    dt = np.dtype(dt_name)
+    x = np.array([1.0, np.nan, np.inf, -0.0], dt)
+    y = np.array([1.0, np.nan, np.inf, 0.0], dt)
+    bound = np.ones(4)
+    compiled, plain = _both(monkeypatch, metrics.compare, x, y, bound, scale=bound)
+    _same(compiled, plain)
+    assert metrics.is_identical(compiled)
+
+
+@pytest.mark.parametrize("which", ["bound", "scale"])
+def test_negative_bound_or_scale_is_refused_on_both_paths(which, monkeypatch):
+    x = np.ones(3, np.float32)
+    y = np.array([1, 2, 3], np.float32)
+    bad = np.array([1.0, -1.0, 1.0])
+    args = {"bound": bad} if which == "bound" else {"bound": np.ones(3), "scale": bad}
+    for engine in ("1", "0"):
+        monkeypatch.setenv("CONVDIFF_NUMBA", engine)
+        with pytest.raises(ValueError, match=f"{which} must be non-negative"):
+            metrics.compare(x, y, **args)
+
+
+def test_extreme_ulp_distances(monkeypatch):
+    """Opposite signs at the limits of float32 and float64 (numpy's nulp_diff overflows)."""
+    for dt in (np.float32, np.float64):
+        big = np.finfo(dt).max
+        ref = np.array([-big, big, -np.finfo(dt).smallest_subnormal], dt)
+        cand = np.array([big, -big, np.finfo(dt).smallest_subnormal], dt)
+        compiled, plain = _both(monkeypatch, metrics.compare, ref, cand)
+        _same(compiled, plain)
+        assert compiled.max_ulp == 2 * int(np.array(big, dt).view(f"u{ref.itemsize}"))
+
+
+@pytest.mark.parametrize("dt_name", ["float32", "float64"])
+def test_scaled_ulps_at_the_ends_of_the_range(dt_name, monkeypatch):
+    """Magnitudes in the subnormal range (ULPs of 2**-1074 for float64: a scaling by more
+    than 2**1023), near the largest number, and infinite scales."""
+    dt = np.dtype(dt_name)
+    info = np.finfo(dt)
+    tiny, big = float(info.smallest_subnormal), float(info.max)
+    ref = np.array([tiny, 3 * tiny, 0.0, big, -big, 1.0, 2.0], dt)
+    cand = np.array([0.0, tiny, -tiny, np.nextafter(big, 0), big, 1.5, 2.5], dt)
+    for scale in (np.zeros(7), np.array([0, 0, 0, 0, 0, np.inf, np.nan])):
+        compiled, plain = _both(monkeypatch, metrics.compare, ref, cand, np.ones(7), scale=scale)
+        _same(compiled, plain)
