@@ -435,9 +435,27 @@ class Bounded:
             # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
             # evaluation's own error, plus k underflows.
             gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
-            err = prop + gamma * upper + k * self.acc_eta
-            err = err + self.final_units * (np.abs(value) + err) + self.eta_sum
+            err = self._reduction_error(np.asarray(value), prop, gamma * upper, k)
         return Tracked(np.asarray(value), np.asarray(err), np.asarray(mag))
+
+    def _reduction_error(self, value: np.ndarray, prop, spread: np.ndarray, k: int):
+        """``prop + spread + k eta``, then the final rounding of a side that accumulates in
+        another dtype: ``err + final_units (|value| + err) + eta_sum``, in place in ``spread``
+        (a new array), the operations in that order."""
+        err = spread
+        if not _is_zero(prop):
+            err += prop  # prop + spread: the same sum
+        err += k * self.acc_eta
+        if self.final_units == 0 and math.isfinite(np.sum(value)) and math.isfinite(np.sum(err)):
+            # every |value| + err finite: final_units times it is +0, which adds nothing
+            err += self.eta_sum
+            return err
+        tail = np.abs(value)
+        tail += err
+        tail *= self.final_units
+        err += tail
+        err += self.eta_sum
+        return err
 
     def sum(self, x, axis, keepdims=False) -> Tracked:
         x = self._lift(x)

@@ -98,3 +98,23 @@ def test_dot_bound_never_below_the_float64_magnitudes(mode, rng):
     assert (narrow.err >= wide.err).all()
     assert (narrow.err <= wide.err * (1 + 4 * terms * 2.0**-24)).all()
     np.testing.assert_allclose(narrow.scale, wide.scale, rtol=terms * 2.0**-24)
+
+
+@pytest.mark.parametrize("accumulators", [("float32", "float32"), ("float32", "float16")])
+@pytest.mark.parametrize("special", [False, True])
+def test_reduction_error_is_the_formula_bit_for_bit(accumulators, special, rng):
+    """Bounded._reduction_error (in place, the final rounding's term skipped where it is +0)
+    against the formula it evaluates: ``prop + spread + k eta``, then ``err + final_units
+    (|value| + err) + eta_sum``."""
+    nx = Bounded("float32", accumulators)
+    value = rng.standard_normal(1000) * 100
+    spread = np.abs(rng.standard_normal(1000))
+    prop = np.abs(rng.standard_normal(1000)) * 1e-3
+    if special:
+        value[::97], value[5::97], spread[7::89] = np.inf, np.nan, np.inf
+    for p in (prop, np.broadcast_to(np.float64(0.0), ())):
+        with np.errstate(invalid="ignore"):  # 0 * inf and NaN: part of the formula
+            want = p + spread + 300 * nx.acc_eta
+            want = want + nx.final_units * (np.abs(value) + want) + nx.eta_sum
+            got = nx._reduction_error(value, p, spread.copy(), 300)
+        np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))
