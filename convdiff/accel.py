@@ -83,13 +83,23 @@ def fma_chain(a: np.ndarray, b: np.ndarray, acc: np.ndarray, terms: range, fused
     if not len(terms):
         return
     work = acc.astype(a.dtype)
+    chain_in_place(a, b, work, terms, fused)
+    acc[...] = work
+
+
+def chain_in_place(
+    a: np.ndarray, b: np.ndarray, work: np.ndarray, terms: range, fused: bool
+) -> None:
+    """:func:`fma_chain` on accumulators held in the operands' own dtype (C-contiguous
+    ``work``), in place: the same steps without the float64 copies."""
+    if not len(terms):
+        return
     geometry = _tiling(a, b, work.shape, terms)
     if geometry is None:  # no layout of orders._arrange: each output a group of its own
         full = (a.shape[0], work.size, 1, 1)
         a, b = (np.broadcast_to(x, (x.shape[0], *work.shape)).reshape(full) for x in (a, b))
         geometry = _tiling(a, b, full[1:], terms)
     _run_tiles(*geometry, work.reshape(-1), len(terms), fused)
-    acc[...] = work
 
 
 # Multiply-adds below which a chain runs on one thread (splitting costs ~0.1 ms).

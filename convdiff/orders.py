@@ -454,6 +454,8 @@ def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> n
     """Run an order's ``program`` on each output block; the result in ``dtype``. Compiled
     chains take the whole output as one block (they tile it for the cache themselves)."""
     whole = accel.compiles(a.dtype, a.dtype if b is None else b.dtype, dtype)
+    if whole and program is _sequential:
+        return _sequential_compiled(a, b, shape, dtype, fma)
     return _map_blocks(
         a,
         b,
@@ -462,6 +464,19 @@ def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> n
         lambda ab, bb: round_to(program(_Engine(ab, bb, dtype, fma)), dtype),
         math.prod(shape) if whole else None,
     )
+
+
+def _sequential_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
+    """:func:`_sequential` on the whole output with compiled chains, the accumulators held in
+    ``dtype`` itself (an _Engine holds them in float64 and copies them to and fro: the same
+    bits, several passes over the output more)."""
+    layout = _arrange(a, b, shape)
+    # a plain sum is a[k] * 1, exact (as in _Engine)
+    b_terms = np.ones((a.shape[0], 1, 1, 1), a.dtype) if layout.b is None else layout.b
+    out = np.zeros(layout.dims, dtype)
+    operands = accel.operands(layout.a, b_terms, dtype)
+    accel.chain_in_place(*operands, out, range(a.shape[0]), fma and b is not None)
+    return layout.restore(out)
 
 
 # --------------------------------------------------------------------------- orders as programs
