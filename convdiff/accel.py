@@ -159,6 +159,25 @@ def _run_tiles(
         job.result()
 
 
+def split(size: int, minimum: int) -> list[tuple[int, int]]:
+    """``[0, size)`` cut into one part per core, each at least ``minimum`` long (one part when
+    there is one core or too little work)."""
+    parts = min(_threads(), size // max(minimum, 1))
+    if parts <= 1:
+        return [(0, size)]
+    step = math.ceil(size / parts)
+    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+
+
+def in_parallel(function: Any, calls: list[tuple]) -> list:
+    """``function(*args)`` for each ``args`` in ``calls``, on the cores (``function`` must
+    release the GIL: a numba kernel with ``nogil``), results in the order of ``calls``."""
+    if len(calls) == 1:
+        return [function(*calls[0])]
+    jobs = [_pool().submit(function, *args) for args in calls]
+    return [job.result() for job in jobs]
+
+
 @cache
 def _threads() -> int:
     """The cores this process may run on."""

@@ -436,9 +436,7 @@ def _compare_compiled(
     bound64, scale64 = _flat_float64(bound, shape), _flat_float64(scale, shape)
     ulps = np.empty(size, np.uint64)
     info = ml_dtypes.finfo(reference.dtype)
-    figures = kernels.differences(
-        ref, cand, _bits(ref), _bits(cand), bound64, scale64, info.nmant, info.minexp, ulps
-    )
+    figures = _differences(kernels, ref, cand, bound64, scale64, (info.nmant, info.minexp), ulps)
     n_diff, both_nan, equal_inf, n_finite, max_ulp, worst_at = figures[:6]
     max_abs, max_rel, max_ratio, max_scaled = figures[6:10]
     nan_mismatch, inf_mismatch, nan_in_ref, first_at, negative_bound, negative_scale = figures[10:]
@@ -479,6 +477,59 @@ def _compare_compiled(
         nan_in_reference=nan_in_ref,
         first_nonfinite=first_nonfinite,
     )
+
+
+# Elements below which compare's pass is not split between cores
+_PARALLEL_ELEMENTS = 1 << 18
+
+
+def _differences(kernels, ref, cand, bound64, scale64, precision, ulps) -> tuple:
+    """The kernel's figures of the whole arrays (see _compiled_metrics.differences), its pass
+    split between the cores: parts in C order, their figures merged (sums, maxima, the first
+    position of the largest ULP distance and of a NaN or inf mismatch), each part's ULP
+    distances moved up behind the previous part's, so that they stay in C order."""
+    from convdiff import accel
+
+    parts = accel.split(ref.size, _PARALLEL_ELEMENTS)
+    refs, cands = _bits(ref), _bits(cand)
+
+    def piece(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        return x[lo:hi] if x.size else x
+
+    calls = [
+        (
+            ref[lo:hi],
+            cand[lo:hi],
+            refs[lo:hi],
+            cands[lo:hi],
+            piece(bound64, lo, hi),
+            piece(scale64, lo, hi),
+            *precision,
+            ulps[lo:hi],
+        )
+        for lo, hi in parts
+    ]
+    figures = accel.in_parallel(kernels.differences, calls)
+    if len(figures) == 1:
+        return figures[0]
+    written = 0
+    for (lo, _), part in zip(parts, figures, strict=True):
+        ulps[written : written + part[3]] = ulps[lo : lo + part[3]]
+        written += part[3]
+    max_ulp = max(part[4] for part in figures)
+    worst_at = next(
+        (part[5] + lo for (lo, _), part in zip(parts, figures, strict=True) if part[4] == max_ulp),
+        -1,
+    )
+    nonfinite = [
+        part[13] + lo for (lo, _), part in zip(parts, figures, strict=True) if part[13] >= 0
+    ]
+    total = [sum(part[i] for part in figures) for i in range(4)]
+    largest = [max(part[i] for part in figures) for i in (6, 7, 8, 9)]
+    counts = [sum(part[i] for part in figures) for i in (10, 11, 12)]
+    flags = [any(part[i] for part in figures) for i in (14, 15)]
+    first = nonfinite[0] if nonfinite else -1
+    return (*total, max_ulp, worst_at, *largest, *counts, first, *flags)
 
 
 def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:

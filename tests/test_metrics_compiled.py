@@ -146,3 +146,17 @@ def test_scaled_ulps_at_the_ends_of_the_range(dt_name, monkeypatch):
     for scale in (np.zeros(7), np.array([0, 0, 0, 0, 0, np.inf, np.nan])):
         compiled, plain = _both(monkeypatch, metrics.compare, ref, cand, np.ones(7), scale=scale)
         _same(compiled, plain)
+
+
+@pytest.mark.parametrize("special_share", [0.0, 0.05, 0.5])
+def test_a_pass_split_between_cores_gives_the_same_figures(special_share, rng, monkeypatch):
+    """compare's pass cut into three parts (merged counts, maxima, first positions, ULP
+    distances in C order) against the NumPy path."""
+    monkeypatch.setattr(metrics, "_PARALLEL_ELEMENTS", 5)
+    monkeypatch.setattr(accel, "_threads", lambda: 3)
+    for dt in (np.dtype(np.float32), np.dtype(np.float64)):
+        for _ in range(4):
+            ref, cand = _pair(rng, (7, 13, 5), dt, special_share)
+            bound, scale = _bound_scale(rng, (7, 13, 5), "special")
+            compiled, plain = _both(monkeypatch, metrics.compare, ref, cand, bound, scale=scale)
+            _same(compiled, plain)
