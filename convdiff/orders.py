@@ -791,6 +791,12 @@ def contract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _float64(a, b, dtype, shape):
     """Accumulate in float64 in index order (products of float32 are exact there), round
     once."""
+    wide = np.dtype(np.float64)
+    if accel.enabled() and exact_products(a.dtype, a.dtype if b is None else b.dtype):
+        # Exact products: a float64 chain of the operands widened (exactly) adds each product
+        # with one rounding, fused or not, as the NumPy engine's steps do: compiled, same bits.
+        widened = (a.astype(wide), None if b is None else b.astype(wide))
+        return round_to(_sequential_compiled(*widened, shape, wide, True), dtype)
 
     def block(ab, bb):
         return round_to(_sequential(_Engine(ab, bb, np.dtype(np.float64), True)), dtype)

@@ -29,7 +29,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("dt_name", ["float32", "float64"])
 @pytest.mark.parametrize(
-    "order", ["sequential", "reverse", "pairwise", "blocked:7", "eigen", "sequential/nofma"]
+    "order",
+    ["sequential", "reverse", "pairwise", "blocked:7", "eigen", "float64", "sequential/nofma"],
 )
 def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, rng, monkeypatch):
     """The compiled path against the NumPy engine on layouts with every broadcast pattern,
