@@ -58,28 +58,38 @@ ROWS = 6
 VECTOR_BYTES = 64
 
 
-def _tile(rows: int, fused: bool) -> Any:
+# Rows of a Kahan tile: each output holds a sum and a compensation (twice the registers).
+KAHAN_ROWS = 2
+
+
+def _tile(rows: int, fused: bool, kahan: bool = False) -> Any:
     """An intrinsic running ``count`` chain steps on a tile of ``rows`` x one vector of outputs.
 
-    Called as ``tile(x, x_at, x_step, w, w_at, w_step, w_row, acc, acc_at, acc_row, count)``
-    on flat arrays of one float dtype; offsets and steps count elements. Step ``i`` reads the
-    vector ``x[x_at + i*x_step :][:lanes]`` and, for row ``r``, the scalar
+    Called as ``tile(x, x_at, x_step, w, w_at, w_step, w_row, acc, acc_at, acc_row, count,
+    comp_at)`` on flat arrays of one float dtype; offsets and steps count elements. Step ``i``
+    reads the vector ``x[x_at + i*x_step :][:lanes]`` and, for row ``r``, the scalar
     ``w[w_at + i*w_step + r*w_row]``; row ``r``'s accumulators are the vector at
     ``acc[acc_at + r*acc_row]``, loaded before the first step and stored after the last.
+
+    With ``kahan``, each output is a Kahan sum: its compensation is held ``comp_at`` elements
+    after its sum, and a step is ``_Engine``'s (orders._kahan): ``y = a*b - comp`` (fused: one
+    rounding), ``t = sum + y``, ``comp = (t - sum) - y``, ``sum = t``, each rounded.
     """
 
     @intrinsic
-    def tile(typingctx, x, x_at, x_step, w, w_at, w_step, w_row, acc, acc_at, acc_row, count):  # type: ignore[no-untyped-def]
+    def tile(
+        typingctx, x, x_at, x_step, w, w_at, w_step, w_row, acc, acc_at, acc_row, count, comp_at
+    ):  # type: ignore[no-untyped-def]
         arrays = (x, w, acc)
         if not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays):
             return None
         if not (isinstance(x.dtype, types.Float) and x.dtype == w.dtype == acc.dtype):
             return None
         index = types.intp
-        sig = types.void(x, index, index, w, index, index, index, acc, index, index, index)
+        sig = types.void(x, index, index, w, index, index, index, acc, index, index, index, index)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            xs, x_at, x_step, ws, w_at, w_step, w_row, accs, acc_at, acc_row, count = args
+            xs, x_at, x_step, ws, w_at, w_step, w_row, accs, acc_at, acc_row, count, comp_at = args
             kind = context.get_value_type(x.dtype)
             bits = x.dtype.bitwidth
             lanes = VECTOR_BYTES * 8 // bits
@@ -92,7 +102,6 @@ def _tile(rows: int, fused: bool) -> Any:
                 f"llvm.fma.v{lanes}f{bits}",
             )
             zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-
             index_type = context.get_value_type(types.intp)
 
             def vector_at(base: Any, offset: Any) -> Any:
@@ -101,14 +110,17 @@ def _tile(rows: int, fused: bool) -> Any:
             def const(n: int) -> Any:
                 return ir.Constant(index_type, n)
 
-            targets = [
-                vector_at(acc_data, builder.add(acc_at, builder.mul(const(r), acc_row)))
-                for r in range(rows)
-            ]
+            targets = []
+            for r in range(rows):
+                at = builder.add(acc_at, builder.mul(const(r), acc_row))
+                targets.append([vector_at(acc_data, at)])
+                if kahan:
+                    targets[-1].append(vector_at(acc_data, builder.add(at, comp_at)))
             # accumulators in allocas: mem2reg makes them registers for the whole loop
-            slots = [cgutils.alloca_once(builder, vector) for _ in range(rows)]
-            for slot, target in zip(slots, targets, strict=True):
-                builder.store(builder.load(target, align=bits // 8), slot)
+            slots = [[cgutils.alloca_once(builder, vector) for _ in row] for row in targets]
+            for row_slots, row_targets in zip(slots, targets, strict=True):
+                for slot, target in zip(row_slots, row_targets, strict=True):
+                    builder.store(builder.load(target, align=bits // 8), slot)
             with cgutils.for_range(builder, count) as loop:
                 i = loop.index
                 term = builder.load(
@@ -116,21 +128,21 @@ def _tile(rows: int, fused: bool) -> Any:
                     align=bits // 8,
                 )
                 w_here = builder.add(w_at, builder.mul(i, w_step))
-                for r, slot in enumerate(slots):
+                for r, row_slots in enumerate(slots):
                     at = builder.add(w_here, builder.mul(const(r), w_row))
                     scalar = builder.load(builder.gep(w_data, [at]))
                     lane0 = builder.insert_element(
                         ir.Constant(vector, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0)
                     )
                     factor = builder.shuffle_vector(lane0, ir.Constant(vector, ir.Undefined), zeros)
-                    total = builder.load(slot)
-                    if fused:
-                        total = builder.call(vfma, [term, factor, total])
-                    else:  # two IEEE roundings: no fast-math flags, so no contraction
-                        total = builder.fadd(total, builder.fmul(term, factor))
-                    builder.store(total, slot)
-            for slot, target in zip(slots, targets, strict=True):
-                builder.store(builder.load(slot), target, align=bits // 8)
+                    state = [builder.load(slot) for slot in row_slots]
+                    step = _kahan_step if kahan else _chain_step
+                    state = step(builder, vfma, fused, term, factor, state)
+                    for slot, value in zip(row_slots, state, strict=True):
+                        builder.store(value, slot)
+            for row_slots, row_targets in zip(slots, targets, strict=True):
+                for slot, target in zip(row_slots, row_targets, strict=True):
+                    builder.store(builder.load(slot), target, align=bits // 8)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -138,11 +150,31 @@ def _tile(rows: int, fused: bool) -> Any:
     return tile
 
 
+def _chain_step(builder: Any, vfma: Any, fused: bool, term: Any, factor: Any, state: list) -> list:
+    """``acc + term * factor``, one rounding (fused) or two: no fast-math flags, so LLVM does
+    not contract the product and the sum."""
+    (total,) = state
+    if fused:
+        return [builder.call(vfma, [term, factor, total])]
+    return [builder.fadd(total, builder.fmul(term, factor))]
+
+
+def _kahan_step(builder: Any, vfma: Any, fused: bool, term: Any, factor: Any, state: list) -> list:
+    """One step of Kahan's sum on ``[sum, comp]``, the roundings of orders._kahan."""
+    total, comp = state
+    if fused:  # fma(a, b, -comp): the negation is exact
+        y = builder.call(vfma, [term, factor, builder.fneg(comp)])
+    else:
+        y = builder.fsub(builder.fmul(term, factor), comp)
+    t = builder.fadd(total, y)  # the engine's total - (-y): the same IEEE operation
+    return [t, builder.fsub(builder.fsub(t, total), y)]
+
+
 # One intrinsic per tile height (the last rows of a layer may be fewer than ROWS) and step.
-_FUSED = tuple(_tile(rows, True) for rows in range(1, ROWS + 1))
-_UNFUSED = tuple(_tile(rows, False) for rows in range(1, ROWS + 1))
-_F1, _F2, _F3, _F4, _F5, _F6 = _FUSED
-_U1, _U2, _U3, _U4, _U5, _U6 = _UNFUSED
+_F1, _F2, _F3, _F4, _F5, _F6 = (_tile(rows, True) for rows in range(1, ROWS + 1))
+_U1, _U2, _U3, _U4, _U5, _U6 = (_tile(rows, False) for rows in range(1, ROWS + 1))
+_KF1, _KF2 = (_tile(rows, True, kahan=True) for rows in range(1, KAHAN_ROWS + 1))
+_KU1, _KU2 = (_tile(rows, False, kahan=True) for rows in range(1, KAHAN_ROWS + 1))
 # Terms per pass over the outputs: the operands' part of a pass (a vector of positions and
 # the rows' scalars, for this many terms) stays in the L1 and L2 caches while every tile of
 # the pass reads it. Each pass stores the accumulators and the next reloads them (exact).
@@ -150,10 +182,21 @@ TERMS_PER_PASS = 256
 
 
 @numba.njit(inline="always")
-def _tile_of(rows, fused, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count):  # type: ignore[no-untyped-def]
-    """The tile of ``rows`` (1 to ROWS) rows: numba needs the intrinsic picked by name."""
-    args = (x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count)
-    if fused:
+def _tile_of(rows, fused, kahan, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at):  # type: ignore[no-untyped-def]
+    """The tile of ``rows`` rows (1 to ROWS, or KAHAN_ROWS): numba needs the intrinsic picked
+    by name."""
+    args = (x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at)
+    if kahan:
+        if fused:
+            if rows == 2:
+                _KF2(*args)
+            else:
+                _KF1(*args)
+        elif rows == 2:
+            _KU2(*args)
+        else:
+            _KU1(*args)
+    elif fused:
         if rows == 6:
             _F6(*args)
         elif rows == 5:
@@ -181,61 +224,71 @@ def _tile_of(rows, fused, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count)
 
 
 @numba.njit(nogil=True)
-def tiled_chain(x, w, acc, geometry, count, fused, g_lo, g_hi, l_lo, l_hi):  # type: ignore[no-untyped-def]
+def tiled_chain(x, w, acc, geometry, count, fused, kahan, g_lo, g_hi, l_lo, l_hi):  # type: ignore[no-untyped-def]
     """Chains of ``count`` steps on the outputs ``acc[g, s, l]`` for ``g_lo <= g < g_hi``,
     ``l_lo <= l < l_hi`` and every ``s``; arrays flat, laid out by ``geometry``:
 
     ``(x_at, x_g, x_k, w_at, w_g, w_row, w_k, rows, length)``: term ``i`` of output
     ``(g, s, l)`` multiplies ``x[x_at + g*x_g + i*x_k + l]`` by
-    ``w[w_at + g*w_g + i*w_k + s*w_row]``; ``acc`` is ``(G, rows, length)`` in C order.
+    ``w[w_at + g*w_g + i*w_k + s*w_row]``; ``acc`` is ``(G, rows, length)`` in C order, and
+    with ``kahan`` the compensations follow in a second such block.
     """
     x_at, x_g, x_k, w_at, w_g, w_row, w_k, rows, length = geometry
+    comp_at = acc.size // 2 if kahan else 0
     for first in range(0, count, TERMS_PER_PASS):
         terms = min(TERMS_PER_PASS, count - first)
         for g in range(g_lo, g_hi):
             xg = x_at + g * x_g + first * x_k
             wg = w_at + g * w_g + first * w_k
-            _tiles(
-                x,
-                xg,
-                x_k,
-                w,
-                wg,
-                w_k,
-                w_row,
-                acc,
-                g * rows * length,
-                rows,
-                length,
-                terms,
-                fused,
-                l_lo,
-                l_hi,
-            )
+            operands = (x, xg, x_k, w, wg, w_k, w_row)
+            outputs = (acc, g * rows * length, rows, length, comp_at)
+            _tiles(operands, outputs, terms, fused, kahan, l_lo, l_hi)
 
 
 @numba.njit(inline="always")
-def _tiles(x, xg, x_k, w, wg, w_k, w_row, acc, ag, rows, length, count, fused, l_lo, l_hi):  # type: ignore[no-untyped-def]
+def _tiles(operands, outputs, count, fused, kahan, l_lo, l_hi):  # type: ignore[no-untyped-def]
     """One group's outputs ``l_lo <= l < l_hi`` (every row), ``count`` steps: tiles of a
     vector of positions, then scalar steps for the positions left over."""
+    x, xg, x_k, w, wg, w_k, w_row = operands
+    acc, ag, rows, length, comp_at = outputs
     lanes = VECTOR_BYTES // x.itemsize
+    height = KAHAN_ROWS if kahan else ROWS
     at = l_lo
     while at + lanes <= l_hi:
-        for s in range(0, rows, ROWS):
-            height = min(ROWS, rows - s)
+        for s in range(0, rows, height):
+            tall = min(height, rows - s)
             xa, wa, aa = xg + at, wg + s * w_row, ag + s * length + at
-            _tile_of(height, fused, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count)
+            _tile_of(
+                tall, fused, kahan, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at
+            )
         at += lanes
     for position in range(at, l_hi):
         for s in range(rows):
-            total = acc[ag + s * length + position]
-            xi = xg + position
-            wi = wg + s * w_row
+            out = ag + s * length + position
+            xi, wi = xg + position, wg + s * w_row
+            if kahan:
+                _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused)
+                continue
+            total = acc[out]
             for _ in range(count):
                 total = fma(x[xi], w[wi], total) if fused else total + x[xi] * w[wi]
                 xi += x_k
                 wi += w_k
-            acc[ag + s * length + position] = total
+            acc[out] = total
+
+
+@numba.njit(inline="always")
+def _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused):  # type: ignore[no-untyped-def]
+    """One output's Kahan steps (as _kahan_step, on scalars)."""
+    total, comp = acc[out], acc[out + comp_at]
+    for _ in range(count):
+        y = fma(x[xi], w[wi], -comp) if fused else x[xi] * w[wi] - comp
+        t = total + y
+        comp = (t - total) - y
+        total = t
+        xi += x_k
+        wi += w_k
+    acc[out], acc[out + comp_at] = total, comp
 
 
 def cache_compiled(function: Any) -> None:

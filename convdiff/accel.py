@@ -92,14 +92,29 @@ def chain_in_place(
 ) -> None:
     """:func:`fma_chain` on accumulators held in the operands' own dtype (C-contiguous
     ``work``), in place: the same steps without the float64 copies."""
-    if not len(terms):
-        return
-    geometry = _tiling(a, b, work.shape, terms)
-    if geometry is None:  # no layout of orders._arrange: each output a group of its own
-        full = (a.shape[0], work.size, 1, 1)
-        a, b = (np.broadcast_to(x, (x.shape[0], *work.shape)).reshape(full) for x in (a, b))
+    if len(terms):
+        _run_tiles(*_read(a, b, work.shape, terms), work.reshape(-1), len(terms), fused, False)
+
+
+def kahan_in_place(
+    a: np.ndarray, b: np.ndarray, state: np.ndarray, terms: range, fused: bool
+) -> None:
+    """Kahan's compensated sum of the terms in order (orders._kahan's steps), on ``state``:
+    ``(2, G, S, L)`` in the operands' dtype, C-contiguous, the sums then the compensations."""
+    if len(terms):
+        _run_tiles(*_read(a, b, state.shape[1:], terms), state.reshape(-1), len(terms), fused, True)
+
+
+def _read(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range) -> tuple:
+    """:func:`_tiling`, for any operands: those of no layout of orders._arrange are copied
+    into one where each output is a group of its own."""
+    geometry = _tiling(a, b, shape, terms)
+    if geometry is None:
+        size = math.prod(shape)
+        full = (a.shape[0], size, 1, 1)
+        a, b = (np.broadcast_to(x, (x.shape[0], *shape)).reshape(full) for x in (a, b))
         geometry = _tiling(a, b, full[1:], terms)
-    _run_tiles(*geometry, work.reshape(-1), len(terms), fused)
+    return geometry
 
 
 # Multiply-adds below which a chain runs on one thread (splitting costs ~0.1 ms).
@@ -133,17 +148,25 @@ def _tiling(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range) 
 
 
 def _run_tiles(
-    x: np.ndarray, w: np.ndarray, geometry: tuple, flat: np.ndarray, count: int, fused: bool
+    x: np.ndarray,
+    w: np.ndarray,
+    geometry: tuple,
+    flat: np.ndarray,
+    count: int,
+    fused: bool,
+    kahan: bool,
 ) -> None:
-    """Run the tiled chains on the accumulators ``flat`` (laid out as ``geometry`` says), the
-    outputs split between threads: disjoint outputs, so the split cannot change a bit."""
+    """Run the tiled chains on the accumulators ``flat`` (laid out as ``geometry`` says; with
+    ``kahan`` followed by the compensations), the outputs split between threads: disjoint
+    outputs, so the split cannot change a bit."""
     from convdiff._compiled import VECTOR_BYTES, tiled_chain
 
     rows, length = geometry[-2:]
-    groups = flat.size // max(rows * length, 1)
+    outputs = flat.size // 2 if kahan else flat.size
+    groups = outputs // max(rows * length, 1)
     threads = _threads()
-    if threads == 1 or count * flat.size < _PARALLEL_STEPS:
-        tiled_chain(x, w, flat, geometry, count, fused, 0, groups, 0, length)
+    if threads == 1 or count * outputs < _PARALLEL_STEPS:
+        tiled_chain(x, w, flat, geometry, count, fused, kahan, 0, groups, 0, length)
         return
     lanes = VECTOR_BYTES // x.itemsize
     if length >= 2 * threads * lanes:  # split the positions at vector boundaries
@@ -153,7 +176,8 @@ def _run_tiles(
         step = math.ceil(groups / threads)
         parts = [(lo, min(lo + step, groups), 0, length) for lo in range(0, groups, step)]
     jobs = [
-        _pool().submit(tiled_chain, x, w, flat, geometry, count, fused, *part) for part in parts
+        _pool().submit(tiled_chain, x, w, flat, geometry, count, fused, kahan, *part)
+        for part in parts
     ]
     for job in jobs:
         job.result()

@@ -456,6 +456,8 @@ def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> n
     whole = accel.compiles(a.dtype, a.dtype if b is None else b.dtype, dtype)
     if whole and program is _sequential:
         return _sequential_compiled(a, b, shape, dtype, fma)
+    if whole and program is _kahan:
+        return _kahan_compiled(a, b, shape, dtype, fma)
     return _map_blocks(
         a,
         b,
@@ -477,6 +479,17 @@ def _sequential_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
     operands = accel.operands(layout.a, b_terms, dtype)
     accel.chain_in_place(*operands, out, range(a.shape[0]), fma and b is not None)
     return layout.restore(out)
+
+
+def _kahan_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
+    """:func:`_kahan` on the whole output with compiled steps (the same roundings), the sums
+    and compensations held in ``dtype``."""
+    layout = _arrange(a, b, shape)
+    b_terms = np.ones((a.shape[0], 1, 1, 1), a.dtype) if layout.b is None else layout.b
+    state = np.zeros((2, *layout.dims), dtype)
+    operands = accel.operands(layout.a, b_terms, dtype)
+    accel.kahan_in_place(*operands, state, range(a.shape[0]), fma and b is not None)
+    return layout.restore(state[0])
 
 
 # --------------------------------------------------------------------------- orders as programs

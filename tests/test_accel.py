@@ -30,7 +30,17 @@ LAYOUTS = {
 @pytest.mark.parametrize("dt_name", ["float32", "float64"])
 @pytest.mark.parametrize(
     "order",
-    ["sequential", "reverse", "pairwise", "blocked:7", "eigen", "float64", "sequential/nofma"],
+    [
+        "sequential",
+        "reverse",
+        "pairwise",
+        "blocked:7",
+        "eigen",
+        "float64",
+        "kahan",
+        "kahan/nofma",
+        "sequential/nofma",
+    ],
 )
 def test_compiled_chains_give_the_numpy_engines_bits(layout, dt_name, order, rng, monkeypatch):
     """The compiled path against the NumPy engine on layouts with every broadcast pattern,
@@ -73,7 +83,9 @@ def test_arranged_layouts_are_tiled_as_they_are(layout, rng):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("dt_name", ["float32", "float64"])
-@pytest.mark.parametrize("order", ["sequential", "reverse", "pairwise", "sequential/nofma"])
+@pytest.mark.parametrize(
+    "order", ["sequential", "reverse", "pairwise", "kahan", "kahan/nofma", "sequential/nofma"]
+)
 def test_tiles_split_between_threads_give_the_same_bits(layout, dt_name, order, rng, monkeypatch):
     """Outputs split between threads (by positions, or by groups where the positions are few):
     each output's chain is still one thread's, in order."""
