@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -38,17 +39,20 @@ from convdiff.cachedir import cache_dir
 @intrinsic
 def fma(typingctx: Any, x: Any, y: Any, z: Any) -> Any:
     """LLVM's fused multiply-add: ``x * y + z`` rounded once (IEEE 754 fusedMultiplyAdd),
-    for float32 or float64 operands of one type."""
-    if not (isinstance(x, types.Float) and x == y == z):
+    for float32 or float64 operands, in the widest one's type (a float32 operand widens
+    exactly)."""
+    if not all(isinstance(v, types.Float) for v in (x, y, z)):
         return None
+    wide = max((x, y, z), key=lambda v: v.bitwidth)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        kind = args[0].type
+        kind = context.get_value_type(wide)
+        values = [v if v.type == kind else builder.fpext(v, kind) for v in args]
         fnty = ir.FunctionType(kind, [kind, kind, kind])
-        name = "llvm.fma.f32" if x.bitwidth == 32 else "llvm.fma.f64"
-        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+        name = f"llvm.fma.f{wide.bitwidth}"
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), values)
 
-    return x(x, y, z), codegen
+    return wide(wide, wide, wide), codegen
 
 
 # Rows of a register tile. On AVX2 a 16-float32 vector takes two of the 16 vector registers:
@@ -62,7 +66,13 @@ VECTOR_BYTES = 64
 KAHAN_ROWS = 2
 
 
-def _tile(rows: int, fused: bool, kahan: bool = False) -> Any:
+# What a tile's outputs hold: one accumulator, a Kahan sum and its compensation, or the
+# exact order's double-double sum, its error sum and the terms' magnitude.
+CHAIN, KAHAN, EXACT = 0, 1, 2
+_STATES = {CHAIN: 1, KAHAN: 2, EXACT: 3}
+
+
+def _tile(rows: int, fused: bool, mode: int = CHAIN) -> Any:
     """An intrinsic running ``count`` chain steps on a tile of ``rows`` x one vector of outputs.
 
     Called as ``tile(x, x_at, x_step, w, w_at, w_step, w_row, acc, acc_at, acc_row, count,
@@ -71,9 +81,12 @@ def _tile(rows: int, fused: bool, kahan: bool = False) -> Any:
     ``w[w_at + i*w_step + r*w_row]``; row ``r``'s accumulators are the vector at
     ``acc[acc_at + r*acc_row]``, loaded before the first step and stored after the last.
 
-    With ``kahan``, each output is a Kahan sum: its compensation is held ``comp_at`` elements
+    In ``KAHAN`` mode each output is a Kahan sum: its compensation is held ``comp_at`` elements
     after its sum, and a step is ``_Engine``'s (orders._kahan): ``y = a*b - comp`` (fused: one
-    rounding), ``t = sum + y``, ``comp = (t - sum) - y``, ``sum = t``, each rounded.
+    rounding), ``t = sum + y``, ``comp = (t - sum) - y``, ``sum = t``, each rounded. In
+    ``EXACT`` mode float32 operands are widened to float64 (exact) and each output holds
+    orders.exact_sum's double-double accumulation: its sum, error sum and magnitude, each
+    ``comp_at`` elements after the previous.
     """
 
     @intrinsic
@@ -83,29 +96,42 @@ def _tile(rows: int, fused: bool, kahan: bool = False) -> Any:
         arrays = (x, w, acc)
         if not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays):
             return None
-        if not (isinstance(x.dtype, types.Float) and x.dtype == w.dtype == acc.dtype):
+        if not (isinstance(x.dtype, types.Float) and x.dtype == w.dtype):
+            return None
+        # float32 operands into float64 accumulators are widened as loaded (what EXACT mode
+        # takes; numba types every mode's branch of a call, so each mode accepts them)
+        wide = x.dtype.bitwidth == 32 and acc.dtype.bitwidth == 64
+        if acc.dtype != x.dtype and not wide:
             return None
         index = types.intp
         sig = types.void(x, index, index, w, index, index, index, acc, index, index, index, index)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             xs, x_at, x_step, ws, w_at, w_step, w_row, accs, acc_at, acc_row, count, comp_at = args
-            kind = context.get_value_type(x.dtype)
-            bits = x.dtype.bitwidth
+            kind = context.get_value_type(acc.dtype)
+            bits = acc.dtype.bitwidth
             lanes = VECTOR_BYTES * 8 // bits
             vector = ir.VectorType(kind, lanes)
-            data = [context.make_array(x)(context, builder, value=a).data for a in (xs, ws, accs)]
+            narrow = context.get_value_type(x.dtype)  # the operands' (exact mode: float32)
+            operand_bytes = x.dtype.bitwidth // 8
+            data = [
+                context.make_array(t)(context, builder, value=v).data
+                for t, v in ((x, xs), (w, ws), (acc, accs))
+            ]
             x_data, w_data, acc_data = data
             vfma = cgutils.get_or_insert_function(
                 builder.module,
                 ir.FunctionType(vector, [vector] * 3),
                 f"llvm.fma.v{lanes}f{bits}",
             )
+            vfabs = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vector, [vector]), f"llvm.fabs.v{lanes}f{bits}"
+            )
             zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
             index_type = context.get_value_type(types.intp)
 
-            def vector_at(base: Any, offset: Any) -> Any:
-                return builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())
+            def vector_at(base: Any, offset: Any, of: Any = vector) -> Any:
+                return builder.bitcast(builder.gep(base, [offset]), of.as_pointer())
 
             def const(n: int) -> Any:
                 return ir.Constant(index_type, n)
@@ -113,9 +139,10 @@ def _tile(rows: int, fused: bool, kahan: bool = False) -> Any:
             targets = []
             for r in range(rows):
                 at = builder.add(acc_at, builder.mul(const(r), acc_row))
-                targets.append([vector_at(acc_data, at)])
-                if kahan:
-                    targets[-1].append(vector_at(acc_data, builder.add(at, comp_at)))
+                targets.append([])
+                for _ in range(_STATES[mode]):
+                    targets[-1].append(vector_at(acc_data, at))
+                    at = builder.add(at, comp_at)
             # accumulators in allocas: mem2reg makes them registers for the whole loop
             slots = [[cgutils.alloca_once(builder, vector) for _ in row] for row in targets]
             for row_slots, row_targets in zip(slots, targets, strict=True):
@@ -124,20 +151,31 @@ def _tile(rows: int, fused: bool, kahan: bool = False) -> Any:
             with cgutils.for_range(builder, count) as loop:
                 i = loop.index
                 term = builder.load(
-                    vector_at(x_data, builder.add(x_at, builder.mul(i, x_step))),
-                    align=bits // 8,
+                    vector_at(
+                        x_data,
+                        builder.add(x_at, builder.mul(i, x_step)),
+                        ir.VectorType(narrow, lanes),
+                    ),
+                    align=operand_bytes,
                 )
+                if narrow != kind:
+                    term = builder.fpext(term, vector)
                 w_here = builder.add(w_at, builder.mul(i, w_step))
                 for r, row_slots in enumerate(slots):
                     at = builder.add(w_here, builder.mul(const(r), w_row))
                     scalar = builder.load(builder.gep(w_data, [at]))
+                    if narrow != kind:
+                        scalar = builder.fpext(scalar, kind)
                     lane0 = builder.insert_element(
                         ir.Constant(vector, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0)
                     )
                     factor = builder.shuffle_vector(lane0, ir.Constant(vector, ir.Undefined), zeros)
                     state = [builder.load(slot) for slot in row_slots]
-                    step = _kahan_step if kahan else _chain_step
-                    state = step(builder, vfma, fused, term, factor, state)
+                    if mode == EXACT:
+                        state = _exact_step(builder, vfabs, term, factor, state)
+                    else:
+                        step = _kahan_step if mode == KAHAN else _chain_step
+                        state = step(builder, vfma, fused, term, factor, state)
                     for slot, value in zip(row_slots, state, strict=True):
                         builder.store(value, slot)
             for row_slots, row_targets in zip(slots, targets, strict=True):
@@ -170,11 +208,25 @@ def _kahan_step(builder: Any, vfma: Any, fused: bool, term: Any, factor: Any, st
     return [t, builder.fsub(builder.fsub(t, total), y)]
 
 
+def _exact_step(builder: Any, vfabs: Any, term: Any, factor: Any, state: list) -> list:
+    """One term of orders.exact_sum's double-double sum (TwoSum into ``s``, the error into
+    ``e``) and of the terms' magnitude, as its NumPy loop computes them: ``t = a*b`` (exact:
+    widened float32 numbers), ``s' = s + t``, ``z = s' - s``,
+    ``e += (s - (s' - z)) + (t - z)``, ``mag += |t|``."""
+    s, e, mag = state
+    t = builder.fmul(term, factor)
+    s_new = builder.fadd(s, t)
+    z = builder.fsub(s_new, s)
+    error = builder.fadd(builder.fsub(s, builder.fsub(s_new, z)), builder.fsub(t, z))
+    return [s_new, builder.fadd(e, error), builder.fadd(mag, builder.call(vfabs, [t]))]
+
+
 # One intrinsic per tile height (the last rows of a layer may be fewer than ROWS) and step.
 _F1, _F2, _F3, _F4, _F5, _F6 = (_tile(rows, True) for rows in range(1, ROWS + 1))
 _U1, _U2, _U3, _U4, _U5, _U6 = (_tile(rows, False) for rows in range(1, ROWS + 1))
-_KF1, _KF2 = (_tile(rows, True, kahan=True) for rows in range(1, KAHAN_ROWS + 1))
-_KU1, _KU2 = (_tile(rows, False, kahan=True) for rows in range(1, KAHAN_ROWS + 1))
+_KF1, _KF2 = (_tile(rows, True, KAHAN) for rows in range(1, KAHAN_ROWS + 1))
+_KU1, _KU2 = (_tile(rows, False, KAHAN) for rows in range(1, KAHAN_ROWS + 1))
+_E1, _E2 = (_tile(rows, False, EXACT) for rows in range(1, KAHAN_ROWS + 1))
 # Terms per pass over the outputs: the operands' part of a pass (a vector of positions and
 # the rows' scalars, for this many terms) stays in the L1 and L2 caches while every tile of
 # the pass reads it. Each pass stores the accumulators and the next reloads them (exact).
@@ -182,11 +234,16 @@ TERMS_PER_PASS = 256
 
 
 @numba.njit(inline="always")
-def _tile_of(rows, fused, kahan, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at):  # type: ignore[no-untyped-def]
+def _tile_of(rows, fused, mode, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at):  # type: ignore[no-untyped-def]
     """The tile of ``rows`` rows (1 to ROWS, or KAHAN_ROWS): numba needs the intrinsic picked
     by name."""
     args = (x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at)
-    if kahan:
+    if mode == EXACT:
+        if rows == 2:
+            _E2(*args)
+        else:
+            _E1(*args)
+    elif mode == KAHAN:
         if fused:
             if rows == 2:
                 _KF2(*args)
@@ -224,17 +281,17 @@ def _tile_of(rows, fused, kahan, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length,
 
 
 @numba.njit(nogil=True)
-def tiled_chain(x, w, acc, geometry, count, fused, kahan, g_lo, g_hi, l_lo, l_hi):  # type: ignore[no-untyped-def]
+def tiled_chain(x, w, acc, geometry, count, fused, mode, g_lo, g_hi, l_lo, l_hi):  # type: ignore[no-untyped-def]
     """Chains of ``count`` steps on the outputs ``acc[g, s, l]`` for ``g_lo <= g < g_hi``,
     ``l_lo <= l < l_hi`` and every ``s``; arrays flat, laid out by ``geometry``:
 
     ``(x_at, x_g, x_k, w_at, w_g, w_row, w_k, rows, length)``: term ``i`` of output
     ``(g, s, l)`` multiplies ``x[x_at + g*x_g + i*x_k + l]`` by
     ``w[w_at + g*w_g + i*w_k + s*w_row]``; ``acc`` is ``(G, rows, length)`` in C order, and
-    with ``kahan`` the compensations follow in a second such block.
+    in KAHAN and EXACT mode the further states follow in further such blocks.
     """
     x_at, x_g, x_k, w_at, w_g, w_row, w_k, rows, length = geometry
-    comp_at = acc.size // 2 if kahan else 0
+    comp_at = acc.size // (3 if mode == EXACT else 2 if mode == KAHAN else 1)
     for first in range(0, count, TERMS_PER_PASS):
         terms = min(TERMS_PER_PASS, count - first)
         for g in range(g_lo, g_hi):
@@ -242,32 +299,35 @@ def tiled_chain(x, w, acc, geometry, count, fused, kahan, g_lo, g_hi, l_lo, l_hi
             wg = w_at + g * w_g + first * w_k
             operands = (x, xg, x_k, w, wg, w_k, w_row)
             outputs = (acc, g * rows * length, rows, length, comp_at)
-            _tiles(operands, outputs, terms, fused, kahan, l_lo, l_hi)
+            _tiles(operands, outputs, terms, fused, mode, l_lo, l_hi)
 
 
 @numba.njit(inline="always")
-def _tiles(operands, outputs, count, fused, kahan, l_lo, l_hi):  # type: ignore[no-untyped-def]
+def _tiles(operands, outputs, count, fused, mode, l_lo, l_hi):  # type: ignore[no-untyped-def]
     """One group's outputs ``l_lo <= l < l_hi`` (every row), ``count`` steps: tiles of a
     vector of positions, then scalar steps for the positions left over."""
     x, xg, x_k, w, wg, w_k, w_row = operands
     acc, ag, rows, length, comp_at = outputs
-    lanes = VECTOR_BYTES // x.itemsize
-    height = KAHAN_ROWS if kahan else ROWS
+    lanes = VECTOR_BYTES // acc.itemsize
+    height = ROWS if mode == CHAIN else KAHAN_ROWS
     at = l_lo
     while at + lanes <= l_hi:
         for s in range(0, rows, height):
             tall = min(height, rows - s)
             xa, wa, aa = xg + at, wg + s * w_row, ag + s * length + at
             _tile_of(
-                tall, fused, kahan, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at
+                tall, fused, mode, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at
             )
         at += lanes
     for position in range(at, l_hi):
         for s in range(rows):
             out = ag + s * length + position
             xi, wi = xg + position, wg + s * w_row
-            if kahan:
+            if mode == KAHAN:
                 _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused)
+                continue
+            if mode == EXACT:
+                _exact_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count)
                 continue
             total = acc[out]
             for _ in range(count):
@@ -289,6 +349,22 @@ def _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused):  # t
         xi += x_k
         wi += w_k
     acc[out], acc[out + comp_at] = total, comp
+
+
+@numba.njit(inline="always")
+def _exact_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count):  # type: ignore[no-untyped-def]
+    """One output's double-double steps (as _exact_step, on scalars)."""
+    s, e, mag = acc[out], acc[out + comp_at], acc[out + 2 * comp_at]
+    for _ in range(count):
+        t = np.float64(x[xi]) * np.float64(w[wi])
+        s_new = s + t
+        z = s_new - s
+        e += (s - (s_new - z)) + (t - z)
+        s = s_new
+        mag += abs(t)
+        xi += x_k
+        wi += w_k
+    acc[out], acc[out + comp_at], acc[out + 2 * comp_at] = s, e, mag
 
 
 def cache_compiled(function: Any) -> None:

@@ -93,7 +93,7 @@ def chain_in_place(
     """:func:`fma_chain` on accumulators held in the operands' own dtype (C-contiguous
     ``work``), in place: the same steps without the float64 copies."""
     if len(terms):
-        _run_tiles(*_read(a, b, work.shape, terms), work.reshape(-1), len(terms), fused, False)
+        _run_tiles(*_read(a, b, work.shape, terms), work.reshape(-1), len(terms), fused, _CHAIN)
 
 
 def kahan_in_place(
@@ -102,7 +102,29 @@ def kahan_in_place(
     """Kahan's compensated sum of the terms in order (orders._kahan's steps), on ``state``:
     ``(2, G, S, L)`` in the operands' dtype, C-contiguous, the sums then the compensations."""
     if len(terms):
-        _run_tiles(*_read(a, b, state.shape[1:], terms), state.reshape(-1), len(terms), fused, True)
+        geometry = _read(a, b, state.shape[1:], terms)
+        _run_tiles(*geometry, state.reshape(-1), len(terms), fused, _KAHAN)
+
+
+def exact_in_place(a: np.ndarray, b: np.ndarray, state: np.ndarray) -> None:
+    """orders.exact_sum's double-double accumulation of ``a[k] * b[k]`` (float32 operands,
+    exact products in float64), in order, on ``state``: ``(3, G, S, L)`` float64,
+    C-contiguous: the sums, the error sums, the terms' magnitudes."""
+    terms = range(a.shape[0])
+    if len(terms):
+        geometry = _read(a, b, state.shape[1:], terms)
+        _run_tiles(*geometry, state.reshape(-1), len(terms), False, _EXACT)
+
+
+def exact_compiles(a_dtype: Any, b_dtype: Any) -> bool:
+    """Whether :func:`exact_in_place` takes operands of these dtypes."""
+    f32 = np.dtype(np.float32)
+    return np.dtype(a_dtype) == np.dtype(b_dtype) == f32 and enabled()
+
+
+# modes of _compiled.tiled_chain (its CHAIN, KAHAN, EXACT) and their states per output
+_CHAIN, _KAHAN, _EXACT = 0, 1, 2
+_STATES = {_CHAIN: 1, _KAHAN: 2, _EXACT: 3}
 
 
 def _read(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range) -> tuple:
@@ -154,21 +176,21 @@ def _run_tiles(
     flat: np.ndarray,
     count: int,
     fused: bool,
-    kahan: bool,
+    mode: int,
 ) -> None:
-    """Run the tiled chains on the accumulators ``flat`` (laid out as ``geometry`` says; with
-    ``kahan`` followed by the compensations), the outputs split between threads: disjoint
-    outputs, so the split cannot change a bit."""
+    """Run the tiled chains on the accumulators ``flat`` (laid out as ``geometry`` says; in
+    KAHAN and EXACT mode followed by their further states), the outputs split between
+    threads: disjoint outputs, so the split cannot change a bit."""
     from convdiff._compiled import VECTOR_BYTES, tiled_chain
 
     rows, length = geometry[-2:]
-    outputs = flat.size // 2 if kahan else flat.size
+    outputs = flat.size // _STATES[mode]
     groups = outputs // max(rows * length, 1)
     threads = _threads()
     if threads == 1 or count * outputs < _PARALLEL_STEPS:
-        tiled_chain(x, w, flat, geometry, count, fused, kahan, 0, groups, 0, length)
+        tiled_chain(x, w, flat, geometry, count, fused, mode, 0, groups, 0, length)
         return
-    lanes = VECTOR_BYTES // x.itemsize
+    lanes = VECTOR_BYTES // flat.itemsize
     if length >= 2 * threads * lanes:  # split the positions at vector boundaries
         step = math.ceil(length / threads / lanes) * lanes
         parts = [(0, groups, lo, min(lo + step, length)) for lo in range(0, length, step)]
@@ -176,7 +198,7 @@ def _run_tiles(
         step = math.ceil(groups / threads)
         parts = [(lo, min(lo + step, groups), 0, length) for lo in range(0, groups, step)]
     jobs = [
-        _pool().submit(tiled_chain, x, w, flat, geometry, count, fused, kahan, *part)
+        _pool().submit(tiled_chain, x, w, flat, geometry, count, fused, mode, *part)
         for part in parts
     ]
     for job in jobs:

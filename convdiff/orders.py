@@ -833,28 +833,20 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
     split exactly) are summed exactly with rationals.
     """
     shape = np.broadcast_shapes(a.shape, () if b is None else b.shape)
-    a64 = np.broadcast_to(a.astype(np.float64), shape)
-    b64 = None if b is None else np.broadcast_to(b.astype(np.float64), shape)
-    risky = np.zeros(shape[1:], bool)
+    n = a.shape[0]
+    compiled = _double_double_compiled(a, b, shape)
+    if compiled is not None:
+        s, e, mag, risky = *compiled, np.zeros(shape[1:], bool)
+
+        def finite_terms() -> np.ndarray:  # float32 products: finite where both factors are
+            return np.isfinite(a).all(axis=0) & (True if b is None else np.isfinite(b).all(axis=0))
+    else:
+        s, e, mag, risky, terms = _double_double(a, b, shape)
+
+        def finite_terms() -> np.ndarray:
+            return np.isfinite(terms).all(axis=0)
+
     with np.errstate(all="ignore"):
-        if b is None or b64 is None:
-            terms = a64
-        elif exact_products(a.dtype, b.dtype):
-            terms = a64 * b64
-        else:
-            terms, risky = _split_products(a64, b64)
-    n = terms.shape[0]
-    s = np.zeros(terms.shape[1:])
-    e = np.zeros(terms.shape[1:])
-    mag = np.zeros(terms.shape[1:])
-    with np.errstate(all="ignore"):
-        for k in range(n):
-            t = terms[k]
-            s_new = s + t
-            z = s_new - s
-            e += (s - (s_new - z)) + (t - z)
-            s = s_new
-            mag += np.abs(t)
         # an infinite or NaN term makes the errors NaN: IEEE's sum of the terms is the answer
         # there (one infinity, or NaN for both signs)
         res = np.where(np.isfinite(s), s + e, s)
@@ -867,8 +859,11 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
     unsure = ((lo != hi) & np.isfinite(res)) | risky
     if not np.isfinite(res).all():
         # finite terms whose float64 running sum overflowed are summed exactly too
-        unsure |= ~np.isfinite(res) & np.isfinite(terms).all(axis=0)
+        unsure |= ~np.isfinite(res) & finite_terms()
     out = np.atleast_1d(out)
+    if unsure.any():
+        a64 = np.broadcast_to(a.astype(np.float64), shape)
+        b64 = None if b is None else np.broadcast_to(b.astype(np.float64), shape)
     for i in np.flatnonzero(unsure):
         at: tuple[Any, ...] = (slice(None), *np.unravel_index(i, res.shape))  # one column
         column = [Fraction(float(v)) for v in a64[at]]
@@ -876,6 +871,49 @@ def exact_sum(a: np.ndarray, b: np.ndarray | None, dtype: np.dtype) -> np.ndarra
             column = [x * Fraction(float(y)) for x, y in zip(column, b64[at], strict=True)]
         out.flat[i] = _round_rational(sum(column, Fraction(0)), dtype)
     return out.reshape(res.shape)
+
+
+def _double_double(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) -> tuple:
+    """exact_sum's accumulation: ``(s, e, mag, risky, terms)``: the float64 sum of the terms,
+    the sum of its errors (TwoSum), the terms' magnitude, the outputs whose products could
+    not be split exactly, and the terms themselves."""
+    a64 = np.broadcast_to(a.astype(np.float64), shape)
+    b64 = None if b is None else np.broadcast_to(b.astype(np.float64), shape)
+    risky = np.zeros(shape[1:], bool)
+    with np.errstate(all="ignore"):
+        if b64 is None:
+            terms = a64
+        elif exact_products(a.dtype, b.dtype):
+            terms = a64 * b64
+        else:
+            terms, risky = _split_products(a64, b64)
+    s = np.zeros(terms.shape[1:])
+    e = np.zeros(terms.shape[1:])
+    mag = np.zeros(terms.shape[1:])
+    with np.errstate(all="ignore"):
+        for k in range(terms.shape[0]):
+            t = terms[k]
+            s_new = s + t
+            z = s_new - s
+            e += (s - (s_new - z)) + (t - z)
+            s = s_new
+            mag += np.abs(t)
+    return s, e, mag, risky, terms
+
+
+def _double_double_compiled(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]):
+    """:func:`_double_double`'s ``(s, e, mag)`` compiled (the same operations in the same
+    order per output), for float32 operands laid out as ``(K, G, S, L)`` (orders._arrange's
+    blocks); None for any other."""
+    ones = np.ones((a.shape[0], 1, 1, 1), a.dtype)
+    b_terms = ones if b is None else b
+    if a.ndim != 4 or b_terms.ndim != 4 or not accel.exact_compiles(a.dtype, b_terms.dtype):
+        return None
+    state = np.zeros((3, *shape[1:]))
+    operands = np.ascontiguousarray(a), np.ascontiguousarray(b_terms)
+    with np.errstate(all="ignore"):
+        accel.exact_in_place(*operands, state)
+    return state[0], state[1], state[2]
 
 
 def _split_products(a64: np.ndarray, b64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

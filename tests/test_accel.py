@@ -39,6 +39,7 @@ LAYOUTS = {
         "float64",
         "kahan",
         "kahan/nofma",
+        "exact",
         "sequential/nofma",
     ],
 )
@@ -84,7 +85,8 @@ def test_arranged_layouts_are_tiled_as_they_are(layout, rng):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("dt_name", ["float32", "float64"])
 @pytest.mark.parametrize(
-    "order", ["sequential", "reverse", "pairwise", "kahan", "kahan/nofma", "sequential/nofma"]
+    "order",
+    ["sequential", "reverse", "pairwise", "kahan", "kahan/nofma", "exact", "sequential/nofma"],
 )
 def test_tiles_split_between_threads_give_the_same_bits(layout, dt_name, order, rng, monkeypatch):
     """Outputs split between threads (by positions, or by groups where the positions are few):
