@@ -92,7 +92,7 @@ def _tile(rows: int, fused: bool, mode: int = CHAIN) -> Any:
     @intrinsic
     def tile(
         typingctx, x, x_at, x_step, w, w_at, w_step, w_row, acc, acc_at, acc_row, count, comp_at
-    ):  # type: ignore[no-untyped-def]
+    ):
         arrays = (x, w, acc)
         if not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays):
             return None
@@ -136,7 +136,7 @@ def _tile(rows: int, fused: bool, mode: int = CHAIN) -> Any:
             def const(n: int) -> Any:
                 return ir.Constant(index_type, n)
 
-            targets = []
+            targets: list[Any] = []
             for r in range(rows):
                 at = builder.add(acc_at, builder.mul(const(r), acc_row))
                 targets.append([])
@@ -234,7 +234,7 @@ TERMS_PER_PASS = 256
 
 
 @numba.njit(inline="always")
-def _tile_of(rows, fused, mode, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at):  # type: ignore[no-untyped-def]
+def _tile_of(rows, fused, mode, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at):
     """The tile of ``rows`` rows (1 to ROWS, or KAHAN_ROWS): numba needs the intrinsic picked
     by name."""
     args = (x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at)
@@ -281,7 +281,7 @@ def _tile_of(rows, fused, mode, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, 
 
 
 @numba.njit(nogil=True)
-def tiled_chain(x, w, acc, geometry, count, fused, mode, g_lo, g_hi, l_lo, l_hi):  # type: ignore[no-untyped-def]
+def tiled_chain(x, w, acc, geometry, count, fused, mode, g_lo, g_hi, l_lo, l_hi):
     """Chains of ``count`` steps on the outputs ``acc[g, s, l]`` for ``g_lo <= g < g_hi``,
     ``l_lo <= l < l_hi`` and every ``s``; arrays flat, laid out by ``geometry``:
 
@@ -303,7 +303,7 @@ def tiled_chain(x, w, acc, geometry, count, fused, mode, g_lo, g_hi, l_lo, l_hi)
 
 
 @numba.njit(inline="always")
-def _tiles(operands, outputs, count, fused, mode, l_lo, l_hi):  # type: ignore[no-untyped-def]
+def _tiles(operands, outputs, count, fused, mode, l_lo, l_hi):
     """One group's outputs ``l_lo <= l < l_hi`` (every row), ``count`` steps: tiles of a
     vector of positions, then scalar steps for the positions left over."""
     x, xg, x_k, w, wg, w_k, w_row = operands
@@ -338,7 +338,7 @@ def _tiles(operands, outputs, count, fused, mode, l_lo, l_hi):  # type: ignore[n
 
 
 @numba.njit(inline="always")
-def _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused):  # type: ignore[no-untyped-def]
+def _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused):
     """One output's Kahan steps (as _kahan_step, on scalars)."""
     total, comp = acc[out], acc[out + comp_at]
     for _ in range(count):
@@ -352,7 +352,7 @@ def _kahan_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count, fused):  # t
 
 
 @numba.njit(inline="always")
-def _exact_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count):  # type: ignore[no-untyped-def]
+def _exact_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count):
     """One output's double-double steps (as _exact_step, on scalars)."""
     s, e, mag = acc[out], acc[out + comp_at], acc[out + 2 * comp_at]
     for _ in range(count):

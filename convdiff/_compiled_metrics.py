@@ -22,7 +22,7 @@ from convdiff._compiled import cache_compiled
 
 
 @numba.njit(inline="always")
-def _ulp(r_bits, c_bits, magnitude_mask):  # type: ignore[no-untyped-def]
+def _ulp(r_bits, c_bits, magnitude_mask):
     """ULP distance of two floats from their sign-extended bit patterns: the difference of
     the magnitudes for equal signs, their sum for opposite signs (as metrics.ulp_distance)."""
     mr = np.uint64(r_bits & magnitude_mask)
@@ -33,7 +33,7 @@ def _ulp(r_bits, c_bits, magnitude_mask):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _safe_ratio(num, den):  # type: ignore[no-untyped-def]
+def _safe_ratio(num, den):
     """metrics._safe_ratio of one pair: 0/0 -> 0, x/0 -> inf, NaN -> inf."""
     if num == 0:
         return 0.0
@@ -42,7 +42,7 @@ def _safe_ratio(num, den):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _scaled(r, c, scale, diff, nmant, minexp, word, bits):  # type: ignore[no-untyped-def]
+def _scaled(r, c, scale, diff, nmant, minexp, word, bits):
     """metrics._scaled_ulp64 of one finite differing pair: ``diff`` in ULPs of the largest of
     the scale and the two values (``scale`` has no NaN). ``word``/``bits`` are one float64 and
     its int64 view, to read and make bit patterns.
@@ -68,14 +68,14 @@ def _scaled(r, c, scale, diff, nmant, minexp, word, bits):  # type: ignore[no-un
 
 
 @numba.njit(inline="always")
-def _power_of_two(n, word, bits):  # type: ignore[no-untyped-def]
+def _power_of_two(n, word, bits):
     """``2.0**n`` for ``-1022 <= n <= 1023``, from its bit pattern."""
     bits[0] = np.int64(n + 1023) << 52
     return word[0]
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps):  # type: ignore[no-untyped-def]
+def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps):
     """One pass over flat ``ref`` and ``cand`` (float32 or float64; ``r_bits``/``c_bits`` their
     bit patterns as signed integers of the same width). ``bound`` and ``scale`` are float64
     arrays of the same size, or empty when absent; their NaN count as 0.
@@ -158,7 +158,7 @@ def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps):  
 
 
 @numba.njit(nogil=True)
-def max_ulp(ref, cand, r_bits, c_bits):  # type: ignore[no-untyped-def]
+def max_ulp(ref, cand, r_bits, c_bits):
     """The largest ULP distance over the positions where both sides are finite (0 if none)."""
     magnitude_mask = (1 << (8 * ref.itemsize - 1)) - 1
     largest = np.uint64(0)

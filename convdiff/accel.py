@@ -127,7 +127,9 @@ _CHAIN, _KAHAN, _EXACT = 0, 1, 2
 _STATES = {_CHAIN: 1, _KAHAN: 2, _EXACT: 3}
 
 
-def _read(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range) -> tuple:
+def _read(
+    a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range
+) -> tuple[np.ndarray, np.ndarray, tuple]:
     """:func:`_tiling`, for any operands: those of no layout of orders._arrange are copied
     into one where each output is a group of its own."""
     geometry = _tiling(a, b, shape, terms)
@@ -136,6 +138,8 @@ def _read(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], terms: range) ->
         full = (a.shape[0], size, 1, 1)
         a, b = (np.broadcast_to(x, (x.shape[0], *shape)).reshape(full) for x in (a, b))
         geometry = _tiling(a, b, full[1:], terms)
+    if geometry is None:  # one output per group always tiles
+        raise RuntimeError(f"no tiling of operands {a.shape} x {b.shape}")
     return geometry
 
 

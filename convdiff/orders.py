@@ -476,7 +476,7 @@ def _sequential_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
     # a plain sum is a[k] * 1, exact (as in _Engine)
     b_terms = np.ones((a.shape[0], 1, 1, 1), a.dtype) if layout.b is None else layout.b
     out = np.zeros(layout.dims, dtype)
-    operands = accel.operands(layout.a, b_terms, dtype)
+    operands = _compiled_operands(layout.a, b_terms, dtype)
     accel.chain_in_place(*operands, out, range(a.shape[0]), fma and b is not None)
     return layout.restore(out)
 
@@ -487,9 +487,17 @@ def _kahan_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
     layout = _arrange(a, b, shape)
     b_terms = np.ones((a.shape[0], 1, 1, 1), a.dtype) if layout.b is None else layout.b
     state = np.zeros((2, *layout.dims), dtype)
-    operands = accel.operands(layout.a, b_terms, dtype)
+    operands = _compiled_operands(layout.a, b_terms, dtype)
     accel.kahan_in_place(*operands, state, range(a.shape[0]), fma and b is not None)
     return layout.restore(state[0])
+
+
+def _compiled_operands(a, b, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """accel.operands of _arrange's blocks (4-D) where accel.compiles said yes: never None."""
+    operands = accel.operands(a, b, dtype)
+    if operands is None:
+        raise RuntimeError(f"compiled chains refused {a.dtype}/{b.dtype} operands")
+    return operands
 
 
 # --------------------------------------------------------------------------- orders as programs
@@ -881,7 +889,7 @@ def _double_double(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) 
     b64 = None if b is None else np.broadcast_to(b.astype(np.float64), shape)
     risky = np.zeros(shape[1:], bool)
     with np.errstate(all="ignore"):
-        if b64 is None:
+        if b is None or b64 is None:
             terms = a64
         elif exact_products(a.dtype, b.dtype):
             terms = a64 * b64
@@ -901,7 +909,9 @@ def _double_double(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) 
     return s, e, mag, risky, terms
 
 
-def _double_double_compiled(a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]):
+def _double_double_compiled(
+    a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """:func:`_double_double`'s ``(s, e, mag)`` compiled (the same operations in the same
     order per output), for float32 operands laid out as ``(K, G, S, L)`` (orders._arrange's
     blocks); None for any other."""
