@@ -39,8 +39,12 @@ from convdiff.trees import (
     Join,
     Node,
     ReductionTree,
+    canonical,
     chains,
     from_binary,
+    restricted,
+    signature,
+    to_binary,
     to_runs,
     with_fusion,
 )
@@ -446,13 +450,19 @@ def _chunk_ends(known: dict[int, int], n: int) -> list[int]:
 
 def _consistent_rows(prober: _Prober, rec: _Reconstruction, rows: np.ndarray) -> np.ndarray:
     """Which of ``rows`` answered every probe as ``rec``'s tree predicts (counting only the
-    terms present at each row) and read no term outside it."""
+    terms present at each row), read no term outside it, and saw every sweep that concerns
+    them: a row that reads some of a sweep's terms but not its first (padding there) answers
+    none of that sweep's probes, so they cannot tell its tree from another (oneDNN's last
+    output columns of a row take another kernel, and on the top row of a padded convolution
+    the first term is padding)."""
     present = prober.present[:, rows]
     covered = np.zeros(prober.backend.terms, bool)
     covered[rec.terms] = True
     ok = np.asarray(~(present & ~covered[:, None]).any(axis=0))
     if not rec.orders:
         return ok
+    for order in rec.orders:
+        ok &= present[order[0]] | ~present[order].any(axis=0)
     distinct, inverse = patterns(present)
     predicted = np.concatenate(
         [
@@ -741,25 +751,45 @@ def _reveal(
     backend = prober.backend
     unresolved = np.arange(backend.rows)
     found: list[tuple[int, np.ndarray, Node]] = []
+    reps: list[tuple[int, np.ndarray]] = []  # each reveal's row and the rows it placed
     while unresolved.size:
-        if len(found) == max_trees:
-            raise NotATree(f"more than {max_trees} different trees across output positions")
         row = int(unresolved[np.argmax(prober.counts[unresolved])])
         terms = [int(k) for k in np.flatnonzero(prober.present[:, row])]
         if not terms:  # positions that read only padding: every tree gives 0
             found.append((row, unresolved, Chain(((0, 1, 1),))))
+            reps.append((row, unresolved))
             break
         level = deep.level(row)
         rec = _guess(prober, row, terms) if level == 0 else None
         rec = rec or _reconstruct(prober, row, terms, sampled=level < 2)
         ok = _consistent_rows(prober, rec, unresolved)
         ok[unresolved == row] = True
-        found.append((row, unresolved[ok], rec.node))
+        reps.append((row, unresolved[ok]))
+        same = _same_tree(found, rec.node, terms)
+        if same is not None:  # a known tree, seen through padding
+            rep, rows, node = found[same]
+            found[same] = (rep, np.concatenate([rows, unresolved[ok]]), node)
+        elif len(found) == max_trees:
+            raise NotATree(f"more than {max_trees} different trees across output positions")
+        else:
+            found.append((row, unresolved[ok], rec.node))
         unresolved = unresolved[~ok]
     classes = sorted(_fusion(prober, found), key=lambda c: -len(c[0]))
     main = classes[0][1]
-    exceptions = tuple((to_runs(rows.tolist()), node) for rows, node in classes[1:])
-    return ReductionTree(main, exceptions), [(row, rows) for row, rows, _ in found]
+    exceptions = tuple((to_runs(np.sort(rows).tolist()), node) for rows, node in classes[1:])
+    return ReductionTree(main, exceptions), reps
+
+
+def _same_tree(found: list[tuple[int, np.ndarray, Node]], node: Node, terms: list[int]):
+    """The index of the first tree in ``found`` that, over ``terms`` only, is ``node`` (a
+    position that reads the others as padding then adds in that tree: its zeros are exact),
+    or None."""
+    mine = signature(canonical(to_binary(node)))
+    for i, (_, _, other) in enumerate(found):
+        seen = restricted(other, terms)
+        if seen is not None and signature(canonical(seen)) == mine:
+            return i
+    return None
 
 
 # --------------------------------------------------------------------------- columns

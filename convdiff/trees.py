@@ -178,6 +178,69 @@ def post_order(tree: Add | int) -> list[Add | int]:
     return out[::-1]
 
 
+def to_binary(node: Node) -> Add | int:
+    """The binary tree of additions of a chain/join tree (fusion dropped): a chain from zero
+    adds its first two terms, then each next one; a join adds its parts left to right.
+    Iterative, like :func:`from_binary`."""
+    made: dict[int, Add | int] = {}
+    stack: list[tuple[Node, bool]] = [(node, False)]
+    while stack:
+        n, expanded = stack.pop()
+        children = ([] if n.start is None else [n.start]) if isinstance(n, Chain) else n.parts
+        if not expanded:
+            stack.append((n, True))
+            stack += [(c, False) for c in children]
+            continue
+        if isinstance(n, Join):
+            parts = [made.pop(id(p)) for p in n.parts]
+        else:
+            parts = ([] if n.start is None else [made.pop(id(n.start))]) + n.terms
+        acc = parts[0]
+        for part in parts[1:]:
+            acc = Add(acc, part)
+        made[id(n)] = acc
+    return made[id(node)]
+
+
+def restricted(node: Node, terms: Iterable[int]) -> Add | int | None:
+    """The binary tree of ``node`` over ``terms`` only (None where it holds none of them): the
+    tree a probe sees at a position that reads the other terms as padding. An addition with
+    one side gone is that side."""
+    kept = set(terms)
+    binary = to_binary(node)
+    if isinstance(binary, int):
+        return binary if binary in kept else None
+    made: dict[int, Add | int | None] = {}
+    for x in post_order(binary):
+        if isinstance(x, int):
+            continue
+        left, right = (
+            (y if y in kept else None) if isinstance(y, int) else made.pop(id(y))
+            for y in (x.left, x.right)
+        )
+        made[id(x)] = left if right is None else right if left is None else Add(left, right)
+    return made[id(binary)]
+
+
+def canonical(tree: Add | int) -> Add | int:
+    """``tree`` with the two sides of every addition ordered by their lowest term: addition
+    commutes, so two trees that differ only in sides are one order of roundings."""
+    made: dict[int, tuple[Add | int, int]] = {}
+    for x in post_order(tree):
+        if isinstance(x, int):
+            continue
+        sides = [(y, y) if isinstance(y, int) else made.pop(id(y)) for y in (x.left, x.right)]
+        (left, low), (right, _) = sorted(sides, key=lambda side: side[1])
+        made[id(x)] = (Add(left, right), low)
+    return tree if isinstance(tree, int) else made[id(tree)][0]
+
+
+def signature(tree: Add | int) -> tuple[int, ...]:
+    """The binary tree in postfix form (terms, and -1 for each addition): equal for equal
+    trees, and compared without recursion (a chain of ``K`` terms is ``K`` deep)."""
+    return tuple(x if isinstance(x, int) else -1 for x in post_order(tree))
+
+
 def with_fusion(
     node: Node, fused: dict[int, bool], swapped: frozenset[int] | set[int] = frozenset()
 ) -> Node:

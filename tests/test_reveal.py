@@ -23,10 +23,15 @@ from convdiff.trees import (
     Chain,
     Join,
     ReductionTree,
+    canonical,
     describe,
+    from_binary,
     from_runs,
     node_from_dict,
     node_to_dict,
+    restricted,
+    signature,
+    to_binary,
     to_runs,
 )
 
@@ -243,6 +248,34 @@ def test_padded_positions_share_the_tree(engine, rng):
     _check_reproduces(backend, found.tree, rng)
 
 
+def interleaved(fused: bool = False) -> Reduce:
+    """Two accumulators, one over the even terms and one over the odd ones, added at the end
+    (like oneDNN's AVX2 kernel for the last output columns of a row)."""
+
+    def reduce(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        evens = chain(fused, list(range(0, len(a), 2)))(a, w)
+        odds = chain(fused, list(range(1, len(a), 2)))(a, w)
+        return evens + odds  # one float32 rounding
+
+    return reduce
+
+
+def test_positions_whose_first_term_is_padding_get_their_own_tree(engine, rng):
+    """The probes of a sweep from term 0 show nothing at a position that reads term 0 as
+    padding (the top row of a padded convolution): such a position must not be taken for one
+    of the sweep's tree, but revealed apart (oneDNN's last columns on the top row)."""
+    present = np.ones((27, 4), bool)
+    present[:9, 2:] = False  # rows 2 and 3 read the first kernel row as padding
+    backend = SumBackend(
+        27, [chain(True), interleaved(), chain(True), interleaved()], present=present
+    )
+    found = reveal(backend, check=_differences(backend))
+    assert found.mismatches == 0
+    pair = Join((Chain(to_runs(range(0, 27, 2)), False), Chain(to_runs(range(1, 27, 2)), False)))
+    assert found.tree == ReductionTree(Chain(((0, 27, 1),)), ((to_runs([1, 3]), pair),))
+    _check_reproduces(backend, found.tree, rng)
+
+
 def test_a_tail_of_columns_with_its_own_tree(engine, rng):
     """Like a vector kernel's tail: the last 4 of 20 output columns add two halves, the
     others one chain. Probes packed one pair per column mix the two trees; columns apart
@@ -336,6 +369,23 @@ def test_runs_round_trip(rng):
         assert from_runs(to_runs(terms)) == terms
     assert to_runs([0, 8, 16, 1, 9, 17]) == ((0, 24, 8), (1, 25, 8))
     assert to_runs([5, 4, 3]) == ((5, 2, -1),)
+
+
+def test_restricted_trees():
+    """The tree a position sees through padding: the other terms dropped, and trees equal up
+    to the sides of an addition compared as one."""
+    node = Join((Chain(((0, 4, 1),)), Chain(((4, 8, 1),))))
+    seen = restricted(node, [2, 3, 4, 5, 6, 7])
+    assert from_binary(seen) == Join((Chain(((2, 4, 1),)), Chain(((4, 8, 1),))))
+    assert restricted(node, [9]) is None
+    assert restricted(node, [5]) == 5
+    swapped = Join((Chain(((4, 8, 1),)), Chain(((0, 4, 1),))))
+    assert signature(canonical(to_binary(swapped))) == signature(canonical(to_binary(node)))
+    assert signature(to_binary(swapped)) != signature(to_binary(node))
+    deep = Chain(((0, 5000, 1),))  # far deeper than Python's recursion limit
+    assert signature(canonical(restricted(deep, range(1, 5000)))) == signature(
+        to_binary(Chain(((1, 5000, 1),)))
+    )
 
 
 def test_tree_json_round_trip():
