@@ -55,12 +55,32 @@ SEARCH_SAMPLES = 256
 # --------------------------------------------------------------------------- worker side
 
 
-def build(model_name: str) -> tuple[Any, np.ndarray]:
-    """The model with random weights and random BatchNormalization statistics, and an input."""
+# A Dense-heavy stand-in for a trained MLP: widths that are and are not multiples of the
+# vector width, relu between layers, a linear head.
+MLP_WIDTHS = (512, 300, 256, 100, 37, 10)
+MLP_INPUT = 784
+
+
+def build(model_name: str, size: int = 224) -> tuple[Any, np.ndarray]:
+    """The model with random weights and random BatchNormalization statistics, and an input.
+
+    ``model_name`` is a ``keras.applications`` name (built offline with ``weights=None`` at
+    ``size`` x ``size``, the classifier left linear so that the whole Dense layer can read
+    ``identical``) or ``MLP`` (:data:`MLP_WIDTHS`)."""
     import keras
 
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, model_name)(weights=None, input_shape=(224, 224, 3))
+    if model_name == "MLP":
+        layers = [keras.Input((MLP_INPUT,))]
+        for i, width in enumerate(MLP_WIDTHS):
+            last = i == len(MLP_WIDTHS) - 1
+            layers.append(keras.layers.Dense(width, activation=None if last else "relu"))
+        model = keras.Sequential(layers, name="MLP")
+        x = np.random.default_rng(1).standard_normal((1, MLP_INPUT)).astype("float32")
+        return model, x
+    model = getattr(keras.applications, model_name)(
+        weights=None, input_shape=(size, size, 3), classifier_activation=None
+    )
     rng = np.random.default_rng(0)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -73,7 +93,7 @@ def build(model_name: str) -> tuple[Any, np.ndarray]:
                     rng.uniform(0.5, 1.5, var).astype("float32"),
                 ]
             )
-    x = np.random.default_rng(1).standard_normal((1, 224, 224, 3)).astype("float32")
+    x = np.random.default_rng(1).standard_normal((1, size, size, 3)).astype("float32")
     return model, x
 
 
@@ -206,7 +226,7 @@ def worker(setting: str, models: list[str], orders: list[str]) -> dict:
     out: dict[str, Any] = {"setting": setting, "tensorflow": tf.__version__, "models": {}}
     for model_name in models:
         print(f"{model_name} oneDNN {setting}", file=sys.stderr, flush=True)
-        model, x = build(model_name)
+        model, x = build(*model_size(model_name))
         present = sorted({type(layer).__name__ for layer in model.layers} & set(CLASSES))
         table = compare_orders(model, x, orders, present)
         unresolved = [n for n, row in table.items() if 0 not in row["orders"].values()]
@@ -261,6 +281,12 @@ def probe(setting: str, geometry: str, term: int) -> list[list[int]]:
     return runs
 
 
+def model_size(spec: str) -> tuple[str, int]:
+    """``Name`` or ``Name:SIZE`` (the input's height and width; 224 by default)."""
+    name, _, size = spec.partition(":")
+    return name, int(size or 224)
+
+
 def auto_worker(setting: str, models: list[str], batches: list[int]) -> dict:
     """``--order auto`` (no cache) on every Conv2D, DepthwiseConv2D, SeparableConv2D and Dense
     layer of each model and batch size: which layers it reproduces bit for bit, what it found
@@ -273,8 +299,9 @@ def auto_worker(setting: str, models: list[str], batches: list[int]) -> dict:
     import tensorflow as tf
 
     out: dict[str, Any] = {"setting": setting, "tensorflow": tf.__version__, "runs": []}
-    for model_name in models:
-        model, x1 = build(model_name)
+    for spec in models:
+        model_name, size = model_size(spec)
+        model, x1 = build(model_name, size)
         classes = sorted({type(layer).__name__ for layer in model.layers} & set(AUTO_CLASSES))
         for batch in batches:
             x = np.random.default_rng(1).standard_normal((batch, *x1.shape[1:])).astype("float32")
@@ -293,17 +320,17 @@ def auto_worker(setting: str, models: list[str], batches: list[int]) -> dict:
             ]
             calls = sum(r["found"]["probe_calls"] for r in rows if r["found"])
             print(
-                f"  {model_name} batch {batch}: {seconds:.1f} s, {calls} probe calls",
+                f"  {spec} batch {batch}: {seconds:.1f} s, {calls} probe calls",
                 file=sys.stderr,
                 flush=True,
             )
-            out["runs"].append(
-                {"model": model_name, "batch": batch, "seconds": seconds, "layers": rows}
-            )
+            out["runs"].append({"model": spec, "batch": batch, "seconds": seconds, "layers": rows})
     return out
 
 
 def summarize_auto(result: dict) -> str:
+    """A table of layers ``identical`` (whole layer, bias and activation included) out of
+    each class's count, and a line for every other layer."""
     lines = [f"## `--order auto`, oneDNN {result['setting']} (TensorFlow {result['tensorflow']})"]
     lines.append("\n| model | batch | " + " | ".join(AUTO_CLASSES) + " | probe calls | time |")
     lines.append("|---" * (len(AUTO_CLASSES) + 4) + "|")
