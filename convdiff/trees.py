@@ -191,10 +191,12 @@ def to_binary(node: Node) -> Add | int:
             stack.append((n, True))
             stack += [(c, False) for c in children]
             continue
+        parts: list[Add | int]
         if isinstance(n, Join):
             parts = [made.pop(id(p)) for p in n.parts]
         else:
-            parts = ([] if n.start is None else [made.pop(id(n.start))]) + n.terms
+            parts = [made.pop(id(n.start))] if n.start is not None else []
+            parts += n.terms
         acc = parts[0]
         for part in parts[1:]:
             acc = Add(acc, part)
