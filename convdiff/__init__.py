@@ -1,6 +1,6 @@
 """convdiff: layer-by-layer numerical diff of Keras models against independent NumPy kernels."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def compare(*args, **kwargs):

@@ -22,7 +22,8 @@ order and takes, over all layers, the largest sum of:
   - the Rounded pass and TensorFlow: ``itemsize * (P + in + out)`` (the rounded patch buffer,
     TensorFlow's own im2col workspace and temporaries);
   - the ``exact`` order holds the float64 products of a block of outputs before adding:
-    ``8 * min(n * out, max(n, 2**22))`` bytes, ``n`` the reduction length
+    ``8 * min(n * out, max(n, 2**22))`` bytes, ``n`` the reduction length; compiled (float32
+    operands, with numba) only its double-double state, ``24`` bytes per output of a block
     (``prod(kernel_size) * in_channels / groups`` for a convolution, the input features for a
     Dense); :mod:`convdiff.orders` cuts its blocks at about 2**22 terms.
 
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from convdiff import accel
 from convdiff.errors import OptionError, ResourceError
 from convdiff.orders import EXACT_BLOCK_TERMS
 
@@ -360,8 +362,20 @@ def _working(
         + BOUNDED_WEIGHT * sum(math.prod(s) for s in weights)
         + itemsize * (patch + in_elements + out_elements)
     )
+    return working + _order_bytes(order, reduction, out_elements, itemsize)
+
+
+def _order_bytes(order: str, reduction: int, out_elements: int, itemsize: int) -> int:
+    """What the order itself holds for a block of outputs: the NumPy engine's ``exact`` order
+    its float64 products; compiled (float32 operands with numba) it holds no products, only
+    its double-double state of three float64 numbers per output of the block."""
+    if order not in PRODUCT_ORDERS:
+        return 0
+    if itemsize == 4 and accel.exact_compiles(np.float32, np.float32):
+        block_outputs = max(1, EXACT_BLOCK_TERMS // max(reduction, 1))
+        return 3 * 8 * min(out_elements, block_outputs)
     products = min(reduction * out_elements, max(reduction, EXACT_BLOCK_TERMS))
-    return working + PRODUCT_ORDERS.get(order, 0) * products
+    return PRODUCT_ORDERS[order] * products
 
 
 def _config(layer: Any) -> dict[str, Any]:

@@ -8,6 +8,22 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+def _keep_compiled_code_in_the_user_cache() -> None:
+    """Every test points convdiff's cache root at its own directory (see ``_tree_cache``), and
+    the convdiff processes that tests start inherit it. The compiled chains' machine code does
+    not depend on the test: NUMBA_CACHE_DIR (which convdiff leaves to the user when set) keeps
+    it in the user's cache for this process and every child, compiled once, not once per
+    child (seconds each)."""
+    from convdiff.cachedir import cache_dir
+
+    numba_cache = cache_dir("numba")
+    if numba_cache is not None:
+        os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache))
+
+
+_keep_compiled_code_in_the_user_cache()
+
 import numpy as np
 import pytest
 

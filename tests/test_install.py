@@ -57,6 +57,7 @@ def test_editable_install_after_a_regular_one_and_a_run(checkout, environment, t
     convdiff = str(environment / "bin" / "convdiff")
     env = {**os.environ, "CONVDIFF_CACHE_DIR": str(tmp_path / "cache"), "CONVDIFF_NUMBA": "1"}
     env.pop("PYTHONPATH", None)
+    env.pop("NUMBA_CACHE_DIR", None)  # convdiff places numba's cache itself, as for a user
     pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     example = [str(checkout / "examples" / n) for n in ("one_layer.h5", "one_layer_input.npy")]
 

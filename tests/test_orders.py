@@ -252,21 +252,23 @@ SIZES = (1, 2, 7, 8, 9, 17, 64, 131, 300)  # pairwise: tail only, one leaf, leav
 
 # --------------------------------------------------------------------------- the two engines
 
-# reduce_terms runs a chain of steps (acc = round(acc + a*b)) compiled when numba is installed
-# (convdiff.accel), for these orders' programs, in a float32 or float64 accumulator with
-# operands of that dtype. Kahan's compensated steps, the exact sum, BLAS, the float64 order
-# over narrower operands and every half-precision accumulator take the NumPy engine either
-# way: those tests run on the NumPy engine only (running them "compiled" would run the same
-# code twice). tests/test_accel.py checks the two engines' bits against each other.
-_CHAINED = {"sequential", "reverse", "pairwise", "blocked", "eigen"}
+# reduce_terms runs its chains of steps (acc = round(acc + a*b)) compiled when numba is
+# installed (convdiff.accel), in a float32 or float64 accumulator with operands of that dtype,
+# for these orders' programs, Kahan's compensated steps included; the float64 order compiled
+# over float32 or float64 operands (widened: exact products), the exact order's double-double
+# sum over float32 operands. BLAS and every half-precision accumulator take the NumPy engine
+# either way: those tests run on the NumPy engine only (running them "compiled" would run the
+# same code twice). tests/test_accel.py checks the two engines' bits against each other.
+_CHAINED = {"sequential", "reverse", "pairwise", "blocked", "eigen", "kahan"}
 ENGINES = ("numpy", "compiled")
 
 
 def compiled_reaches(name: str, dt_name: str) -> bool:
     """Whether reduce_terms runs ``name``'s chains compiled for a ``dt_name`` accumulator
     (operands of the same dtype)."""
-    chained = name in _CHAINED or (name == "float64" and dt_name == "float64")
-    return chained and dt_name in ("float32", "float64")
+    if name == "exact":
+        return dt_name == "float32"
+    return (name in _CHAINED or name == "float64") and dt_name in ("float32", "float64")
 
 
 def engines_for(name: str, dt_name: str) -> tuple[str, ...]:
@@ -284,13 +286,13 @@ def engine(request, monkeypatch):
     monkeypatch.setenv("CONVDIFF_NUMBA", "1" if name == "compiled" else "0")
     chains = []
     if name == "compiled":
-        compiled = accel.fma_chain
+        compiled = accel._run_tiles  # every compiled entry point runs its chains here
 
         def counted(*args, **kwargs):
             chains.append(1)
             return compiled(*args, **kwargs)
 
-        monkeypatch.setattr(accel, "fma_chain", counted)
+        monkeypatch.setattr(accel, "_run_tiles", counted)
     yield name
     assert name == "numpy" or chains, "no compiled chain ran: this case is the NumPy engine's"
 
