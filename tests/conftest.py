@@ -8,6 +8,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np
+import pytest
+
 
 def _keep_compiled_code_in_the_user_cache() -> None:
     """Every test points convdiff's cache root at its own directory (see ``_tree_cache``), and
@@ -23,9 +26,6 @@ def _keep_compiled_code_in_the_user_cache() -> None:
 
 
 _keep_compiled_code_in_the_user_cache()
-
-import numpy as np
-import pytest
 
 
 @pytest.fixture
