@@ -7,6 +7,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers have no terminal but are handed COLUMNS=80 and LINES=24: convdiff
+    # would take them for a terminal's size. Its output here goes to a pipe, as in a serial run.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 import numpy as np
 import pytest
