@@ -401,14 +401,81 @@ def verify(
     if len(backends) > 1:
         got = np.asarray(kernel(bare, [x], Rounded(dtype, order)))
         return Mismatch(int(_differences(got, raw).sum()), np.empty(0, int), np.empty(0, int))
-    rows = _sample_rows(trees[0], first.reduction.present, rng)
     rec = _Recorder(dtype)
     kernel(bare, [x], rec)
     a, b = rec.dots[0]
-    want = raw.reshape(-1)[first.reduction.output_index[rows]]
-    got = reduce_positions(a, b, order, dtype, rows).reshape(want.shape)
-    differ = _differences(got, want)
+    return _check_rows(first, trees[0], a, b, raw, rng)
+
+
+def verify_stage(
+    kernel: Callable,
+    spec: LayerSpec,
+    backend: LayerBackend,
+    stage: int,
+    tree: ReductionTree,
+    seed: int = 0,
+) -> Mismatch:
+    """One stage of a separable convolution checked alone, as :func:`verify` checks one
+    reduction: the other stage set to pass values through (as the probes set it), so that
+    the raw op's output is this stage's reduction exactly. A check of both stages together
+    cannot tell which stage, position or column differs; this one can, and so lets the
+    reveal find a tail of output columns or a position that takes another kernel."""
+    rng = np.random.default_rng(seed)
+    dtype = backend.dtype
+    x = rng.standard_normal(backend.input_shape).astype(dtype)
+    bare = _bare_spec(spec)
+    kernels = {**{k: v.astype(dtype) for k, v in _kernels(bare).items()}, **backend.passing}
+    raw = backend.raw(x, kernels)
+    try:
+        kernel(replace(bare, weights={**bare.weights, **kernels}), [x], _StageOperands(dtype, stage))
+    except _Operands as found:
+        return _check_rows(backend, tree, found.a, found.b, raw, rng)
+    raise NotATree(f"the kernel made no reduction {stage}")  # not reached: two stages
+
+
+def _check_rows(
+    backend: LayerBackend,
+    tree: ReductionTree,
+    a: np.ndarray,
+    b: np.ndarray | None,
+    raw: np.ndarray,
+    rng: np.random.Generator,
+) -> Mismatch:
+    """The reduction of operands ``a``, ``b`` in ``tree`` against the raw op's output, at a
+    sample of positions (:func:`_sample_rows`), in the columns the reduction shows."""
+    reduction = backend.reduction
+    rows = _sample_rows(tree, reduction.present, rng)
+    order = Order(name="auto", trees=((reduction.key, tree),))
+    want = raw.reshape(-1)[reduction.output_index[rows]]
+    got = reduce_positions(a, b, order, backend.dtype, rows).reshape(len(rows), -1)
+    differ = _differences(got[:, : want.shape[1]], want)
     return Mismatch(int(differ.sum()), rows[differ.any(axis=1)], np.flatnonzero(differ.any(axis=0)))
+
+
+class _Operands(Exception):  # noqa: N818 - a result carried out of a kernel, not an error
+    """The operands of the reduction :class:`_StageOperands` was looking for."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray | None) -> None:
+        super().__init__("operands")
+        self.a, self.b = a, b
+
+
+class _StageOperands(Rounded):
+    """Runs a separable kernel whose other stage passes values through, up to reduction
+    ``stage``, and raises :class:`_Operands` with that reduction's operands. A stage that
+    passes values through has one nonzero term per output: its float64 sum is exact."""
+
+    def __init__(self, dtype: Any, stage: int) -> None:
+        super().__init__(dtype, Order())
+        self.stage, self._seen = stage, 0
+
+    def dot(self, a, b=None, axes="k"):
+        a, b = self._nest(a, b, axes)
+        if self._seen == self.stage:
+            raise _Operands(a, b)
+        self._seen += 1
+        product = a.astype(np.float64) if b is None else a.astype(np.float64) * b
+        return product.sum(axis=0).astype(self.dtype)
 
 
 def _differences(got: np.ndarray, want: np.ndarray) -> np.ndarray:
@@ -441,6 +508,12 @@ def _some(members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(members, VERIFY_ROWS, replace=False)
 
 
+def _stage_check(
+    kernel: Callable, spec: LayerSpec, backend: LayerBackend, stage: int
+) -> Callable[[ReductionTree], Mismatch]:
+    return lambda tree: verify_stage(kernel, spec, backend, stage, tree)
+
+
 def reveal_layer(
     layer: Any, kernel: Callable, spec: LayerSpec, input_shape
 ) -> tuple[list[tuple[tuple[int, tuple[int, ...]], Revealed]], int]:
@@ -466,14 +539,16 @@ def reveal_layer(
         check = lambda t: verify(kernel, spec, backends, [t])  # noqa: E731
         found = [reveal(backends[0], check=check, max_calls=_max_calls(reductions[0]))]
         bad = found[0].mismatches or 0
-    else:  # a separable convolution's stages are checked together, as the op runs them
-        found = [reveal(b, max_calls=_max_calls(b.reduction)) for b in backends]
+    else:  # a separable convolution: each stage checked alone, then both as the op runs them
+        found = [
+            reveal(
+                b,
+                check=_stage_check(kernel, spec, b, i),
+                max_calls=_max_calls(b.reduction),
+            )
+            for i, b in enumerate(backends)
+        ]
         bad = verify(kernel, spec, backends, [f.tree for f in found]).count
-        if bad:
-            found = [
-                reveal(b, exhaustive=True, max_calls=_max_calls(b.reduction)) for b in backends
-            ]
-            bad = verify(kernel, spec, backends, [f.tree for f in found]).count
     calls = sum(b.calls for b in backends)
     return [
         (b.reduction.key, Revealed(f.tree, calls)) for b, f in zip(backends, found, strict=True)

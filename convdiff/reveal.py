@@ -658,8 +658,8 @@ def reveal(
     narrower than the backend's vectors): columns are then grouped by their answers to the
     same probes, and each group revealed apart. The tree with the fewest differences is kept.
 
-    Probing stops after ``max_calls`` backend calls (None: no limit); the best tree found by
-    then is kept. (A count, not a time: what is found must not depend on the machine's load.)
+    Probing stops after ``max_calls`` backend calls (None: no limit), or that many for each
+    class of columns where they are revealed apart; the best tree found by then is kept. (A count, not a time: what is found must not depend on the machine's load.)
 
     Raises:
         NotATree: the answers fit no tree, more than ``max_trees`` trees would be needed, or
@@ -677,7 +677,12 @@ def reveal(
         tried.add((deep, split))
         try:
             if split:
-                tree, classes = _reveal_columns(prober, prober.column_classes(), max_trees, deep)
+                column_classes = prober.column_classes()
+                if max_calls is not None:
+                    # each class of columns is revealed through its own columns, a few
+                    # probes per call where the class is narrow: a budget of its own
+                    prober.max_calls = max_calls * len(column_classes)
+                tree, classes = _reveal_columns(prober, column_classes, max_trees, deep)
             else:
                 tree, classes = _reveal(prober, max_trees, deep)
         except OutOfCalls as exc:
