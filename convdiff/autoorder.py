@@ -427,7 +427,9 @@ def verify_stage(
     kernels = {**{k: v.astype(dtype) for k, v in _kernels(bare).items()}, **backend.passing}
     raw = backend.raw(x, kernels)
     try:
-        kernel(replace(bare, weights={**bare.weights, **kernels}), [x], _StageOperands(dtype, stage))
+        kernel(
+            replace(bare, weights={**bare.weights, **kernels}), [x], _StageOperands(dtype, stage)
+        )
     except _Operands as found:
         return _check_rows(backend, tree, found.a, found.b, raw, rng)
     raise NotATree(f"the kernel made no reduction {stage}")  # not reached: two stages
@@ -452,7 +454,7 @@ def _check_rows(
     return Mismatch(int(differ.sum()), rows[differ.any(axis=1)], np.flatnonzero(differ.any(axis=0)))
 
 
-class _Operands(Exception):  # noqa: N818 - a result carried out of a kernel, not an error
+class _Operands(Exception):
     """The operands of the reduction :class:`_StageOperands` was looking for."""
 
     def __init__(self, a: np.ndarray, b: np.ndarray | None) -> None:

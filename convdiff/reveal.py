@@ -659,7 +659,8 @@ def reveal(
     same probes, and each group revealed apart. The tree with the fewest differences is kept.
 
     Probing stops after ``max_calls`` backend calls (None: no limit), or that many for each
-    class of columns where they are revealed apart; the best tree found by then is kept. (A count, not a time: what is found must not depend on the machine's load.)
+    class of columns where they are revealed apart; the best tree found by then is kept. (A
+    count, not a time: what is found must not depend on the machine's load.)
 
     Raises:
         NotATree: the answers fit no tree, more than ``max_trees`` trees would be needed, or

@@ -52,6 +52,12 @@ LAYERS = [
         (2, 8, 8, 4),
         id="separable",
     ),
+    # 104 output channels: on an AVX2 CPU (oneDNN off) channels 96-103, the tail of a
+    # 16-wide GEMM kernel, add the pointwise stage's 96 terms in two chunks where the others
+    # take one chain, and no probe of the first guess falls in those channels
+    pytest.param(
+        lambda: L.SeparableConv2D(104, 3, padding="same"), (1, 5, 5, 96), id="separable-tail"
+    ),
     pytest.param(lambda: L.SeparableConv1D(6, 3, strides=2), (1, 20, 5), id="separable1d"),
     pytest.param(
         lambda: L.Conv2DTranspose(8, 3, strides=2, padding="same"), (1, 6, 6, 4), id="transpose"
@@ -194,3 +200,15 @@ def test_cli_names_the_order_found(examples, tmp_path):
     assert report["settings"]["order"] == "auto" and report["settings"]["cache"] is True
     assert report["layers"][0]["order_found"]["status"] == "reproduced"
     assert report["layers"][0]["status"] == "identical"
+
+
+@pytest.mark.slow
+def test_xception_middle_flow_separable_conv():
+    """Xception's middle-flow SeparableConv2D (19x19x728, 728 filters). On an AVX2 CPU with
+    oneDNN off, output channels 720-727 add each 248-term slice as two interleaved chains:
+    revealed through those 8 channels only, which takes more probe calls than one budget."""
+    shape = (1, 19, 19, 728)
+    layer = _layer(lambda: L.SeparableConv2D(728, 3, padding="same", use_bias=False), shape)
+    kernel = find_kernel(type(layer), vars(keras.layers))
+    found, mismatches = autoorder.reveal_layer(layer, kernel, layer_spec(layer), shape)
+    assert mismatches == 0, [r.tree.describe() for _, r in found]
