@@ -19,6 +19,8 @@ TensorFlow and Keras are imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from convdiff import eigenmath
 from convdiff.kernels import LayerSpec, Unsupported
 from convdiff.numerics import Rounded
 from convdiff.orders import Order, reduce_positions
@@ -574,6 +577,8 @@ class Finding:
         calls: backend calls the reveal and its check made (0 from the cache).
         cached: read from the on-disk cache.
         mismatches: outputs the check found different.
+        functions: library functions of the layer computed by a model of TensorFlow's own
+            algorithm (checked bit for bit on this machine), not rounded from their exact value.
     """
 
     status: str
@@ -582,6 +587,7 @@ class Finding:
     calls: int = 0
     cached: bool = False
     mismatches: int = 0
+    functions: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -594,6 +600,7 @@ class Finding:
             "probe_calls": self.calls,
             "cached": self.cached,
             "mismatches": self.mismatches,
+            "functions_modelled": list(self.functions),
         }
 
     @classmethod
@@ -605,7 +612,10 @@ class Finding:
             )
             for t in data["trees"]
         )
-        return cls(data["status"], data["description"], trees, 0, True, int(data["mismatches"]))
+        functions = tuple(str(f) for f in data.get("functions_modelled", []))
+        return cls(
+            data["status"], data["description"], trees, 0, True, int(data["mismatches"]), functions
+        )
 
 
 def find_order(
@@ -634,6 +644,10 @@ def find_order(
             except (KeyError, TypeError, ValueError):
                 pass  # an entry of another shape: revealed again and overwritten
     finding = _reveal_finding(layer, kernel, spec, input_shapes[0])
+    with contextlib.suppress(Unsupported):  # else the finding says why it was not probed
+        finding = _with_functions(
+            finding, _census(kernel, spec, input_shapes).functions, spec.dtype
+        )
     if cache:
         treecache.store(key, {"finding": finding.to_dict()})
     return finding
@@ -683,29 +697,135 @@ class _Census(_Recorder):
         return super().apply(name, x)
 
 
+def _census(kernel: Callable, spec: LayerSpec, input_shapes) -> _Census:
+    """The kernel's reductions and library functions, counted on a zero input of batch 1
+    (raises :class:`Unsupported` where the kernel does)."""
+    census = _Census(spec.dtype)
+    inputs = [np.zeros((1, *s[1:]), spec.dtype) for s in input_shapes]
+    with np.errstate(all="ignore"):
+        kernel(spec, inputs, census)
+    return census
+
+
 def _unrevealed(kernel: Callable, spec: LayerSpec, input_shapes) -> Finding | None:
     """What ``auto`` says of a layer it does not probe: its reductions take the default order;
     a layer without any, whose library functions (rsqrt, exp, tanh...) are TensorFlow's own
-    approximations, is no summation tree at all."""
-    census = _Census(spec.dtype)
-    inputs = [np.zeros((1, *s[1:]), spec.dtype) for s in input_shapes]
+    approximations, is no summation tree at all (those it models are computed as TensorFlow
+    computes them)."""
     try:
-        with np.errstate(all="ignore"):
-            kernel(spec, inputs, census)
+        census = _census(kernel, spec, input_shapes)
     except Unsupported:
         return None
     reductions = len(census.dots) + census.sums
     if reductions:
-        return Finding(
-            "not revealed",
-            f"{reductions} reduction{'s' if reductions > 1 else ''} not probed by auto "
-            "(only convolutions and Dense are): the default order, sequential with FMA",
+        return _with_functions(
+            Finding(
+                "not revealed",
+                f"{reductions} reduction{'s' if reductions > 1 else ''} not probed by auto "
+                "(only convolutions and Dense are): the default order, sequential with FMA",
+            ),
+            census.functions,
+            spec.dtype,
         )
     if census.functions:
-        names = ", ".join(census.functions)
-        return Finding(
-            "not a tree",
-            f"no summation: {names} is TensorFlow's own approximation on this CPU, which "
-            "convdiff does not model (it rounds the exact value)",
-        )
+        modelled = _modelled(census.functions, spec.dtype)
+        others = [f for f in census.functions if f not in modelled]
+        texts = [_MODELLED_TEXT.format(name=f) for f in modelled]
+        if others:
+            texts.append(_UNMODELLED_TEXT.format(names=", ".join(others)))
+        return Finding("not a tree", "no summation: " + "; ".join(texts), functions=modelled)
     return None
+
+
+_MODELLED_TEXT = "{name} is TensorFlow's own float32 algorithm (Eigen's), modelled bit for bit"
+_UNMODELLED_TEXT = (
+    "{names} is TensorFlow's own approximation on this CPU, which convdiff does not model "
+    "(it rounds the exact value)"
+)
+
+
+def _with_functions(finding: Finding, functions: list[str], dtype: Any) -> Finding:
+    """``finding`` with the layer's library functions said (a reproduced sum followed by an
+    activation TensorFlow approximates still differs in the last bits) and, where modelled,
+    used."""
+    if not functions:
+        return finding
+    modelled = _modelled(functions, dtype)
+    others = [f for f in functions if f not in modelled]
+    text = finding.text
+    if modelled:
+        text += "; then " + "; ".join(_MODELLED_TEXT.format(name=f) for f in modelled)
+    if others:
+        text += "; then " + _UNMODELLED_TEXT.format(names=", ".join(others))
+        if finding.status == "reproduced":
+            text += ": the sum is reproduced, the activation may differ in the last bits"
+    return replace(finding, text=text, functions=modelled)
+
+
+def _modelled(functions: list[str], dtype: Any) -> tuple[str, ...]:
+    """Those of ``functions`` computed by a model that matches TensorFlow here."""
+    if np.dtype(dtype) != np.dtype(np.float32):
+        return ()
+    exact = modelled_functions()
+    return tuple(f for f in functions if f in exact)
+
+
+@functools.lru_cache(maxsize=1)
+def modelled_functions() -> tuple[str, ...]:
+    """The library functions of :data:`convdiff.eigenmath.MODELS` whose model gives
+    TensorFlow's float32 results bit for bit on this machine (checked once per process, on
+    random values, extremes, subnormals, infinities, NaN, and tensors whose sizes leave a
+    tail of each length after Eigen's packets)."""
+    import keras
+
+    if not eigenmath.available():
+        return ()
+    ops = {"sigmoid": keras.ops.sigmoid}
+    found = []
+    for name, model in eigenmath.MODELS.items():
+        op = ops.get(name)
+        if op is not None and all(
+            _same_bits(model(x), np.asarray(keras.ops.convert_to_numpy(op(x))))
+            for x in _function_probes()
+        ):
+            found.append(name)
+    return tuple(found)
+
+
+def _function_probes() -> list[np.ndarray]:
+    """float32 tensors to check a function model on: random values, and extremes (subnormal,
+    the algorithm's cut-offs, infinities, NaN) both in Eigen's packets and in each position of
+    a scalar tail."""
+    rng = np.random.default_rng(0)
+    f32 = np.finfo(np.float32)
+    special = [0.0, -0.0, 1e-40, -1e-40, f32.tiny, 16.6355324, 16.63554, 20.0, 1e30, np.inf]
+    special += [-np.inf, -104.0, -104.0001, -103.99, -87.0, -87.5, -88.0, -90.0, -1e30]
+    special += [f32.max, -f32.max, np.nan, 0.5, -0.5, 1.0, -1.0, 9.0, -9.0]
+    values = np.concatenate(
+        [
+            rng.standard_normal(1 << 16) * 4,
+            rng.uniform(-110, 20, 1 << 16),
+            np.linspace(-120, 30, 30001),
+            special,
+        ]
+    ).astype(np.float32)
+    probes = [values, np.tile(np.asarray(special, np.float32), eigenmath.PACKET)]
+    head = np.zeros(eigenmath.PACKET, np.float32)
+    for tail in range(1, eigenmath.PACKET):
+        picked = [*special, *rng.choice(values, 64 * tail)]
+        probes += [
+            np.concatenate([head, np.asarray(picked[i : i + tail], np.float32)])
+            for i in range(0, len(picked), tail)
+        ]
+    return probes
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit, every NaN alike."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = np.isnan(a)
+    return bool(
+        np.array_equal(nan, np.isnan(b))
+        and np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32))
+    )

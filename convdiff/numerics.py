@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import ml_dtypes
 import numpy as np
 
+from convdiff.eigenmath import MODELS
 from convdiff.floats import round_to, underflow_unit, unit_roundoff
 from convdiff.magnitude import product_magnitude
 from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms
@@ -300,6 +301,9 @@ class Rounded:
 
     # Library functions, evaluated in float64 and rounded once ----------------------------
     def apply(self, name: str, x):
+        if name in self.order.functions and self.dtype == np.float32:
+            # ``auto``: TensorFlow's own algorithm, checked bit for bit on this machine
+            return MODELS[name](np.asarray(x, np.float32))
         with np.errstate(all="ignore"):
             return self._round(FUNCTIONS[name](np.asarray(x, dtype=np.float64)))
 

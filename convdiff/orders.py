@@ -80,6 +80,9 @@ class Order:
         block: terms per block for ``blocked``.
         accumulate: accumulator dtype name, or None for the layer's compute dtype.
         tap_order: nesting of labelled reduction axes (e.g. ``"hwc"``), or None for the kernel's.
+        trees: ``auto``: the revealed trees, by ``(terms, output shape)``.
+        functions: ``auto``: library functions computed by a model of TensorFlow's own
+            algorithm (:mod:`convdiff.eigenmath`) instead of their correctly rounded value.
     """
 
     name: str = "sequential"
@@ -88,6 +91,7 @@ class Order:
     accumulate: str | None = None
     tap_order: str | None = None
     trees: tuple[tuple[tuple[int, tuple[int, ...]], ReductionTree], ...] = ()
+    functions: tuple[str, ...] = ()
 
     def tree_for(self, terms: int, shape: tuple[int, ...]) -> ReductionTree | None:
         """``auto``: the revealed tree of the reduction of ``terms`` terms into ``shape``."""

@@ -407,7 +407,9 @@ def _reveal(result: LayerResult, node, kernel, spec, inputs, settings: Settings)
     result.order_found = finding.to_dict()
 
     def laden(o: Order) -> Order:
-        return replace(o, trees=finding.trees) if o.name == "auto" else o
+        if o.name != "auto":
+            return o
+        return replace(o, trees=finding.trees, functions=finding.functions)
 
     return laden(settings.order), tuple(laden(o) for o in settings.tried_orders)
 
