@@ -212,3 +212,50 @@ def test_xception_middle_flow_separable_conv():
     kernel = find_kernel(type(layer), vars(keras.layers))
     found, mismatches = autoorder.reveal_layer(layer, kernel, layer_spec(layer), shape)
     assert mismatches == 0, [r.tree.describe() for _, r in found]
+
+
+SQUEEZE_EXCITE = [
+    # EfficientNet's se_reduce (swish) and se_expand (sigmoid): 1x1 convolutions of a pooled
+    # map; 18 outputs leave a tail of 2 after Eigen's packets of 8, which takes its scalar path
+    pytest.param(lambda: L.Conv2D(6, 1, activation="swish"), (3, 1, 1, 144), id="se-reduce"),
+    pytest.param(lambda: L.Conv2D(96, 1, activation="sigmoid"), (2, 1, 1, 24), id="se-expand"),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), SQUEEZE_EXCITE)
+def test_auto_models_tensorflows_sigmoid(make, shape):
+    """The sum reproduced, and the activation too: Eigen's float32 logistic, modelled where
+    it matches TensorFlow here (the correctly rounded sigmoid differs by a few ULPs)."""
+    layer = _layer(make, shape)
+    model = keras.Sequential([keras.Input(shape[1:]), layer])
+    x = (np.random.default_rng(7).standard_normal(shape) * 3).astype("float32")
+    (result,) = compare(model, x, order="auto", cache=False).layers
+    found = result.order_found
+    assert found["status"] == "reproduced"
+    if "sigmoid" not in autoorder.modelled_functions():
+        pytest.skip("Eigen's logistic model does not match this TensorFlow build")
+    assert found["functions_modelled"] == ["sigmoid"]
+    assert "sigmoid is TensorFlow's own float32 algorithm" in found["description"]
+    assert result.status == "identical", (found, result.comparison.max_ulp)
+
+
+def test_activation_layer_sigmoid_is_modelled():
+    shape = (2, 9, 9, 5)  # 810 values: packets and a tail of 2
+    model = keras.Sequential([keras.Input(shape[1:]), L.Activation("sigmoid", name="act")])
+    x = (np.random.default_rng(8).standard_normal(shape) * 5).astype("float32")
+    (result,) = compare(model, x, order="auto", cache=False).layers
+    assert result.order_found["status"] == "not a tree"
+    assert result.order_found["functions_modelled"] == list(autoorder.modelled_functions())
+    if result.order_found["functions_modelled"]:
+        assert result.status == "identical", result.comparison.max_ulp
+
+
+def test_unmodelled_activation_after_a_reproduced_sum_is_named():
+    layer = _layer(lambda: L.Dense(10, activation="tanh"), (1, 40))
+    model = keras.Sequential([keras.Input((40,)), layer])
+    x = np.random.default_rng(9).standard_normal((1, 40)).astype("float32")
+    (result,) = compare(model, x, order="auto", cache=False).layers
+    found = result.order_found
+    assert found["status"] == "reproduced" and found["functions_modelled"] == []
+    assert "tanh is TensorFlow's own approximation" in found["description"]
+    assert "the sum is reproduced" in found["description"]
