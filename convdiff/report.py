@@ -194,6 +194,7 @@ def render_summary(report: Report) -> Text:
         lines.append(f"Over budget: {r.name}: {'; '.join(r.budget_violations)}\n", style="red")
     for r in report.layers:
         _layer_notes(r, lines)
+    _orders_found(report.layers, lines)
     repeat = report.settings.get("repeat", 1)
     if repeat > 1:
         changed = [r for r in report.layers if r.repeat_max_ulp]
@@ -266,6 +267,39 @@ def summary_line(report: Report) -> Text:
     return line
 
 
+def _orders_found(results: list[LayerResult], lines: Text) -> None:
+    """``--order auto``: what was found for each layer, one line per distinct finding (a deep
+    model repeats a few problems: MobileNetV2's 52 BatchNormalization layers share one line),
+    in the order the layers come; every layer's own finding is in the JSON (``order_found``)."""
+    groups: dict[tuple[str, str], list[LayerResult]] = {}
+    for r in results:
+        if r.order_found and r.status not in ("skipped", "error"):
+            key = (r.order_found["description"], r.order_found["status"])
+            groups.setdefault(key, []).append(r)
+    for (description, status), members in groups.items():
+        lines.append(f"Order: {_names(members)}: {description} [{status}; {_how(members)}]\n")
+
+
+def _names(members: list[LayerResult], shown: int = 3) -> str:
+    """``conv1``, ``conv1, conv2``, or ``conv1, conv2, conv3 and 49 more (52 layers)``."""
+    names = [r.name for r in members]
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more ({len(names)} layers)"
+
+
+def _how(members: list[LayerResult]) -> str:
+    """Where the findings came from: backend calls made, the cache, or both."""
+    found = [r.order_found for r in members if r.order_found]
+    calls = sum(f["probe_calls"] for f in found if not f["cached"])
+    cached = sum(1 for f in found if f["cached"])
+    probed = f"{plural(calls, 'backend call')}" if cached < len(found) else ""
+    from_cache = "from the cache" if cached == len(found) else f"{cached} from the cache"
+    if not cached:
+        return probed
+    return from_cache if not probed else f"{probed}, {from_cache}"
+
+
 def _layer_notes(r: LayerResult, lines: Text) -> None:
     """Per-layer lines under the table: skips, errors with the user's traceback, notes, and
     for a user's implementation whose side is closer to the correctly rounded result."""
@@ -283,10 +317,6 @@ def _layer_notes(r: LayerResult, lines: Text) -> None:
         lines.append(f"Note: {r.name}: {r.reason}\n")
     if r.likely_cause:
         lines.append(f"Likely cause: {r.name}: {r.likely_cause}\n", style="bold")
-    if r.order_found:
-        found = r.order_found
-        how = "from the cache" if found["cached"] else f"{found['probe_calls']} backend calls"
-        lines.append(f"Order: {r.name}: {found['description']} [{found['status']}; {how}]\n")
     if r.orders:
         exact = [o["order"] for o in r.orders if o["bit_exact"]]
         rest = ", ".join(f"{o['order']} {o['max_ulp']:,}" for o in r.orders if not o["bit_exact"])

@@ -202,6 +202,28 @@ def test_cli_names_the_order_found(examples, tmp_path):
     assert report["layers"][0]["status"] == "identical"
 
 
+def test_layers_with_one_finding_share_one_line(examples, tmp_path):
+    """A deep model repeats a few problems: the terminal says each finding once, naming its
+    layers (deep8's conv1-conv7 are one problem, conv0 another); the JSON keeps every
+    layer's own ``order_found``."""
+    from click.testing import CliRunner
+
+    from convdiff.cli import cli
+
+    out = tmp_path / "r.json"
+    args = [str(examples / "deep8.keras"), str(examples / "deep8_input.npy"), "--order", "auto"]
+    result = CliRunner().invoke(cli, [*args, "--no-cache", "--json", str(out)])
+    assert result.exit_code in (0, 1), result.output
+    found = [layer["order_found"] for layer in json.loads(out.read_text())["layers"]]
+    assert len(found) == 8 and all(found)
+    distinct = {(f["description"], f["status"]) for f in found}
+    text = " ".join(result.stdout.split())  # lines longer than the width are wrapped
+    assert text.count("Order: ") == len(distinct) < len(found)
+    calls = sum(f["probe_calls"] for f in found[1:])
+    grouped = f"Order: conv1, conv2, conv3 and 4 more (7 layers): {found[1]['description']} ["
+    assert grouped + f"{found[1]['status']}; {calls} backend calls]" in text, text
+
+
 @pytest.mark.slow
 def test_xception_middle_flow_separable_conv():
     """Xception's middle-flow SeparableConv2D (19x19x728, 728 filters). On an AVX2 CPU with
