@@ -12,6 +12,7 @@ All functions are vectorised, never overflow and never emit floating-point warni
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -383,11 +384,9 @@ def compare(
         mismatch_fraction=mismatch_count / size if size else 0.0,
         nan_mismatch=nan_mismatch,
         inf_mismatch=inf_mismatch,
-        bound_ratio=None
-        if bound64 is None
-        else math.inf
-        if first_nonfinite is not None
-        else _max_or_zero(_safe_ratio(abs_finite, bound64[finite])),
+        bound_ratio=_bound_ratio(
+            bound64, first_nonfinite, lambda b: _max_or_zero(_safe_ratio(abs_finite, b[finite]))
+        ),
         worst=_worst(ulp, ref64, cand64, abs_err, bound64, where, reference.shape)
         if max_ulp > 0
         else None,
@@ -397,6 +396,19 @@ def compare(
         nan_in_reference=int(np.count_nonzero(nan_mask & np.isnan(ref64))),
         first_nonfinite=first_nonfinite,
     )
+
+
+def _bound_ratio(
+    bound: np.ndarray | None,
+    first_nonfinite: Any,
+    finite_ratio: Callable[[np.ndarray], float],
+) -> float | None:
+    """The largest |difference| / bound: None without a bound; infinite where a NaN or infinity
+    stands against a number (no rounding explains it); else ``finite_ratio(bound)``, over the
+    positions where both sides are finite, from the bound."""
+    if bound is None:
+        return None
+    return math.inf if first_nonfinite is not None else finite_ratio(bound)
 
 
 def _kernels() -> Any:
@@ -467,11 +479,7 @@ def _compare_compiled(
         mismatch_fraction=mismatch_count / size if size else 0.0,
         nan_mismatch=nan_mismatch,
         inf_mismatch=inf_mismatch,
-        bound_ratio=None
-        if bound is None
-        else math.inf
-        if first_nonfinite is not None
-        else max_ratio,
+        bound_ratio=_bound_ratio(bound, first_nonfinite, lambda _: max_ratio),
         worst=worst,
         max_ulp_scaled=None if scale is None else max_scaled,
         nan_in_reference=nan_in_ref,

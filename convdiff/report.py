@@ -291,13 +291,15 @@ def _names(members: list[LayerResult], shown: int = 3) -> str:
 def _how(members: list[LayerResult]) -> str:
     """Where the findings came from: backend calls made, the cache, or both."""
     found = [r.order_found for r in members if r.order_found]
-    calls = sum(f["probe_calls"] for f in found if not f["cached"])
     cached = sum(1 for f in found if f["cached"])
-    probed = f"{plural(calls, 'backend call')}" if cached < len(found) else ""
-    from_cache = "from the cache" if cached == len(found) else f"{cached} from the cache"
-    if not cached:
-        return probed
-    return from_cache if not probed else f"{probed}, {from_cache}"
+    parts = []
+    if cached < len(found):
+        parts.append(
+            plural(sum(f["probe_calls"] for f in found if not f["cached"]), "backend call")
+        )
+    if cached:
+        parts.append("from the cache" if cached == len(found) else f"{cached} from the cache")
+    return ", ".join(parts)
 
 
 def _layer_notes(r: LayerResult, lines: Text) -> None:

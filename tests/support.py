@@ -131,6 +131,23 @@ def save_with_user_layers(layer_file: Path, build: Callable[[dict], Any], path: 
 # --------------------------------------------------------------------------- the command line
 
 
+def count_compiled_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time compiled chains run (every compiled entry point of
+    convdiff.accel runs its tiles through ``_run_tiles``): a case meant for the compiled engine
+    asserts that it reached it."""
+    from convdiff import accel
+
+    calls: list[int] = []
+    run = accel._run_tiles
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        run(*args, **kwargs)
+
+    monkeypatch.setattr(accel, "_run_tiles", counted)
+    return calls
+
+
 def run_cli(*args: Any) -> Result:
     """``convdiff ARGS...`` in this process (click's runner); an exception that is not a
     SystemExit is raised again, with its traceback."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import count_compiled_runs
 
 from convdiff import accel, orders
 from convdiff.orders import parse_order, reduce_terms
@@ -28,16 +29,8 @@ LAYOUTS = {
 
 @pytest.fixture
 def tiles_ran(monkeypatch) -> list[int]:
-    """Counts the compiled tile runs (every compiled entry point runs its chains there)."""
-    calls: list[int] = []
-    run = accel._run_tiles
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(accel, "_run_tiles", counted)
-    return calls
+    """Counts the compiled tile runs."""
+    return count_compiled_runs(monkeypatch)
 
 
 def _compiled_cases(order_names: list[str]) -> list:

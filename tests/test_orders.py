@@ -16,6 +16,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+from support import count_compiled_runs
 
 from convdiff import accel, orders
 from convdiff.errors import OptionError
@@ -284,15 +285,7 @@ def engine(request, monkeypatch):
     if name == "compiled" and not accel.enabled():
         pytest.skip("numba is not installed (the 'fast' extra)")
     monkeypatch.setenv("CONVDIFF_NUMBA", "1" if name == "compiled" else "0")
-    chains = []
-    if name == "compiled":
-        compiled = accel._run_tiles  # every compiled entry point runs its chains here
-
-        def counted(*args, **kwargs):
-            chains.append(1)
-            return compiled(*args, **kwargs)
-
-        monkeypatch.setattr(accel, "_run_tiles", counted)
+    chains = count_compiled_runs(monkeypatch) if name == "compiled" else []
     yield name
     assert name == "numpy" or chains, "no compiled chain ran: this case is the NumPy engine's"
 
