@@ -33,7 +33,7 @@ from convdiff.loading import load_custom_objects, load_model
 from convdiff.memory import check_memory
 from convdiff.memory import estimate as estimate_memory
 from convdiff.modelfile import Probe
-from convdiff.orders import Order, parse_order
+from convdiff.orders import Order, default_order_name, parse_order
 from convdiff.outputs import check_writable
 from convdiff.recording import (
     RecordingWriter,
@@ -65,7 +65,7 @@ def compare(
     | Mapping[str, np.ndarray]
     | None = None,
     *,
-    order: str | Order = "sequential",
+    order: str | Order | None = None,
     fma: bool | None = None,
     accumulate: str | None = None,
     tap_order: str | None = None,
@@ -106,7 +106,9 @@ def compare(
             ``seed`` (default 0), or takes the inputs recorded in ``reference``.
         order: summation order name (see :mod:`convdiff.orders`) or an :class:`Order`;
             ``auto`` reveals each layer's order on this machine's backend (see
-            :mod:`convdiff.autoorder`), ``all`` tries every order (``auto`` included).
+            :mod:`convdiff.autoorder`), ``all`` tries every order (``auto`` included). None:
+            ``auto``, or ``sequential`` where ``fma``, ``accumulate`` or ``tap_order``
+            refines it (:func:`~convdiff.orders.default_order_name`).
         fma, accumulate, tap_order: refine a named order (fma: on unless False); with an
             :class:`Order`, they must agree with it.
         mode: ``isolated`` (each layer fed Keras's input) or ``propagated``.
@@ -159,6 +161,8 @@ def compare(
         raise OptionError(f"--repeat must be at least 1; received {repeat}")
     if save_outputs is not None:
         check_writable(str(save_outputs))
+    if order is None:
+        order = default_order_name(fma, accumulate, tap_order)
     tried = orders_to_try(accumulate, tap_order) if order == "all" else ()
     settings = Settings(
         order=tried[0] if tried else _order(order, fma, accumulate, tap_order),

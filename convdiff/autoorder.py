@@ -571,7 +571,7 @@ class Finding:
         status: ``reproduced`` (the trees matched TensorFlow bit for bit on random data),
             ``not reproduced`` (trees found, but the check found differences), ``not a tree``
             (the backend's answers fit no summation tree, or the layer's arithmetic is not
-            one), or ``not revealed`` (a reduction ``auto`` does not probe: the default order).
+            one), or ``not revealed`` (a reduction ``auto`` does not probe: the sequential order).
         text: the order in words.
         trees: ``(key, tree)`` pairs for :class:`~convdiff.orders.Order`.
         calls: backend calls the reveal and its check made (0 from the cache).
@@ -658,12 +658,12 @@ def _reveal_finding(layer: Any, kernel: Callable, spec: LayerSpec, input_shape) 
         return Finding(
             "not revealed",
             f"{spec.dtype} layers are not probed (their swamping values overflow); "
-            "the default order is used",
+            "the sequential order is used",
         )
     try:
         found, bad = reveal_layer(layer, kernel, spec, input_shape)
     except NotATree as exc:
-        return Finding("not a tree", f"{exc}; the default order is used")
+        return Finding("not a tree", f"{exc}; the sequential order is used")
     status = "not reproduced" if bad else "reproduced"
     texts = [r.tree.describe() for _, r in found]
     text = texts[0] if len(texts) == 1 else f"depthwise: {texts[0]}; pointwise: {texts[1]}"
@@ -683,7 +683,8 @@ class _Census(_Recorder):
 
     def sum(self, x, axis, keepdims=False):
         self.sums += 1
-        return np.sum(np.asarray(x, np.float64), axis=axis, keepdims=keepdims).astype(self.dtype)
+        axes = tuple(axis) if isinstance(axis, (list, tuple)) else axis  # kernels pass lists
+        return np.sum(np.asarray(x, np.float64), axis=axes, keepdims=keepdims).astype(self.dtype)
 
     def widened(self, dtype: Any, keras_accumulator: Any = None) -> _Census:
         return self  # counting only
@@ -708,7 +709,7 @@ def _census(kernel: Callable, spec: LayerSpec, input_shapes) -> _Census:
 
 
 def _unrevealed(kernel: Callable, spec: LayerSpec, input_shapes) -> Finding | None:
-    """What ``auto`` says of a layer it does not probe: its reductions take the default order;
+    """What ``auto`` says of a layer it does not probe: its reductions take the sequential order;
     a layer without any, whose library functions (rsqrt, exp, tanh...) are TensorFlow's own
     approximations, is no summation tree at all (those it models are computed as TensorFlow
     computes them)."""
@@ -722,7 +723,7 @@ def _unrevealed(kernel: Callable, spec: LayerSpec, input_shapes) -> Finding | No
             Finding(
                 "not revealed",
                 f"{reductions} reduction{'s' if reductions > 1 else ''} not probed by auto "
-                "(only convolutions and Dense are): the default order, sequential with FMA",
+                "(only convolutions and Dense are): the sequential order, with FMA",
             ),
             census.functions,
             spec.dtype,

@@ -202,10 +202,11 @@ _KERAS = "Where Keras runs"
 @_option(
     _NUMPY,
     "--order",
-    default="sequential",
-    show_default=True,
-    help="Summation order: sequential, auto (revealed on this machine's backend), reverse, "
-    "pairwise, kahan, blocked:K, blas, float64, exact, eigen; all: every one, the best compared.",
+    default=None,
+    show_default="auto; sequential with --no-fma, --accumulate or --tap-order",
+    help="Summation order: auto (the trees this machine's backend adds in, revealed per "
+    "layer), sequential, reverse, pairwise, kahan, blocked:K, blas, float64, exact, eigen; "
+    "all: every one, the best compared.",
 )
 @click.option(
     "--cache/--no-cache",

@@ -56,6 +56,8 @@ ORDER_NAMES = (
     "float64",
     "exact",
 )
+# The order a run takes when it names none (see default_order_name).
+DEFAULT_ORDER = "auto"
 # The labelled reduction axes a tap order can rearrange (kernels/conv.py): kernel depth, rows,
 # columns and input channels of Conv1D/2D/3D, and the spatial taps of depthwise convolutions.
 TAP_AXES = ("wc", "hwc", "dhwc", "hw", "dhw")
@@ -116,6 +118,18 @@ class Order:
             "accumulate": self.accumulate,
             "tap_order": self.tap_order,
         }
+
+
+def default_order_name(
+    fma: bool | None = None, accumulate: str | None = None, tap_order: str | None = None
+) -> str:
+    """The order of a run that names none: ``auto``, the trees this machine's backend adds in,
+    revealed layer by layer, so that a correct model reads ``identical`` wherever the backend
+    is deterministic. A run that refines the order (``fma=False``, an accumulator, a tap
+    order) asks "what if the terms were added like this", a question about an order of
+    convdiff's own: it takes ``sequential``, refined."""
+    refined = fma is False or accumulate is not None or tap_order is not None
+    return "sequential" if refined else DEFAULT_ORDER
 
 
 def parse_order(
@@ -1011,7 +1025,7 @@ def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dt
     tree = order.tree_for(a.shape[0], shape) if order.name == "auto" else None
     if tree is not None:
         out = _reduce_tree(a, b, shape, acc_dtype, tree)
-    elif order.name == "auto":  # a reduction nobody revealed: the default order
+    elif order.name == "auto":  # a reduction nobody revealed: in order, as sequential
         out = _run_blocked(a, b, shape, acc_dtype, fma, _sequential)
     elif order.name in programs:
         out = _run_blocked(a, b, shape, acc_dtype, fma, programs[order.name])

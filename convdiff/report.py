@@ -270,14 +270,16 @@ def summary_line(report: Report) -> Text:
 def _orders_found(results: list[LayerResult], lines: Text) -> None:
     """``--order auto``: what was found for each layer, one line per distinct finding (a deep
     model repeats a few problems: MobileNetV2's 52 BatchNormalization layers share one line),
-    in the order the layers come; every layer's own finding is in the JSON (``order_found``)."""
+    in the order the layers come; every layer's own finding is in the JSON (``order_found``,
+    with its backend calls and whether it came from the cache: a run's cost, not its
+    result, so the terminal leaves them out and shows the same lines on every run)."""
     groups: dict[tuple[str, str], list[LayerResult]] = {}
     for r in results:
         if r.order_found and r.status not in ("skipped", "error"):
             key = (r.order_found["description"], r.order_found["status"])
             groups.setdefault(key, []).append(r)
     for (description, status), members in groups.items():
-        lines.append(f"Order: {_names(members)}: {description} [{status}; {_how(members)}]\n")
+        lines.append(f"Order: {_names(members)}: {description} [{status}]\n")
 
 
 def _names(members: list[LayerResult], shown: int = 3) -> str:
@@ -286,20 +288,6 @@ def _names(members: list[LayerResult], shown: int = 3) -> str:
     if len(names) <= shown:
         return ", ".join(names)
     return f"{', '.join(names[:shown])} and {len(names) - shown} more ({len(names)} layers)"
-
-
-def _how(members: list[LayerResult]) -> str:
-    """Where the findings came from: backend calls made, the cache, or both."""
-    found = [r.order_found for r in members if r.order_found]
-    cached = sum(1 for f in found if f["cached"])
-    parts = []
-    if cached < len(found):
-        parts.append(
-            plural(sum(f["probe_calls"] for f in found if not f["cached"]), "backend call")
-        )
-    if cached:
-        parts.append("from the cache" if cached == len(found) else f"{cached} from the cache")
-    return ", ".join(parts)
 
 
 def _layer_notes(r: LayerResult, lines: Text) -> None:

@@ -9,6 +9,7 @@ for it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import platform
@@ -238,6 +239,18 @@ class Runtime:
         return asdict(self)
 
 
+# The runtime the Keras side runs under now (set by runtime_scope): what --order auto's probes
+# run under too, and so part of what they reveal.
+_CURRENT_RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar(
+    "convdiff_runtime", default=Runtime()
+)
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the enclosing :func:`runtime_scope` (the default one outside any)."""
+    return _CURRENT_RUNTIME.get()
+
+
 def select_backend(backend: str | None) -> str:
     """The Keras backend to use: ``backend``, else ``KERAS_BACKEND``, else tensorflow, checked
     (:func:`configure_tensorflow` sets it for Keras's import).
@@ -333,6 +346,7 @@ def runtime_scope(runtime: Runtime) -> Iterator[None]:
         tf.config.experimental.enable_tensor_float_32_execution(runtime.tf32)
     if runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
+    token = _CURRENT_RUNTIME.set(runtime)
     try:
         if keras.backend.backend() != "tensorflow":
             yield
@@ -340,6 +354,7 @@ def runtime_scope(runtime: Runtime) -> Iterator[None]:
             with tf.device("/GPU:0" if runtime.device == "gpu" else "/CPU:0"):
                 yield
     finally:
+        _CURRENT_RUNTIME.reset(token)
         tf.config.experimental.enable_tensor_float_32_execution(tf32_before)
         if not determinism_before:
             tf_config.disable_op_determinism()

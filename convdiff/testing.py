@@ -25,7 +25,7 @@ def assert_layers_match(
     model: Any,
     x: Any,
     max_ulp: int | None = None,
-    order: str | Order = "sequential",
+    order: str | Order | None = None,
     mode: str = "isolated",
     **compare_kwargs: Any,
 ) -> Report:
@@ -39,7 +39,8 @@ def assert_layers_match(
         model: a Keras model object or a path to a .keras/.h5 file.
         x: the input: an array, a list of arrays, a dict by input name, or a .npy/.npz path.
         max_ulp: fail a layer whose largest ULP difference exceeds this; None: no budget.
-        order: the NumPy side's summation order (see :mod:`convdiff.orders`).
+        order: the NumPy side's summation order (see :mod:`convdiff.orders`); None: the
+            default, ``auto`` (:func:`convdiff.api.compare`).
         mode: ``isolated`` or ``propagated``.
         **compare_kwargs: passed on to :func:`convdiff.api.compare` (``fma``, ``impls``...).
 

@@ -3,7 +3,9 @@
 A revealed tree holds for one layer problem on one machine and software stack, so the key is
 everything that can change it: the CPU (model and instruction-set flags), the machine type,
 the Keras backend and its version, Keras's version, whether oneDNN is on, the thread counts,
-and the layer problem itself (class, configuration, input and kernel shapes, dtype). Each
+the device the backend runs on (with TF32 and op determinism), convdiff's own version (a
+later version may reveal more), and the layer problem itself (class, configuration, input and
+kernel shapes, dtype). Each
 entry is one small JSON file named by the SHA-256 of its key, in the ``trees`` directory of
 convdiff's user cache (:mod:`convdiff.cachedir`: ``$CONVDIFF_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/convdiff``, else ``~/.cache/convdiff``; never inside the installed package).
@@ -92,16 +94,32 @@ def store(key: dict[str, Any], value: dict[str, Any]) -> bool:
     return True
 
 
-@cache
 def machine_key() -> dict[str, Any]:
-    """The machine and software stack, as far as they can change a backend's order."""
+    """The machine, the software stack and the runtime the backend runs under now (device,
+    TF32, op determinism), as far as they can change a backend's order."""
+    from convdiff.runtime import current_runtime
+
+    runtime = current_runtime()
+    return {
+        **_stack_key(),
+        "device": runtime.device,
+        "tf32": runtime.tf32,
+        "deterministic": runtime.deterministic,
+    }
+
+
+@cache
+def _stack_key() -> dict[str, Any]:
+    """What stays fixed for the process: CPU, versions, oneDNN, threads."""
     import keras
 
+    from convdiff import __version__
     from convdiff.runtime import environment
 
     env = environment()
     backend = keras.backend.backend()
     return {
+        "convdiff": __version__,
         "cpu": env["cpu"],
         "cpu_flags": _cpu_flags(),
         "machine": platform.machine(),

@@ -45,16 +45,32 @@ def examples():
     return Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _tree_cache(tmp_path_factory, monkeypatch):
-    """Every test reveals into its own tree cache (``--order auto``), never the user's.
+def _tree_cache(_session_cache, monkeypatch):
+    """The tests reveal into one tree cache of their own (``auto``, the default order),
+    never the user's: shared by the tests of a process, as a user's runs share theirs, so
+    that each distinct layer problem is revealed once. A test about revealing itself asks
+    for ``fresh_tree_cache`` (or passes ``cache=False``).
 
     The compiled chains' numba cache is placed once per process, when they are first loaded:
     loading them first keeps it in the user's cache (no recompilation per test session)."""
     from convdiff import accel
 
     accel.enabled()
-    monkeypatch.setenv("CONVDIFF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("CONVDIFF_CACHE_DIR", str(_session_cache))
+
+
+@pytest.fixture
+def fresh_tree_cache(tmp_path, monkeypatch):
+    """An empty tree cache for this test alone: its first run reveals every problem."""
+    path = tmp_path / "fresh-cache"
+    monkeypatch.setenv("CONVDIFF_CACHE_DIR", str(path))
+    return path
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def test_json_stdout_has_required_fields(examples):
     for key in ("passed", "first_divergent", "settings", "environment", "layers"):
         assert key in report
     assert report["passed"] is True and report["first_divergent"] is None
-    assert report["settings"]["order"] == "sequential" and report["settings"]["fma"] is True
+    assert report["settings"]["order"] == "auto" and report["settings"]["fma"] is True
     assert {"tensorflow", "keras", "numpy", "onednn"} <= set(report["environment"])
     layer = report["layers"][0]
     for key in (
