@@ -241,14 +241,14 @@ class Runtime:
 
 # The runtime the Keras side runs under now (set by runtime_scope): what --order auto's probes
 # run under too, and so part of what they reveal.
-_CURRENT_RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar(
-    "convdiff_runtime", default=Runtime()
+_CURRENT_RUNTIME: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "convdiff_runtime", default=None
 )
 
 
 def current_runtime() -> Runtime:
     """The runtime of the enclosing :func:`runtime_scope` (the default one outside any)."""
-    return _CURRENT_RUNTIME.get()
+    return _CURRENT_RUNTIME.get() or Runtime()
 
 
 def select_backend(backend: str | None) -> str:

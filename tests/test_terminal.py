@@ -417,9 +417,8 @@ def test_impl_on_one_layer_names_the_order_for_the_others(examples):
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
-    assert (
-        "(your implementation for conv1, order auto elsewhere, mode isolated)"
-        in " ".join(result.stdout.split())
+    assert "(your implementation for conv1, order auto elsewhere, mode isolated)" in " ".join(
+        result.stdout.split()
     )
     # stopped early: the summary says how many layers were never compared
     last = result.stdout.strip().splitlines()[-1]
