@@ -100,16 +100,6 @@ def exact_order(model, inputs, layers: Sequence[str]) -> Order:
 
 
 @functools.cache
-def default_order_reproduces(model_path: str, input_path: str) -> bool:
-    """Whether convdiff's default order gives Keras's own bits on every compared layer of this
-    model on this machine (isolated mode). Figures measured against Keras, such as the
-    README's, hold exactly only where it does: elsewhere TensorFlow adds in another order."""
-    from convdiff.api import compare
-
-    report = compare(model_path, input_path)
-    return all(r.status in ("identical", "skipped") for r in report.layers)
-
-
 def save_with_user_layers(layer_file: Path, build: Callable[[dict], Any], path: Path) -> None:
     """Run a user's file of custom layers here, save ``build(its namespace)`` to ``path``, then
     take the file's registrations out of Keras's global registry again: as for a model saved

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from support import default_order_reproduces
 
 from convdiff.cli import cli
 from convdiff.kernels import supported_layers_markdown
+from convdiff.runtime import onednn_setting
 
 # Runs Keras on the CPU and compares bits: .ci/run runs it again with oneDNN's other setting.
 pytestmark = pytest.mark.onednn
@@ -50,21 +54,47 @@ def _without_orders(lines: list[str]) -> tuple[list[str], list[str]]:
     return lines[:first] + lines[-1:], lines[first:-1]
 
 
+def _invoke(args: list[str]) -> tuple[int, str]:
+    """Exit status and standard output of ``convdiff ARGS`` at 100 columns: in this process,
+    or in one of its own where the command asks for another oneDNN setting than this
+    process's (TensorFlow takes it only before its import)."""
+    asked = True if "--onednn" in args else False if "--no-onednn" in args else None
+    if asked is None or asked == onednn_setting():
+        result = CliRunner().invoke(cli, args)
+        return result.exit_code, result.stdout
+    env = {**os.environ, "COLUMNS": "100"}
+    command = [sys.executable, "-m", "convdiff", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    return done.returncode, done.stdout
+
+
+def _reproduces(args: list[str], order: str) -> bool:
+    """Whether ``order`` gives Keras's own bits on every compared layer of the command's model
+    and input on this machine, with the command's oneDNN setting."""
+    onednn = [a for a in args if a in ("--onednn", "--no-onednn")]
+    code, out = _invoke([*args[:2], *onednn, "--order", order, "--json", "-"])
+    assert code in (0, 1), out
+    return all(r["status"] in ("identical", "skipped") for r in json.loads(out)["layers"])
+
+
 @pytest.mark.parametrize(("command", "shown"), _shown_runs(), ids=lambda v: str(v)[:60])
 def test_example_output_is_true(command, shown, monkeypatch):
     """Each shown run, re-run at the README's width (100 columns), prints what is shown, on
-    every machine where convdiff's default order (auto) reproduces TensorFlow on the example's
-    layers (elsewhere the figures differ and the test skips). The ``Order:`` lines name the
-    trees this machine's TensorFlow adds in, which differ between CPUs (the README says so):
-    they are compared where the trees are the README's."""
+    every machine where its figures hold (elsewhere the test skips): a run in the default
+    order, auto, wherever auto reproduces TensorFlow on the example's layers; a run in a
+    named order, such as ``--no-fma``'s sequential one, where TensorFlow adds the example's
+    sums as on the README's machine, one FMA chain in order (``--order sequential``
+    reproduces them). The ``Order:`` lines name this machine's trees, which differ between
+    CPUs (the README says so): they are compared where the trees are the README's."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("COLUMNS", "100")
     args = shlex.split(command)[2:]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code in (0, 1), result.output
-    if not default_order_reproduces(str(ROOT / args[0]), str(ROOT / args[1])):
-        pytest.skip(f"convdiff's default order does not reproduce {args[0]} on this machine")
-    got, got_orders = _without_orders(result.stdout.splitlines())
+    code, out = _invoke(args)
+    assert code in (0, 1), out
+    order = "auto" if re.search(r"\border auto\b", out.splitlines()[0]) else "sequential"
+    if not _reproduces(args, order):
+        pytest.skip(f"--order {order} does not reproduce {args[0]} on this machine")
+    got, got_orders = _without_orders(out.splitlines())
     want, want_orders = _without_orders(shown)
     assert got == want
     assert bool(got_orders) == bool(want_orders)
