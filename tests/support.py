@@ -25,7 +25,7 @@ from convdiff.orders import Order
 from convdiff.runtime import cpu_flags, onednn_setting
 
 
-# Where the default order (sequential FMA over the tap axes) was measured to reproduce
+# Where the sequential order (one FMA chain over the tap axes) was measured to reproduce
 # TensorFlow's CPU convolutions and Dense layers bit for bit: AVX-512 with oneDNN on. Other
 # machines add some of them in other orders (their figures stay within the bound).
 def sequential_is_exact() -> bool:
@@ -34,7 +34,7 @@ def sequential_is_exact() -> bool:
 
 SEQUENTIAL_IS_EXACT = pytest.mark.skipif(
     not sequential_is_exact(),
-    reason="the default order reproduces these bit for bit where measured: AVX-512, oneDNN on",
+    reason="the sequential order reproduces these bit for bit where measured: AVX-512, oneDNN on",
 )
 
 # TensorFlow's CPU runs a channels_first Conv2D (and the transposed convolutions) only through

@@ -246,7 +246,7 @@ def test_seed_model_bit_exact():
     assert check.comparison.max_ulp == 0, check.comparison
 
 
-# Configurations whose default order (sequential FMA over the tap axes) was measured to
+# Configurations whose sequential order (one FMA chain over the tap axes) was measured to
 # reproduce TF's CPU output bit for bit (x86-64 AVX-512, oneDNN on): every forward
 # convolution in the table, and the strided 'valid' transposed convolutions.
 EXACT_CASES = [
