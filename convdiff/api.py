@@ -46,6 +46,7 @@ from convdiff.runner import MODES, LayerResult, Settings, run_layers
 from convdiff.runtime import (
     Runtime,
     configure_tensorflow,
+    device_scope,
     environment,
     prepare_onednn,
     prepare_runtime,
@@ -264,7 +265,8 @@ def prepare_model(
         if probe is not None:
             if not isinstance(custom_objects, dict | None):
                 custom_objects = load_custom_objects(custom_objects)
-            model = load_model(model, unsafe=unsafe, custom_objects=custom_objects, probe=probe)
+            with device_scope(runtime):  # the weights are made on the run's device
+                model = load_model(model, unsafe=unsafe, custom_objects=custom_objects, probe=probe)
     finally:
         if probe is not None:
             probe.close()

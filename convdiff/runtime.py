@@ -296,7 +296,7 @@ def prepare_runtime(runtime: Runtime) -> None:
     runtime starts (the thread count); the rest is applied by :func:`runtime_scope`.
 
     Raises:
-        OptionError: an unknown device, ``gpu`` where TensorFlow sees none, or thread counts
+        OptionError: an unknown device, ``gpu`` where the backend sees none, or thread counts
             asked for after TensorFlow's runtime already started.
     """
     import keras
@@ -304,21 +304,11 @@ def prepare_runtime(runtime: Runtime) -> None:
 
     if runtime.device not in DEVICES:
         raise OptionError(f"unknown device {runtime.device!r}; valid choices are cpu, gpu")
-    if runtime.device == "gpu" and keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if runtime.device == "gpu" and not gpu_names(backend):
         raise OptionError(
-            f"--device gpu is supported with the tensorflow backend; this run uses "
-            f"{keras.backend.backend()} (which runs on the CPU here)"
-        )
-    if runtime.device == "gpu" and not tf.config.list_physical_devices("GPU"):
-        seen = (
-            ", ".join(
-                d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices()
-            )
-            or "nothing"
-        )
-        raise OptionError(
-            f"--device gpu: TensorFlow sees no GPU (it sees {seen}); run on a machine with an "
-            "NVIDIA GPU and a CUDA build of TensorFlow (pip install 'tensorflow[and-cuda]')"
+            f"--device gpu: {_NO_GPU[backend].format(seen=_tensorflow_devices())}; run on a "
+            f"machine with an NVIDIA GPU and {_CUDA_BUILD[backend]}"
         )
     if runtime.threads is not None:
         try:
@@ -331,31 +321,104 @@ def prepare_runtime(runtime: Runtime) -> None:
                 ) from None
 
 
+# What a backend without a GPU says, and how to get one that has it.
+_NO_GPU = {
+    "tensorflow": "TensorFlow sees no GPU (it sees {seen})",
+    "jax": "JAX sees no GPU",
+    "torch": "PyTorch sees no CUDA device",
+}
+_CUDA_BUILD = {
+    "tensorflow": "a CUDA build of TensorFlow (pip install 'tensorflow[and-cuda]')",
+    "jax": "a CUDA build of JAX (pip install 'jax[cuda12]')",
+    "torch": "a CUDA build of PyTorch",
+}
+
+
+def _tensorflow_devices() -> str:
+    import tensorflow as tf
+
+    devices = tf.config.list_physical_devices()
+    return ", ".join(d.name.replace("/physical_device:", "") for d in devices) or "nothing"
+
+
+def gpu_names(backend: str) -> list[str]:
+    """The GPUs the Keras backend sees, by name (empty where it sees none)."""
+    if backend == "jax":
+        import jax
+
+        try:
+            return [d.device_kind for d in jax.devices("gpu")]
+        except RuntimeError:  # no GPU platform
+            return []
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+
+
+def device_scope(runtime: Runtime) -> contextlib.AbstractContextManager:
+    """Keras's placement on the runtime's device, for every backend: the model's weights are
+    made under it (a torch tensor stays on the device it was made on) and its layers run under
+    it (a JAX or torch build with CUDA would otherwise take the GPU for --device cpu)."""
+    import keras
+
+    return keras.device(f"{runtime.device}:0")
+
+
+@contextlib.contextmanager
+def _tf32(backend: str, allowed: bool | None) -> Iterator[None]:
+    """TensorFloat-32 (float32 matmul and convolution inputs rounded to 10 mantissa bits on
+    Ampere and newer GPUs) allowed or not, each backend by its own switch, put back after;
+    None leaves the backend's setting as it is."""
+    if allowed is None:
+        yield
+    elif backend == "jax":
+        import jax
+
+        with jax.default_matmul_precision("tensorfloat32" if allowed else "float32"):
+            yield
+    elif backend == "torch":
+        import torch
+
+        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    else:
+        import tensorflow as tf
+
+        before = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(allowed)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
 @contextlib.contextmanager
 def runtime_scope(runtime: Runtime) -> Iterator[None]:
     """Run the Keras side on the chosen device with TF32 and op determinism as asked, and put
-    both settings back as they were afterwards: a library call leaves TensorFlow as it found
-    it (the thread count, which TensorFlow fixes once, is the exception)."""
+    both settings back as they were afterwards: a library call leaves the backend as it found
+    it (the thread count, which TensorFlow fixes once, is the exception). Op determinism is
+    TensorFlow's."""
     import keras
-    import tensorflow as tf
     from tensorflow.python.framework import config as tf_config
 
-    tf32_before = tf.config.experimental.tensor_float_32_execution_enabled()
     determinism_before = tf_config.is_op_determinism_enabled()
-    if runtime.tf32 is not None:
-        tf.config.experimental.enable_tensor_float_32_execution(runtime.tf32)
     if runtime.deterministic:
-        tf.config.experimental.enable_op_determinism()
+        tf_config.enable_op_determinism()
     token = _CURRENT_RUNTIME.set(runtime)
     try:
-        if keras.backend.backend() != "tensorflow":
+        with _tf32(keras.backend.backend(), runtime.tf32), device_scope(runtime):
             yield
-        else:
-            with tf.device("/GPU:0" if runtime.device == "gpu" else "/CPU:0"):
-                yield
     finally:
         _CURRENT_RUNTIME.reset(token)
-        tf.config.experimental.enable_tensor_float_32_execution(tf32_before)
         if not determinism_before:
             tf_config.disable_op_determinism()
 
@@ -363,23 +426,43 @@ def runtime_scope(runtime: Runtime) -> Iterator[None]:
 def runtime_environment(runtime: Runtime) -> dict[str, Any]:
     """What the report records about the device the Keras side ran on (inside
     :func:`runtime_scope`: the settings in force)."""
-    import tensorflow as tf
+    import keras
     from tensorflow.python.framework import config as tf_config
 
+    backend = keras.backend.backend()
     environment: dict[str, Any] = {
         **backend_environment(),
         "device": runtime.device,
-        "tf32": bool(tf.config.experimental.tensor_float_32_execution_enabled())
-        and runtime.device == "gpu",
+        "tf32": runtime.device == "gpu" and _tf32_enabled(backend),
         "deterministic": bool(tf_config.is_op_determinism_enabled()),
         "cpu_flags": cpu_flags(),
     }
-    gpus = tf.config.list_physical_devices("GPU")
-    if runtime.device == "gpu" and gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        environment["device_name"] = details.get("device_name", gpus[0].name)
-        environment["compute_capability"] = details.get("compute_capability")
+    if runtime.device == "gpu":
+        environment["device_name"] = next(iter(gpu_names(backend)), None)
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            details = tf.config.experimental.get_device_details(
+                tf.config.list_physical_devices("GPU")[0]
+            )
+            environment["compute_capability"] = details.get("compute_capability")
     return environment
+
+
+def _tf32_enabled(backend: str) -> bool:
+    """Whether the backend's float32 matmuls and convolutions may use TF32 now."""
+    if backend == "jax":
+        import jax
+
+        precision = getattr(jax.config, "jax_default_matmul_precision", None)
+        return precision in (None, "tensorfloat32", "default")
+    if backend == "torch":
+        import torch
+
+        return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    import tensorflow as tf
+
+    return bool(tf.config.experimental.tensor_float_32_execution_enabled())
 
 
 @functools.cache

@@ -223,3 +223,41 @@ def test_channels_first_model_with_onednn_off_is_one_error_line(channels_first_m
         "runs it only through oneDNN, which is off here; run with --onednn (or "
         "TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported)"
     )
+
+
+def _jax_gpus() -> list[str]:
+    """The GPUs JAX sees, in a process of its own (the backend is chosen at Keras's import)."""
+    pytest.importorskip("jax", reason="the jax extra is not installed")
+    code = "import jax\ntry: print(len(jax.devices('gpu')))\nexcept RuntimeError: print(0)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return ["gpu"] * int(done.stdout.strip() or 0)
+
+
+def test_jax_gpu_without_gpu_is_one_error_line(examples):
+    if _jax_gpus():
+        pytest.skip("JAX sees a GPU here")
+    proc = _fresh(
+        str(examples / "deep8.keras"), "--random-input", "--backend", "jax", "--device", "gpu"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "Error: --device gpu: JAX sees no GPU; run on a machine with an NVIDIA GPU and a CUDA "
+        "build of JAX (pip install 'jax[cuda12]')"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", ["--tf32", "--no-tf32"])
+def test_jax_gpu_run_records_the_card(examples, tf32):
+    """With a CUDA build of JAX, --backend jax --device gpu runs the Keras side on the GPU:
+    the report names the card, and with TF32 off every layer is within its rounding bound."""
+    if not _jax_gpus():
+        pytest.skip("no GPU visible to JAX")
+    args = ["--backend", "jax", "--device", "gpu", tf32, "--json", "-"]
+    proc = _fresh(str(examples / "one_layer.h5"), str(examples / "one_layer_input.npy"), *args)
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["environment"]["device"] == "gpu" and report["environment"]["device_name"]
+    assert report["environment"]["tf32"] is (tf32 == "--tf32")
+    if tf32 == "--no-tf32":
+        assert report["first_divergent"] is None
