@@ -212,7 +212,7 @@ _KERAS = "Where Keras runs"
     "--cache/--no-cache",
     default=True,
     show_default=True,
-    help="Reuse the orders --order auto revealed before (user cache directory).",
+    help="Reuse the trees auto (the default order) revealed before (user cache directory).",
 )
 @_option(_NUMPY, "--fma/--no-fma", default=True, show_default=True, help="Fused multiply-add.")
 @_option(_NUMPY, "--accumulate", help="Accumulator: float16, bfloat16, float32, float64.")
