@@ -170,5 +170,23 @@ def max_ulp(ref, cand, r_bits, c_bits):
     return largest
 
 
+@numba.njit(nogil=True)
+def mismatches(ref, cand, r_bits, c_bits):
+    """``(largest ULP distance over the positions where both sides are finite, positions that
+    differ other than both NaN)``: compare's ``max_ulp`` and ``mismatch_count``."""
+    magnitude_mask = (1 << (8 * ref.itemsize - 1)) - 1
+    largest = np.uint64(0)
+    count = 0
+    for i in range(ref.size):
+        r, c = ref[i], cand[i]
+        if r == c or (r != r and c != c):
+            continue
+        count += 1
+        if math.isfinite(r) and math.isfinite(c):
+            largest = max(largest, _ulp(np.int64(r_bits[i]), np.int64(c_bits[i]), magnitude_mask))
+    return largest, count
+
+
 cache_compiled(differences)
 cache_compiled(max_ulp)
+cache_compiled(mismatches)

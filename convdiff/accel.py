@@ -24,7 +24,6 @@ import importlib.metadata
 import importlib.util
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
@@ -240,31 +239,6 @@ def _threads() -> int:
 @cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="convdiff-chains")
-
-
-def warm_up() -> threading.Thread | None:
-    """Import numba and load the compiled kernels (from numba's disk cache, compiled on a first
-    run) in a background thread, so that this second or so overlaps TensorFlow's import and the
-    model's loading instead of following them; None when nothing is compiled here."""
-    if os.environ.get("CONVDIFF_NUMBA", "1") == "0" or importlib.util.find_spec("numba") is None:
-        return None
-    thread = threading.Thread(target=_load_kernels, name="convdiff-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
-def _load_kernels() -> None:
-    """Run each compiled kernel once on tiny float32 arrays (what loads its machine code)."""
-    if not enabled():
-        return
-    from convdiff import metrics
-
-    a = np.ones((2, 1, 1, 3), np.float32)
-    fma_chain(a, a, np.zeros((1, 1, 3)), range(2), True)
-    fma_chain(a, a, np.zeros((1, 1, 3)), range(2), False)
-    x = np.ones(3, np.float32)
-    metrics.compare(x, x + 1, np.ones(3), scale=np.ones(3))
-    metrics.max_ulp_distance(x, x + 1)
 
 
 @cache

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from convdiff import accel
 from convdiff.budget import parse_budget
 from convdiff.errors import InputError, OptionError
 from convdiff.files import check_file
@@ -256,7 +255,6 @@ def prepare_model(
     path = isinstance(model, str | os.PathLike)
     label = str(model) if path else getattr(model, "name", "model")
     probe = Probe.start(model) if path else None
-    accel.warm_up()  # numba's kernels load while TensorFlow is imported
     try:
         needs = (lambda: (probe.early() or {}).get("needs_onednn", [])) if probe else list
         note = prepare_onednn(onednn, runtime.device, needs)

@@ -33,6 +33,7 @@ import numpy as np
 
 from convdiff.eigenmath import MODELS
 from convdiff.floats import round_to, underflow_unit, unit_roundoff
+from convdiff.fused import Operand, rounded_step
 from convdiff.magnitude import product_magnitude
 from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms
 
@@ -473,14 +474,23 @@ class Bounded:
     # Elementwise, one rounding each --------------------------------------------------------
     def add(self, x, y):
         x, y = self._lift(x), self._lift(y)
+        fused = self._fused("add", x, y)
+        if fused is not None:
+            return fused
         return self._rounded(x.value + y.value, _plus(x.err, y.err), x.magnitude + y.magnitude)
 
     def sub(self, x, y):
         x, y = self._lift(x), self._lift(y)
+        fused = self._fused("sub", x, y)
+        if fused is not None:
+            return fused
         return self._rounded(x.value - y.value, _plus(x.err, y.err), x.magnitude + y.magnitude)
 
     def mul(self, x, y):
         x, y = self._lift(x), self._lift(y)
+        fused = self._fused("mul", x, y)
+        if fused is not None:
+            return fused
         with np.errstate(all="ignore"):
             # The largest |x1 y1 - x2 y2| with both pairs within e of (x, y) and of each other:
             # x1 = x + e_x, y1 = y + e_y against x2 = x, y2 = y (for x, y >= 0).
@@ -490,6 +500,16 @@ class Bounded:
                 None if _is_zero(x.err) or _is_zero(y.err) else x.err * y.err,
             )
             return self._rounded(x.value * y.value, prop, x.magnitude * y.magnitude)
+
+    def _fused(self, name: str, x: Tracked, y: Tracked) -> Tracked | None:
+        """The step compiled in one pass (:mod:`convdiff.fused`: the same bits as the NumPy
+        formulas of add, sub and mul), or None where those formulas must run."""
+        cross = not (_is_zero(x.err) or _is_zero(y.err))
+        units = (self.u_sum, self.eta_sum)
+        step = rounded_step(
+            name, Operand(x.value, x.err, x.scale), Operand(y.value, y.err, y.scale), units, cross
+        )
+        return None if step is None else Tracked(*step)
 
     def div(self, x, y):
         x, y = self._lift(x), self._lift(y)
@@ -515,15 +535,17 @@ class Bounded:
 
     def maximum(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        pick = x.value >= y.value
-        scale = np.where(pick, x.magnitude, y.magnitude) if _has_scale([x, y]) else None
-        return Tracked(np.maximum(x.value, y.value), np.maximum(x.err, y.err), scale)
+        scale = None
+        if _has_scale([x, y]):
+            scale = np.where(x.value >= y.value, x.magnitude, y.magnitude)
+        return Tracked(np.maximum(x.value, y.value), _larger_err(x, y), scale)
 
     def minimum(self, x, y):
         x, y = self._lift(x), self._lift(y)
-        pick = x.value <= y.value
-        scale = np.where(pick, x.magnitude, y.magnitude) if _has_scale([x, y]) else None
-        return Tracked(np.minimum(x.value, y.value), np.maximum(x.err, y.err), scale)
+        scale = None
+        if _has_scale([x, y]):
+            scale = np.where(x.value <= y.value, x.magnitude, y.magnitude)
+        return Tracked(np.minimum(x.value, y.value), _larger_err(x, y), scale)
 
     def max(self, x, axis, keepdims=False):
         x = self._lift(x)
@@ -580,6 +602,14 @@ class Bounded:
             spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
             ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
             return Tracked(value, spread + ulps)
+
+
+def _larger_err(x: Tracked, y: Tracked) -> np.ndarray:
+    """``max(e_x, e_y)`` per element; zeros that take no memory where both are known to be
+    zero (a ReLU of exactly known inputs)."""
+    if _is_zero(x.err) and _is_zero(y.err):
+        return _zeros(np.broadcast_shapes(np.shape(x.err), np.shape(y.err)))
+    return np.maximum(x.err, y.err)
 
 
 def _times(value: np.ndarray, err: np.ndarray) -> np.ndarray | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,25 @@ def test_help_does_not_import_tensorflow():
         "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "4"), ("20", "20")])
+def test_blas_threads_sleep_when_idle_unless_the_user_says(given, expected):
+    """The command line sets OpenBLAS's idle wait to its least before NumPy (and so OpenBLAS)
+    is loaded; a value the user set stays."""
+    code = (
+        "import os, sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n"
+        "assert 'numpy' not in sys.modules\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    )
+    assert done.stdout.splitlines()[-1] == expected
 
 
 def test_paths_are_checked_before_tensorflow_is_imported(examples, tmp_path):

@@ -98,6 +98,17 @@ def test_compare_gives_the_numpy_paths_figures(
         _same(compiled, plain)
         compiled, plain = _both(monkeypatch, metrics.max_ulp_distance, ref, cand)
         assert compiled == plain
+        _same_mismatches(monkeypatch, ref, cand)
+
+
+def _same_mismatches(monkeypatch, ref: np.ndarray, cand: np.ndarray) -> None:
+    """metrics.mismatches compiled and on the NumPy path: compare's max_ulp and
+    mismatch_count."""
+    compiled, plain = _both(monkeypatch, metrics.mismatches, ref, cand)
+    assert compiled == plain
+    c = metrics.compare(ref, cand)
+    assert compiled == (c.max_ulp, c.mismatch_count)
+    assert (compiled[1] == 0) == metrics.is_identical(c)
 
 
 @pytest.mark.parametrize("dt_name", ["float32", "float64"])
@@ -109,6 +120,8 @@ def test_identical_and_all_nan_arrays(dt_name, monkeypatch):
     compiled, plain = _both(monkeypatch, metrics.compare, x, y, bound, scale=bound)
     _same(compiled, plain)
     assert metrics.is_identical(compiled)
+    _same_mismatches(monkeypatch, x, y)
+    assert metrics.mismatches(x, y) == (0, 0)
 
 
 @pytest.mark.parametrize("which", ["bound", "scale"])
@@ -160,3 +173,4 @@ def test_a_pass_split_between_cores_gives_the_same_figures(special_share, rng, m
             bound, scale = _bound_scale(rng, (7, 13, 5), "special")
             compiled, plain = _both(monkeypatch, metrics.compare, ref, cand, bound, scale=scale)
             _same(compiled, plain)
+            _same_mismatches(monkeypatch, ref, cand)

@@ -1,0 +1,142 @@
+"""numba kernel of :mod:`convdiff.bounded_steps` (importing this module needs numba).
+
+One rounded elementwise step of the bounded pass (:class:`convdiff.numerics.Bounded`'s ``add``,
+``sub`` and ``mul``) computes three float64 arrays: the value, the bound and the terms'
+magnitude. In NumPy that is some ten passes over the output (the value, each error term, the
+magnitude, then ``|z| + e``, ``* u``, ``+ e``, ``+ eta`` and a sum to look for infinities),
+each reading and writing arrays of the output's size. Here one pass computes, per element,
+the same IEEE operations on the same float64 values in the same order (no fused
+multiply-add: numba leaves LLVM's contraction off without fast-math flags), so every number
+is the NumPy path's, bit for bit; a NaN is a NaN, whose sign and payload IEEE leaves open
+(``NaN + NaN`` keeps either operand's, and the compiler may swap a sum's operands), as no
+figure reads them. The tests compare every element both ways.
+
+The operands are flat float64 arrays read through per-operand element strides over at most
+three axes (a broadcast operand has stride 0 along the axes it does not vary on), so that a
+bias of shape ``(C,)`` or a per-position factor is read in place, never broadcast into a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+
+from convdiff._compiled import cache_compiled
+
+# the steps (convdiff.bounded_steps.STEPS)
+ADD, SUB, MUL = 0, 1, 2
+
+
+@numba.njit(inline="always")
+def _rounded(value, prop, u_sum, eta_sum):
+    """numerics.Bounded._rounded of one element: ``((|z| + e) u + e) + eta``, then its two
+    non-finite cases (an infinity from exact operands, a NaN from uncertain ones)."""
+    err = (abs(value) + prop) * u_sum + prop + eta_sum
+    if math.isinf(value) and prop == 0:
+        return 0.0
+    if err != err and prop != 0:
+        return math.inf
+    return err
+
+
+@numba.njit(nogil=True)
+def rounded_step(op, operands, strides, dims, outputs, part, units, flags, rows):
+    """The step on the output elements of ``part``, written to ``outputs`` (value, err,
+    magnitude: flat float64 arrays of the output's size, in C order over ``dims``).
+
+    Args:
+        op: ADD, SUB or MUL.
+        operands: ``(a, e_a, m_a, b, e_b, m_b)``, flat read-only float64 arrays.
+        strides: ``(6, 3)`` int64: each operand's element stride along each of the three axes.
+        dims: the three axes' lengths.
+        part: ``(row_lo, row_hi, col_lo, col_hi)``: rows are the first two axes together
+            (C order), columns the third axis.
+        units: ``(u_sum, eta_sum)`` of :class:`~convdiff.numerics.Bounded`.
+        flags: ``(abs_a, abs_b, cross)``: the magnitude of ``a`` (of ``b``) is ``|a|``
+            (its ``m`` array is not read); whether the ``e_a e_b`` term is included.
+        rows: ``(6, col_hi - col_lo)`` float64 scratch, twice: writable and a read-only view
+            of it (an operand's row is read from it where the operand does not step by one
+            along the row; the read-only view gives every row read the one type).
+    """
+    row_lo, row_hi, col_lo, col_hi = part
+    width = col_hi - col_lo
+    scratch, gathered = rows
+    for row in range(row_lo, row_hi):
+        i, j = row // dims[1], row % dims[1]
+        at = row * dims[2] + col_lo
+        _row_step(
+            op,
+            (
+                _row(operands[0], strides[0], (i, j, col_lo), scratch[0], gathered[0]),
+                _row(operands[1], strides[1], (i, j, col_lo), scratch[1], gathered[1]),
+                _row(operands[2], strides[2], (i, j, col_lo), scratch[2], gathered[2]),
+                _row(operands[3], strides[3], (i, j, col_lo), scratch[3], gathered[3]),
+                _row(operands[4], strides[4], (i, j, col_lo), scratch[4], gathered[4]),
+                _row(operands[5], strides[5], (i, j, col_lo), scratch[5], gathered[5]),
+            ),
+            (outputs[0][at : at + width], outputs[1][at : at + width], outputs[2][at : at + width]),
+            units,
+            flags,
+        )
+
+
+@numba.njit(inline="always")
+def _row(flat, strides, at, scratch, gathered):
+    """The operand's elements along one row (``at``: its two row indices and first
+    column): a view of ``flat`` where it steps by one, else ``gathered``, which views
+    ``scratch``, filled with them."""
+    i, j, col = at
+    start = strides[0] * i + strides[1] * j + strides[2] * col
+    if strides[2] == 1:
+        return flat[start : start + scratch.size]
+    for k in range(scratch.size):
+        scratch[k] = flat[start + k * strides[2]]
+    return gathered
+
+
+@numba.njit(inline="always")
+def _row_step(op, row, out, units, flags):
+    """One row: value, error and magnitude of each element as Bounded.add/sub/mul compute
+    them. Each operation has a loop of its own (LLVM vectorises each; one loop for both sums
+    becomes ``a + (-b)``: the same numbers, but NaNs of the other sign).
+
+    ``e_a``/``e_b`` are 0.0 where an error is known to be zero; ``cross``: neither is known
+    to be zero everywhere, so the product's ``e_a e_b`` term is part of it (NumPy leaves it
+    out otherwise, even where it would be NaN).
+    """
+    a, ea, ma, b, eb, mb = row
+    value, err, magnitude = out
+    u_sum, eta_sum = units
+    abs_a, abs_b, cross = flags
+    if op == MUL:
+        for k in range(value.size):
+            x, y = a[k], b[k]
+            mx = abs(x) if abs_a else ma[k]
+            my = abs(y) if abs_b else mb[k]
+            # numerics._times: |value| * err, 0 where err is 0 (even against an infinity)
+            prop = (0.0 if eb[k] == 0 else abs(x) * eb[k]) + (0.0 if ea[k] == 0 else abs(y) * ea[k])
+            if cross:
+                prop = prop + ea[k] * eb[k]
+            value[k] = x * y
+            err[k] = _rounded(value[k], prop, u_sum, eta_sum)
+            magnitude[k] = mx * my
+    elif op == ADD:
+        for k in range(value.size):
+            mx = abs(a[k]) if abs_a else ma[k]
+            my = abs(b[k]) if abs_b else mb[k]
+            value[k] = a[k] + b[k]
+            prop = ea[k] + eb[k]
+            err[k] = _rounded(value[k], prop, u_sum, eta_sum)
+            magnitude[k] = mx + my
+    else:
+        for k in range(value.size):
+            mx = abs(a[k]) if abs_a else ma[k]
+            my = abs(b[k]) if abs_b else mb[k]
+            value[k] = a[k] - b[k]
+            prop = ea[k] + eb[k]
+            err[k] = _rounded(value[k], prop, u_sum, eta_sum)
+            magnitude[k] = mx + my
+
+
+cache_compiled(rounded_step)
