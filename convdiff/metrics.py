@@ -12,7 +12,7 @@ All functions are vectorised, never overflow and never emit floating-point warni
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from numpy.typing import DTypeLike
 
-from convdiff.floats import FLOAT_DTYPES, float_dtype, is_float
+from convdiff.floats import FLOAT_DTYPES, float_dtype, is_float, round_to
 
 __all__ = [
     "Comparison",
@@ -424,10 +424,20 @@ def _kernels() -> Any:
 
 
 def _flat_float64(values: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """``values`` broadcast to ``shape``, flat and contiguous in float64; empty for None."""
+    """``values`` broadcast to ``shape``, flat and contiguous in float64; empty for None; one
+    element for one value repeated (a bound of zeros that takes no memory is not written
+    out: the kernel reads that element for every position)."""
     if values is None:
         return np.empty(0)
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(values, np.float64), shape)).reshape(-1)
+    spread = np.broadcast_to(np.asarray(values, np.float64), shape)
+    if spread.size > 1 and not any(spread.strides):
+        return np.array([spread.flat[0]])
+    return np.ascontiguousarray(spread).reshape(-1)
+
+
+def _value_at(values: np.ndarray, i: int) -> float:
+    """Element ``i`` of a :func:`_flat_float64` array (its one element if it has one)."""
+    return float(values[i if values.size > 1 else 0])
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
@@ -448,7 +458,10 @@ def _compare_compiled(
     bound64, scale64 = _flat_float64(bound, shape), _flat_float64(scale, shape)
     ulps = np.empty(size, np.uint64)
     info = ml_dtypes.finfo(reference.dtype)
-    figures = _differences(kernels, ref, cand, bound64, scale64, (info.nmant, info.minexp), ulps)
+    counts = np.zeros(_COUNTED_ULPS + 1, np.int64)
+    figures = _differences(
+        kernels, ref, cand, bound64, scale64, (info.nmant, info.minexp), (ulps, counts)
+    )
     n_diff, both_nan, equal_inf, n_finite, max_ulp, worst_at = figures[:6]
     max_abs, max_rel, max_ratio, max_scaled = figures[6:10]
     nan_mismatch, inf_mismatch, nan_in_ref, first_at, negative_bound, negative_scale = figures[10:]
@@ -458,14 +471,16 @@ def _compare_compiled(
         return _identical(size, bound is not None, scale is not None)
     equal_finite = size - n_diff - equal_inf
     ulp_finite = ulps[:n_finite]
-    median, p99 = _percentiles_with_zeros(ulp_finite, equal_finite, (50, 99))
+    median, p99 = _percentiles_with_zeros(ulp_finite, equal_finite, (50, 99), counts)
     count = equal_finite + n_finite
     mismatch_count = n_finite + nan_mismatch + inf_mismatch
     first_nonfinite = None if first_at < 0 else _index(first_at, shape)
     worst = None
     if max_ulp > 0:
         r, c = float(ref[worst_at]), float(cand[worst_at])
-        limit = None if bound is None else float(np.nan_to_num(bound64[worst_at], nan=0.0))
+        # a NaN bound counts as 0, as on the NumPy path (an infinite one stays infinite)
+        limit = None if bound is None else _value_at(bound64, worst_at)
+        limit = 0.0 if limit is not None and math.isnan(limit) else limit
         worst = Worst(_index(worst_at, shape), r, c, int(max_ulp), abs(c - r), limit)
     return Comparison(
         size=size,
@@ -487,22 +502,27 @@ def _compare_compiled(
     )
 
 
+# ULP distances below which compare counts how many there are of each (for the percentiles)
+_COUNTED_ULPS = 4096
 # Elements below which compare's pass is not split between cores
 _PARALLEL_ELEMENTS = 1 << 18
 
 
-def _differences(kernels, ref, cand, bound64, scale64, precision, ulps) -> tuple:
+def _differences(kernels, ref, cand, bound64, scale64, precision, outputs) -> tuple:
     """The kernel's figures of the whole arrays (see _compiled_metrics.differences), its pass
     split between the cores: parts in C order, their figures merged (sums, maxima, the first
     position of the largest ULP distance and of a NaN or inf mismatch), each part's ULP
-    distances moved up behind the previous part's, so that they stay in C order."""
+    distances moved up behind the previous part's, so that they stay in C order, and their
+    counts of ULP distances added up. ``outputs``: the ULP distances and their counts."""
     from convdiff import accel
 
+    ulps, counts = outputs
     parts = accel.split(ref.size, _PARALLEL_ELEMENTS)
+    tallies = [counts] + [np.zeros_like(counts) for _ in parts[1:]]
     refs, cands = _bits(ref), _bits(cand)
 
     def piece(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        return x[lo:hi] if x.size else x
+        return x[lo:hi] if x.size > 1 else x
 
     calls = [
         (
@@ -514,12 +534,15 @@ def _differences(kernels, ref, cand, bound64, scale64, precision, ulps) -> tuple
             piece(scale64, lo, hi),
             *precision,
             ulps[lo:hi],
+            tally,
         )
-        for lo, hi in parts
+        for (lo, hi), tally in zip(parts, tallies, strict=True)
     ]
     figures = accel.in_parallel(kernels.differences, calls)
     if len(figures) == 1:
         return figures[0]
+    for tally in tallies[1:]:
+        counts += tally
     written = 0
     for (lo, _), part in zip(parts, figures, strict=True):
         ulps[written : written + part[3]] = ulps[lo : lo + part[3]]
@@ -583,10 +606,14 @@ def _gather(values: Any, shape: tuple[int, ...], where: np.ndarray) -> Any:
     return np.broadcast_to(values, shape)[np.unravel_index(where, shape)]
 
 
-def _percentiles_with_zeros(values: np.ndarray, zeros: int, qs: tuple[float, ...]) -> list[float]:
+def _percentiles_with_zeros(
+    values: np.ndarray, zeros: int, qs: tuple[float, ...], counts: np.ndarray | None = None
+) -> list[float]:
     """``np.percentile`` (linear interpolation) of ``values`` together with ``zeros`` more
-    zeros, without building that array. ``values`` are non-negative; only the ranks asked
-    for are selected (``np.partition``), not the whole array sorted."""
+    zeros, without building that array. ``values`` are non-negative integers; only the ranks
+    asked for are selected, not the whole array sorted: read off ``counts`` (how many values
+    are 0, 1, ..., the last element counting those of its index and more) where they fall
+    below its last index, else selected with ``np.partition``."""
     n = zeros + values.size
     if n == 0:
         return [0.0 for _ in qs]
@@ -596,8 +623,7 @@ def _percentiles_with_zeros(values: np.ndarray, zeros: int, qs: tuple[float, ...
         ranks[low] = ranks[min(low + 1, n - 1)] = 0.0
     wanted = sorted(r - zeros for r in ranks if r >= zeros)
     if wanted:
-        selected = np.partition(values, wanted)
-        ranks.update({r + zeros: float(selected[r]) for r in wanted})
+        ranks.update({r + zeros: v for r, v in _select(values, wanted, counts).items()})
     out = []
     for q in qs:
         position = q / 100 * (n - 1)
@@ -605,6 +631,24 @@ def _percentiles_with_zeros(values: np.ndarray, zeros: int, qs: tuple[float, ...
         high = min(low + 1, n - 1)
         out.append(ranks[low] + (ranks[high] - ranks[low]) * (position - low))
     return out
+
+
+def _select(values: np.ndarray, ranks: list[int], counts: np.ndarray | None) -> dict[int, float]:
+    """The values at ``ranks`` (ascending) of ``values`` sorted: from the ``counts`` of the
+    small values where the rank falls among them (the same integers), the others by
+    ``np.partition`` of the values beyond."""
+    if counts is None:
+        selected = np.partition(values, ranks)
+        return {r: float(selected[r]) for r in ranks}
+    top = counts.size - 1
+    below = np.cumsum(counts[:top])  # below[v]: how many values are at most v
+    small = int(below[-1]) if top else 0
+    found = {r: float(np.searchsorted(below, r, side="right")) for r in ranks if r < small}
+    beyond = [r - small for r in ranks if r >= small]
+    if beyond:
+        large = np.partition(values[values >= top], beyond)
+        found.update({r + small: float(large[r]) for r in beyond})
+    return found
 
 
 def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
@@ -640,6 +684,41 @@ def max_ulp_distance(reference: np.ndarray, candidate: np.ndarray) -> int:
     if not finite.all():
         ref, cand = ref[finite], cand[finite]
     return int(ulp_distance(ref, cand).max()) if ref.size else 0
+
+
+def max_ulp_from_reference(reference: np.ndarray, outputs: Sequence[np.ndarray]) -> list[int]:
+    """:func:`max_ulp_distance` of each of one or two ``outputs`` (of one float dtype and
+    shape) from the float64 ``reference`` correctly rounded to their dtype (the three-way
+    figures); compiled for float32 and float64, one pass over the three arrays that rounds
+    each reference value as it reads it, split between the cores."""
+    dtype = outputs[0].dtype
+    kernels = _kernels()
+    if kernels is None or dtype not in _COMPILED or len(outputs) > 2:
+        exact = round_to(reference, dtype)
+        return [max_ulp_distance(exact, out) for out in outputs]
+    from convdiff import accel
+
+    ref = np.ravel(np.asarray(reference, np.float64))
+    first = np.ravel(outputs[0])
+    second = np.ravel(outputs[1]) if len(outputs) > 1 else np.empty(0, dtype)
+    if first.shape != ref.shape or second.size not in (0, ref.size) or second.dtype != dtype:
+        raise ValueError("the outputs must have the reference's size and one dtype")
+
+    def piece(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        return x[lo:hi] if x.size > 1 else x
+
+    calls = [
+        (
+            ref[lo:hi],
+            first[lo:hi],
+            piece(second, lo, hi),
+            _bits(first)[lo:hi],
+            piece(_bits(second), lo, hi),
+        )
+        for lo, hi in accel.split(ref.size, _PARALLEL_ELEMENTS)
+    ]
+    parts = accel.in_parallel(kernels.rounded_max_ulp, calls)
+    return [int(max(p[k] for p in parts)) for k in range(len(outputs))]
 
 
 def mismatches(reference: np.ndarray, candidate: np.ndarray) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from convdiff.metrics import (
     compare_outputs,
     describe_nonfinite,
     is_identical,
-    max_ulp_distance,
+    max_ulp_from_reference,
     mismatches,
     scaled_ulp,
     ulp_histogram,
@@ -571,21 +571,20 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
     else:
         result.status = "rounding" if within_bound(c) else "divergent"
     result.reason = _join(result.reason, describe_nonfinite(c, result.side))
-    exact = None
     if floating and run.reference is not None:
-        exact = round_to(run.reference, keras_out.dtype)
-        result.keras_vs_exact_ulp = max_ulp_distance(exact, keras_out)
-        result.numpy_vs_exact_ulp = (
-            result.keras_vs_exact_ulp
-            if result.status == "identical"
-            else max_ulp_distance(exact, output)
-        )
+        # the NumPy side's figure is Keras's where the two outputs are identical
+        sides = [keras_out] if result.status == "identical" else [keras_out, output]
+        distances = max_ulp_from_reference(run.reference, sides)
+        result.keras_vs_exact_ulp, result.numpy_vs_exact_ulp = distances[0], distances[-1]
     result.budget_violations = settings.budget.check(
         result.name, result.class_name, keras_out, output, scale=run.scale
     )
     if settings.histogram:
         result.histogram = ulp_histogram(keras_out, output)
     if settings.show_worst:
+        exact = None
+        if floating and run.reference is not None:
+            exact = round_to(run.reference, keras_out.dtype)
         result.worst_elements = worst_elements(
             keras_out, output, settings.show_worst, bound=bound, exact=exact
         )

@@ -54,6 +54,8 @@ def _bound_scale(rng, shape, kind: str):
             x[rng.random(shape) < 0.02] = np.inf
     if kind == "broadcast":
         return bound[..., :1], scale[:1]
+    if kind == "single":  # one value for every position, as a bound of zeros that takes no memory
+        return np.broadcast_to(np.float64(rng.choice([0.0, 1e-6, np.inf, np.nan])), shape), 2.5
     return bound, scale
 
 
@@ -85,7 +87,7 @@ def compiled_available():
 
 @pytest.mark.parametrize("dt_name", ["float32", "float64"])
 @pytest.mark.parametrize("special_share", [0.0, 0.02, 0.3])
-@pytest.mark.parametrize("kind", ["none", "plain", "special", "broadcast"])
+@pytest.mark.parametrize("kind", ["none", "plain", "special", "broadcast", "single"])
 @pytest.mark.parametrize("shape", [(7, 13, 5), (1,), ()])
 def test_compare_gives_the_numpy_paths_figures(
     shape, kind, special_share, dt_name, rng, monkeypatch
@@ -174,3 +176,64 @@ def test_a_pass_split_between_cores_gives_the_same_figures(special_share, rng, m
             compiled, plain = _both(monkeypatch, metrics.compare, ref, cand, bound, scale=scale)
             _same(compiled, plain)
             _same_mismatches(monkeypatch, ref, cand)
+
+
+@pytest.mark.parametrize("counted", [1, 8, 4096])
+@pytest.mark.parametrize("spread", ["small", "mixed", "large"])
+def test_percentiles_from_counted_ulp_distances(counted, spread, rng, monkeypatch):
+    """The median and 99th percentile read off the counts of small ULP distances where their
+    ranks fall among them, and selected among the larger ones where not: compare's figures
+    on both paths, and split between threads."""
+    monkeypatch.setattr(metrics, "_COUNTED_ULPS", counted)
+    top = {"small": 3, "mixed": 20_000, "large": 2**20}[spread]
+    for dt in (np.dtype(np.float32), np.dtype(np.float64)):
+        ref = rng.standard_normal(20_000).astype(dt)
+        away = rng.integers(0, top, ref.size) * (rng.random(ref.size) < 0.7)
+        bits = ref.view(f"i{dt.itemsize}") + away.astype(f"i{dt.itemsize}")
+        cand = bits.view(dt)
+        compiled, plain = _both(monkeypatch, metrics.compare, ref, cand)
+        _same(compiled, plain)
+        monkeypatch.setattr(metrics, "_PARALLEL_ELEMENTS", 1000)
+        monkeypatch.setattr(accel, "_threads", lambda: 3)
+        threaded, _ = _both(monkeypatch, metrics.compare, ref, cand)
+        _same(threaded, plain)
+
+
+@pytest.mark.parametrize("top", [1, 5, 64])
+def test_ranks_selected_from_counts_are_those_of_a_partition(top, rng):
+    """metrics._select with counts of the values below ``top`` against np.partition alone,
+    for ranks on both sides of the counted values."""
+    for _ in range(20):
+        values = rng.integers(1, 3 * top + 2, int(rng.integers(1, 300))).astype(np.uint64)
+        counts = np.bincount(np.minimum(values, top).astype(np.int64), minlength=top + 1)
+        ranks = sorted({int(r) for r in rng.integers(0, values.size, 4)})
+        assert metrics._select(values, ranks, counts) == metrics._select(values, ranks, None)
+
+
+@pytest.mark.parametrize("dt_name", ["float32", "float64"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_distances_from_the_rounded_reference(dt_name, threads, rng, monkeypatch):
+    """max_ulp_from_reference (the three-way figures) compiled, rounding each float64 value as
+    it reads it, against rounding the reference first and max_ulp_distance on NumPy: float64
+    references across the whole range, NaN, infinities and signed zeros on every side."""
+    dt = np.dtype(dt_name)
+    monkeypatch.setattr(metrics, "_PARALLEL_ELEMENTS", 100)
+    monkeypatch.setattr(accel, "_threads", lambda: threads)
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e300, -1e-310])
+    for _ in range(3):
+        reference = rng.standard_normal(5000) * np.exp(rng.standard_normal(5000) * 30)
+        hit = rng.random(5000) < 0.05
+        reference[hit] = rng.choice(specials, int(hit.sum()))
+        with np.errstate(over="ignore"):
+            exact = reference.astype(dt)
+        sides = [exact.copy(), exact.copy()]
+        for side in sides:
+            for direction in (np.inf, -np.inf):
+                step = rng.random(5000) < 0.3
+                side[step] = np.nextafter(side[step], direction)
+            hit = rng.random(5000) < 0.03
+            side[hit] = rng.choice(np.array(_special(dt), dt), int(hit.sum()))
+        for outputs in (sides[:1], sides):
+            compiled, plain = _both(monkeypatch, metrics.max_ulp_from_reference, reference, outputs)
+            assert compiled == plain
+            assert plain == [metrics.max_ulp_distance(exact, out) for out in outputs]
