@@ -452,7 +452,8 @@ def _slice(x: np.ndarray, g0: int, g1: int, l0: int, l1: int) -> np.ndarray:
     return x[:, gs, :, ls]
 
 
-Program = Callable[[_Engine], np.ndarray]
+# an order's steps on an engine (_Engine or _CompiledEngine: zeros, chain, add, size, ...)
+Program = Callable[[Any], np.ndarray]
 
 
 def _map_blocks(a, b, shape, dtype: np.dtype, fn, target: int | None = None) -> np.ndarray:
@@ -472,31 +473,56 @@ def _run_blocked(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> n
     """Run an order's ``program`` on each output block; the result in ``dtype``. Compiled
     chains take the whole output as one block (they tile it for the cache themselves)."""
     whole = accel.compiles(a.dtype, a.dtype if b is None else b.dtype, dtype)
-    if whole and program is _sequential:
-        return _sequential_compiled(a, b, shape, dtype, fma)
     if whole and program is _kahan:
         return _kahan_compiled(a, b, shape, dtype, fma)
+    if whole:
+        return _chains_compiled(a, b, shape, dtype, fma, program)
     return _map_blocks(
         a,
         b,
         shape,
         dtype,
         lambda ab, bb: round_to(program(_Engine(ab, bb, dtype, fma)), dtype),
-        math.prod(shape) if whole else None,
+        None,
     )
 
 
-def _sequential_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
-    """:func:`_sequential` on the whole output with compiled chains, the accumulators held in
-    ``dtype`` itself (an _Engine holds them in float64 and copies them to and fro: the same
-    bits, several passes over the output more)."""
+class _CompiledEngine:
+    """The steps of an order made of chains and sums of partial sums (sequential, reverse,
+    pairwise, blocked, a revealed tree: everything but Kahan's) on the whole output, with
+    compiled chains and the accumulators held in ``dtype`` itself (float32 or float64).
+
+    An :class:`_Engine` holds them in float64 and copies them to ``dtype`` and back around
+    each compiled chain; a sum of two partial sums it computes in float64 and rounds once to
+    ``dtype``. Here that sum is one IEEE addition in ``dtype``: the same value (a sum of two
+    float32 numbers computed in float64, 53 >= 2*24 + 2 bits, and rounded once is correctly
+    rounded), without the copies, in half the memory.
+    """
+
+    def __init__(self, layout: _Layout, dtype: np.dtype, fma: bool):
+        self.dtype, self.dims, self.size = dtype, layout.dims, layout.a.shape[0]
+        self.fused = fma and layout.b is not None
+        # a plain sum is a[k] * 1, exact (as in _Engine)
+        ones = np.ones((self.size, 1, 1, 1), layout.a.dtype)
+        self._operands = _compiled_operands(layout.a, ones if layout.b is None else layout.b, dtype)
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.dims, self.dtype)
+
+    def chain(self, acc: np.ndarray, terms: range, fused: bool | None = None) -> None:
+        """As :meth:`_Engine.chain` (``fused=False``: an unfused chain in a fused engine)."""
+        accel.chain_in_place(*self._operands, acc, terms, self.fused and fused is not False)
+
+    def add(self, acc: np.ndarray, other: np.ndarray) -> None:
+        """``acc = round(acc + other)``."""
+        np.add(acc, other, out=acc)
+
+
+def _chains_compiled(a, b, shape, dtype: np.dtype, fma: bool, program: Program) -> np.ndarray:
+    """``program`` (chains and sums of partial sums) on the whole output with a
+    :class:`_CompiledEngine`."""
     layout = _arrange(a, b, shape)
-    # a plain sum is a[k] * 1, exact (as in _Engine)
-    b_terms = np.ones((a.shape[0], 1, 1, 1), a.dtype) if layout.b is None else layout.b
-    out = np.zeros(layout.dims, dtype)
-    operands = _compiled_operands(layout.a, b_terms, dtype)
-    accel.chain_in_place(*operands, out, range(a.shape[0]), fma and b is not None)
-    return layout.restore(out)
+    return layout.restore(program(_CompiledEngine(layout, dtype, fma)))
 
 
 def _kahan_compiled(a, b, shape, dtype: np.dtype, fma: bool) -> np.ndarray:
@@ -835,7 +861,7 @@ def _float64(a, b, dtype, shape):
         # Exact products: a float64 chain of the operands widened (exactly) adds each product
         # with one rounding, fused or not, as the NumPy engine's steps do: compiled, same bits.
         widened = (a.astype(wide), None if b is None else b.astype(wide))
-        return round_to(_sequential_compiled(*widened, shape, wide, True), dtype)
+        return round_to(_chains_compiled(*widened, shape, wide, True, _sequential), dtype)
 
     def block(ab, bb):
         return round_to(_sequential(_Engine(ab, bb, np.dtype(np.float64), True)), dtype)

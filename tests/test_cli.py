@@ -116,19 +116,27 @@ def test_help_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "4"), ("20", "20")])
-def test_blas_threads_sleep_when_idle_unless_the_user_says(given, expected):
-    """The command line sets OpenBLAS's idle wait to its least before NumPy (and so OpenBLAS)
-    is loaded; a value the user set stays."""
+@pytest.mark.parametrize(
+    ("name", "given", "expected"),
+    [
+        ("OPENBLAS_THREAD_TIMEOUT", None, "4"),
+        ("OPENBLAS_THREAD_TIMEOUT", "20", "20"),
+        ("NUMPY_MADVISE_HUGEPAGE", None, "0"),
+        ("NUMPY_MADVISE_HUGEPAGE", "1", "1"),
+    ],
+)
+def test_numpy_settings_are_made_before_numpy_loads(name, given, expected):
+    """The command line sets OpenBLAS's idle wait to its least and turns NumPy's advice for
+    2 MiB pages off before NumPy (and so OpenBLAS) is loaded; a value the user set stays."""
     code = (
         "import os, sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n"
         "assert 'numpy' not in sys.modules\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+        f"print(os.environ[{name!r}])"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env = {k: v for k, v in os.environ.items() if k != name}
     if given is not None:
-        env["OPENBLAS_THREAD_TIMEOUT"] = given
+        env[name] = given
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
     )
