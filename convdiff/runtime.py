@@ -1,6 +1,6 @@
-"""The TensorFlow runtime: importing it (after what must be set before), the environment record
-of every report, and the settings that change the numbers: device, TF32, op determinism,
-threads.
+"""The runtime: importing TensorFlow (after what must be set before), the environment record
+of every report, and the settings that change the numbers: the device (for every Keras
+backend), TF32 (by each backend's own switch), TensorFlow's op determinism and threads.
 
 Every function imports TensorFlow lazily, so ``convdiff --help`` and the metric tests never pay
 for it.
