@@ -764,8 +764,10 @@ def _with_functions(finding: Finding, functions: list[str], dtype: Any) -> Findi
 
 
 def _modelled(functions: list[str], dtype: Any) -> tuple[str, ...]:
-    """Those of ``functions`` computed by a model that matches TensorFlow here."""
-    if np.dtype(dtype) != np.dtype(np.float32):
+    """Those of ``functions`` computed by a model that matches TensorFlow here (the models are
+    only checked once a layer uses a function that has one: the check runs TensorFlow on some
+    200,000 values, a quarter of a second)."""
+    if np.dtype(dtype) != np.dtype(np.float32) or not set(functions) & set(eigenmath.MODELS):
         return ()
     exact = modelled_functions()
     return tuple(f for f in functions if f in exact)
