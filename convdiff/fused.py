@@ -98,9 +98,9 @@ def _layout(
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]] | None:
     """How the kernel reads ``arrays`` broadcast to ``shape``: three axes' lengths, each
     array's element strides along them (``(len(arrays), 3)``) and each array as a flat
-    read-only view of the memory it spans; None when an array is not float64, does not
-    broadcast to ``shape`` without enlarging it, has negative or unaligned strides, or needs
-    more than three axes.
+    read-only view of the memory it spans; None when an array is not aligned float64, does
+    not broadcast to ``shape`` without enlarging it, has negative or unaligned strides, or
+    needs more than three axes.
 
     Adjacent axes merge into one where every array steps along the outer one as along the
     inner one times its length (a contiguous array, and one broadcast along both, always do):
@@ -110,7 +110,9 @@ def _layout(
     views = []
     for array in arrays:
         array = np.asarray(array)
-        if array.dtype != _FLOAT64 or np.broadcast_shapes(array.shape, shape) != shape:
+        if array.dtype != _FLOAT64 or not array.flags.aligned:
+            return None
+        if np.broadcast_shapes(array.shape, shape) != shape:
             return None
         views.append(np.broadcast_to(array, shape))
     if any(s < 0 or s % _FLOAT64.itemsize for v in views for s in v.strides):
