@@ -325,12 +325,25 @@ class LayerBackend:
     def present(self) -> np.ndarray:
         return self.reduction.present
 
+    @functools.cached_property
+    def _in_rows(self) -> bool:
+        """Whether term ``k``'s weight for column ``c`` is element ``k * columns + c`` of the
+        kernels laid end to end, for every term and column (a Conv2D or Dense kernel)."""
+        index = self.reduction.weight_index
+        terms, columns = index.shape
+        return bool(np.array_equal(index, np.arange(terms * columns).reshape(terms, columns)))
+
     def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
         n = weights.shape[1]
         flat = np.zeros(sum(math.prod(s) for s in self.kernel_shapes.values()), self.dtype)
-        index = self.reduction.weight_index[:, :n]
-        valid = index >= 0
-        flat[index[valid]] = weights[valid]
+        if self._in_rows:
+            # one strided copy, where a scatter through the index costs several times more
+            # (a Dense layer's 2048 x 1000 weights, once per probe call)
+            flat[: weights.shape[0] * self.columns].reshape(-1, self.columns)[:, :n] = weights
+        else:
+            index = self.reduction.weight_index[:, :n]
+            valid = index >= 0
+            flat[index[valid]] = weights[valid]
         raw = self.call(self._filled(fill), self._split(flat)).reshape(-1)
         return raw[self.reduction.output_index[:, :n]]
 

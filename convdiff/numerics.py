@@ -35,7 +35,7 @@ from convdiff.eigenmath import MODELS
 from convdiff.floats import round_to, underflow_unit, unit_roundoff
 from convdiff.fused import Operand, rounded_step
 from convdiff.magnitude import product_magnitude
-from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms
+from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms, terms_first
 
 # Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
 # evaluation rounded once) in units in the last place of its result, per implementation.
@@ -412,8 +412,8 @@ class Bounded:
         a = self._lift(a)
         n = len(axes)
         k = math.prod(a.shape[:n])
-        av = np.reshape(a.value, (k, *a.value.shape[n:]))
-        ae = _terms_err(a, k, n)
+        av = terms_first(a.value, n)
+        ae = _terms_err(a, n)
         with np.errstate(all="ignore"):
             if b is None:
                 value = av.sum(axis=0)
@@ -421,8 +421,8 @@ class Bounded:
                 prop = _zeros(()) if ae is None else ae.sum(axis=0)
             else:
                 b = self._lift(b)
-                bv = np.reshape(b.value, (k, *b.value.shape[n:]))
-                be = _terms_err(b, k, n)
+                bv = terms_first(b.value, n)
+                be = _terms_err(b, n)
                 value = contract(av, bv)
                 # |a b - a' b'| <= |a| e_b + e_a (|b| + e_b) per term (see :meth:`mul`); exact
                 # inputs (isolated mode, weights) skip the work.
@@ -620,12 +620,13 @@ def _times(value: np.ndarray, err: np.ndarray) -> np.ndarray | None:
     return np.where(err == 0, 0.0, np.abs(value) * err)
 
 
-def _terms_err(x: Tracked, k: int, n: int) -> np.ndarray | None:
-    """``x``'s errors shaped as ``k`` terms (its first ``n`` axes merged), or None where they
-    are all zero: a broadcast zero is never reshaped (a copy) or read."""
+def _terms_err(x: Tracked, n: int) -> np.ndarray | None:
+    """``x``'s errors as terms (its first ``n`` axes merged, see
+    :func:`~convdiff.orders.terms_first`), or None where they are all zero: a broadcast zero
+    is never reshaped (a copy) or read."""
     if _is_zero(x.err):
         return None
-    err = np.reshape(x.err, (k, *x.err.shape[n:]))
+    err = terms_first(x.err, n)
     return err if err.any() else None
 
 

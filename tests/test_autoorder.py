@@ -309,3 +309,33 @@ def test_unmodelled_activation_after_a_reproduced_sum_is_named():
     assert found["status"] == "reproduced" and found["functions_modelled"] == []
     assert "tanh is TensorFlow's own approximation" in found["description"]
     assert "the sum is reproduced" in found["description"]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "in_rows"),
+    [
+        (lambda: keras.layers.Dense(6, use_bias=False), (3, 10), [True]),
+        (lambda: keras.layers.Conv2D(4, 3, padding="same", use_bias=False), (2, 5, 5, 3), [True]),
+        # the depthwise stage's kernel comes first; the pointwise one lies after it
+        (lambda: keras.layers.SeparableConv2D(4, 3, use_bias=False), (1, 5, 5, 3), [True, False]),
+    ],
+)
+def test_probe_weights_reach_the_kernel_as_through_the_index(make, shape, in_rows):
+    """A Dense or Conv2D kernel takes the probe's weights in one strided copy; the answers
+    are those of the general scatter through each term's weight index."""
+    layer = make()
+    layer.build(shape)
+    spec = layer_spec(layer)
+    kernel = find_kernel(type(layer), vars(keras.layers))
+    reductions = autoorder.map_reductions(kernel, spec, shape)
+    op = autoorder.raw_op(layer, spec.class_name)
+    shapes = {k: tuple(v.shape) for k, v in autoorder._kernels(spec).items()}
+    rng = np.random.default_rng(0)
+    for i, (reduction, fast) in enumerate(zip(reductions, in_rows, strict=True)):
+        passing = autoorder._pass_through(spec, i, reductions) if len(reductions) > 1 else {}
+        backend = autoorder.LayerBackend(reduction, op, shape, shapes, np.dtype("float32"), passing)
+        assert backend._in_rows is fast
+        weights = rng.standard_normal((backend.terms, backend.columns - 1)).astype("float32")
+        answers = backend.run(1.0, weights)
+        backend.__dict__["_in_rows"] = False  # the general path
+        np.testing.assert_array_equal(answers, backend.run(1.0, weights))

@@ -687,3 +687,24 @@ def test_plain_sums_in_many_blocks(name, fma, rng, monkeypatch):
     got = reduce_terms(a, None, Order(name=name, fma=fma, block=4, accumulate="float16"), F16)
     want = _reference(a.reshape(21, -1), None, name, fma, F16).reshape(2, 3, 4)
     _assert_same(got, want)
+
+
+def test_terms_first_merges_patches_with_each_outputs_terms_side_by_side():
+    """A convolution's patches (a strided view of the input) become terms x outputs holding
+    the values plain reshape gives, copied once with each output's terms adjacent in memory
+    (what a matrix product packs fastest); axes that merge as they are stay a view."""
+    from convdiff.kernels.geometry import windows
+
+    x = np.arange(2 * 6 * 5 * 3, dtype=np.float64).reshape(2, 6, 5, 3)
+    patches = windows(x, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))  # (3, 3, 3, 2, 6, 5)
+    terms = orders.terms_first(patches, 3)
+    assert terms.shape == (27, 2, 6, 5)
+    np.testing.assert_array_equal(terms, patches.reshape(27, 2, 6, 5))
+    assert terms.strides[0] == x.itemsize  # the terms of one output are adjacent
+    assert not np.shares_memory(terms, x)
+
+    dense = np.arange(24.0).reshape(4, 3, 2)
+    merged = orders.terms_first(dense, 2)
+    assert merged.shape == (12, 2) and np.shares_memory(merged, dense)
+    ones = np.ones((4, 1, 3))[:, :, ::2]  # a length-1 axis with any stride still merges
+    assert np.shares_memory(orders.terms_first(ones, 2), ones)
