@@ -366,13 +366,13 @@ class Bounded:
         numpy_side = self.accumulators[1]
         numpy_side = target if numpy_side == self.dtype else numpy_side
         keras_side = target if keras_accumulator is None else np.dtype(keras_accumulator)
-        return Bounded(target, (keras_side, numpy_side))
+        return type(self)(target, (keras_side, numpy_side))
 
     def accumulating_in(self, dtype: Any) -> Bounded:
         """See :meth:`Rounded.accumulating_in`: each side's coarser accumulator is bounded."""
         target = np.dtype(dtype)
         coarser = max((target, self.accumulators[1]), key=unit_roundoff)
-        return Bounded(self.dtype, (target, coarser))
+        return type(self)(self.dtype, (target, coarser))
 
     def round(self, x) -> Tracked:
         """One rounding to this dtype (each side)."""
@@ -602,6 +602,54 @@ class Bounded:
             spread = np.where(np.isnan(spread) & ~np.isnan(value), np.inf, spread)
             ulps = FUNCTION_ULPS * (self.u_sum * 2 * (np.abs(value) + spread) + 2 * self.eta_sum)
             return Tracked(value, spread + ulps)
+
+
+class ValueOnly(Bounded):
+    """:class:`Bounded`'s float64 values, bit for bit, without the bound or the terms'
+    magnitude: for a layer whose two sides agree to the bit, where neither is read (every
+    figure of an identical output is 0) and only the float64 reference is wanted.
+
+    The steps that would grow a bound (the reductions: a second matrix product; the rounded
+    elementwise steps and library functions: two more arrays written each) compute the value
+    alone, with Bounded's formulas; the exact steps (data movement, negation, ``where``) are
+    Bounded's own on errors that are all zero.
+    """
+
+    def _rounded(self, value: np.ndarray, prop: np.ndarray, scale=None) -> Tracked:
+        return _value_only(np.asarray(value))
+
+    def dot(self, a, b=None, axes: str = "k") -> Tracked:
+        av = terms_first(self._lift(a).value, len(axes))
+        with np.errstate(all="ignore"):
+            if b is None:
+                return _value_only(av.sum(axis=0))
+            return _value_only(contract(av, terms_first(self._lift(b).value, len(axes))))
+
+    def add(self, x, y):
+        return _value_only(self._lift(x).value + self._lift(y).value)
+
+    def sub(self, x, y):
+        return _value_only(self._lift(x).value - self._lift(y).value)
+
+    def mul(self, x, y):
+        with np.errstate(all="ignore"):
+            return _value_only(self._lift(x).value * self._lift(y).value)
+
+    def apply(self, name: str, x):
+        with np.errstate(all="ignore"):
+            return _value_only(FUNCTIONS[name](self._lift(x).value))
+
+    def maximum(self, x, y):
+        return _value_only(np.maximum(self._lift(x).value, self._lift(y).value))
+
+    def minimum(self, x, y):
+        return _value_only(np.minimum(self._lift(x).value, self._lift(y).value))
+
+
+def _value_only(value: np.ndarray) -> Tracked:
+    """A value with zeros (one element each) as its bound and its terms' magnitude."""
+    zeros = _zeros(np.shape(value))
+    return Tracked(np.asarray(value), zeros, zeros)
 
 
 def _larger_err(x: Tracked, y: Tracked) -> np.ndarray:

@@ -372,6 +372,8 @@ def _compare_node(
             order,
             reference_inputs=keras_in,
             implementation=_implementation(impl, spec, returned) if impl else None,
+            # isolated, no maps: a bound or magnitude is read only where the outputs differ
+            agreed=first if _isolated(settings) and not settings.spatial else None,
         )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
@@ -552,6 +554,11 @@ def _conform(
         note = f"{who} returned {what}; rounded to {keras_out.dtype} for the comparison"
         return round_to(output.astype(np.float64), keras_out.dtype), note
     return output, None
+
+
+def _isolated(settings: Settings) -> bool:
+    """Whether each layer's NumPy side starts from Keras's own inputs."""
+    return settings.mode == "isolated" and settings.reference is None
 
 
 def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Settings) -> None:

@@ -205,3 +205,17 @@ def keras2_writer(name: str, script: str) -> None:
     """Register ``script`` as the Keras 2 writer ``name`` (the same script again is a no-op)."""
     if KERAS2_WRITERS.setdefault(name, script) != script:
         raise ValueError(f"another Keras 2 writer is already called {name!r}")
+
+
+def report_figures(report) -> list[dict]:
+    """Every figure of each layer of a report, without what the run cost (its seconds, and
+    whether auto's trees came from the cache: a second run reads what the first revealed)."""
+    figures = []
+    for r in report.layers:
+        row = {k: v for k, v in r.to_dict().items() if k != "seconds"}
+        if row.get("order_found"):
+            row["order_found"] = {
+                k: v for k, v in row["order_found"].items() if k not in ("cached", "probe_calls")
+            }
+        figures.append(row)
+    return figures

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import report_figures
 
 from convdiff import accel, fused
 from convdiff.numerics import Bounded, Tracked, _zeros
@@ -197,10 +198,10 @@ def test_a_model_reports_the_same_figures(monkeypatch, tmp_path):
         monkeypatch.setattr(
             _compiled_bounds, "rounded_step", _counting(_compiled_bounds.rounded_step, calls)
         )
-        compiled = _figures(api.compare(str(path), x, mode=mode))
+        compiled = report_figures(api.compare(str(path), x, mode=mode))
         assert calls, "no compiled step ran"
         monkeypatch.setattr(fused, "_SMALL", np.inf)
-        plain = _figures(api.compare(str(path), x, mode=mode))
+        plain = report_figures(api.compare(str(path), x, mode=mode))
         monkeypatch.undo()
         assert compiled == plain
 
@@ -211,17 +212,3 @@ def _counting(function, calls: list):
         return function(*args, **kwargs)
 
     return counted
-
-
-def _figures(report) -> list[dict]:
-    """Every figure of each layer, without what a run costs (its seconds, and whether auto's
-    trees came from the cache: the second run reads what the first revealed)."""
-    figures = []
-    for r in report.layers:
-        row = {k: v for k, v in r.to_dict().items() if k != "seconds"}
-        if row.get("order_found"):
-            row["order_found"] = {
-                k: v for k, v in row["order_found"].items() if k not in ("cached", "probe_calls")
-            }
-        figures.append(row)
-    return figures

@@ -1,0 +1,90 @@
+"""Layers whose two sides agree to the bit get the float64 reference alone
+(convdiff.numerics.ValueOnly): the same reference bits as the bounded pass, and a report with
+the same figures as when every layer is bounded."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from support import report_figures
+
+from convdiff import api, evaluate
+from convdiff.evaluate import run_kernel
+from convdiff.graph import layer_spec
+from convdiff.kernels import find_kernel
+
+LAYERS = [
+    (lambda: keras.layers.Conv2D(8, 3, padding="same", activation="relu"), (2, 9, 9, 5)),
+    (lambda: keras.layers.Conv2D(4, 3, strides=2, use_bias=False), (1, 11, 11, 3)),
+    (lambda: keras.layers.Dense(7, activation="softmax"), (3, 40)),
+    (lambda: keras.layers.DepthwiseConv2D(3, padding="same"), (2, 8, 8, 6)),
+    (lambda: keras.layers.SeparableConv2D(5, 3, activation="tanh"), (1, 9, 9, 4)),
+    (lambda: keras.layers.BatchNormalization(), (2, 6, 6, 4)),
+    (lambda: keras.layers.LayerNormalization(), (3, 10)),
+    (lambda: keras.layers.AveragePooling2D(2), (2, 8, 8, 3)),
+    (lambda: keras.layers.GlobalAveragePooling2D(), (2, 7, 7, 3)),
+    (lambda: keras.layers.ReLU(max_value=1.0), (2, 50)),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), LAYERS)
+def test_the_reference_alone_has_the_bounded_passs_bits(make, shape):
+    keras.utils.set_random_seed(5)
+    layer = make()
+    layer.build(shape)
+    if isinstance(layer, keras.layers.BatchNormalization):
+        rng = np.random.default_rng(1)
+        layer.set_weights(_statistics(rng, shape[-1]))
+    spec = layer_spec(layer)
+    kernel = find_kernel(type(layer), vars(keras.layers))
+    x = np.random.default_rng(2).standard_normal(shape).astype("float32")
+    bounded = run_kernel(kernel, spec, [x])
+    alone = run_kernel(kernel, spec, [x], agreed=bounded.output)
+    np.testing.assert_array_equal(alone.output.view("u4"), bounded.output.view("u4"))
+    np.testing.assert_array_equal(alone.reference.view("u8"), bounded.reference.view("u8"))
+    assert not np.any(alone.bound) and not np.any(alone.scale)
+    # another output (one bit off) gets the bound
+    other = bounded.output.copy()
+    other.reshape(-1)[0] = np.nextafter(other.reshape(-1)[0], np.float32(np.inf))
+    again = run_kernel(kernel, spec, [x], agreed=other)
+    np.testing.assert_array_equal(again.bound, bounded.bound)
+
+
+def test_a_report_has_the_same_figures_when_every_layer_is_bounded(monkeypatch, tmp_path):
+    """A model with identical layers (ReLU, Add, pooling) and rounding ones (BatchNormalization,
+    a softmax): every figure the same as when the bounded pass runs on every layer."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((10, 10, 6))
+    y = keras.layers.Conv2D(12, 3, padding="same", name="conv")(inputs)
+    y = keras.layers.BatchNormalization(name="bn")(y)
+    y = keras.layers.ReLU(name="relu")(y)
+    z = keras.layers.Conv2D(12, 1, name="skip")(inputs)
+    y = keras.layers.Add(name="add")([y, z])
+    y = keras.layers.GlobalAveragePooling2D(name="pool")(y)
+    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="head")(y))
+    rng = np.random.default_rng(0)
+    model.get_layer("bn").set_weights(_statistics(rng, 12))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    x = rng.standard_normal((2, 10, 10, 6)).astype("float32")
+    agreed = []
+    real = evaluate._bit_equal
+
+    def counted(out, keras_out):
+        agreed.append(real(out, keras_out))
+        return agreed[-1]
+
+    monkeypatch.setattr(evaluate, "_bit_equal", counted)
+    report = api.compare(str(path), x, order="sequential", histogram=True, show_worst=3)
+    assert any(agreed) and not all(agreed), agreed  # both kinds of layer
+    monkeypatch.setattr(evaluate, "_bit_equal", lambda *_: False)
+    assert report_figures(report) == report_figures(
+        api.compare(str(path), x, order="sequential", histogram=True, show_worst=3)
+    )
+
+
+def _statistics(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """BatchNormalization's gamma, beta and moving statistics, away from the identity."""
+    gamma, beta = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n)
+    return [gamma, beta, rng.normal(0, 0.2, n), rng.uniform(0.5, 2, n)]
