@@ -18,7 +18,9 @@ order and takes, over all layers, the largest sum of:
   - the Bounded pass's float64 copies: ``8 * (4 P + 10 (in + out))`` bytes (patch values,
     their error bounds and their magnitudes; the tracked inputs and the elementwise steps
     after the reduction), plus ``32`` bytes per weight (the weights, their bounds and
-    magnitudes in float64);
+    magnitudes in float64). A layer whose two outputs agree to the bit computes the float64
+    values alone and takes less (:class:`~convdiff.numerics.ValueOnly`); which layers agree
+    is known only once they ran, so the estimate takes every layer's whole pass;
   - the Rounded pass and TensorFlow: ``itemsize * (P + in + out)`` (the rounded patch buffer,
     TensorFlow's own im2col workspace and temporaries);
   - the ``exact`` order holds the float64 products of a block of outputs before adding:

@@ -148,14 +148,26 @@ def test_one_layer_estimate_bounds_what_numpy_allocates(order):
     ("shape", "batch", "order"),
     [((32, 32, 3), 1, "sequential"), ((32, 32, 3), 4, "exact"), ((None, None, 3), 2, "float64")],
 )
-def test_model_estimate_bounds_a_real_run(shape, batch, order):
+def test_model_estimate_bounds_a_real_run(monkeypatch, shape, batch, order):
+    """The estimate bounds the run, and is within 3x of a run whose every layer takes the whole
+    bounded pass (its outputs differing from Keras's: the worst case, which the estimate
+    describes; a layer that agrees to the bit takes the float64 reference alone, and which
+    layers agree depends on the machine's summation order)."""
+    from convdiff import evaluate
     from convdiff.runner import Settings, run_layers
 
     model = _small_resnet(shape)
     x = np.random.default_rng(5).standard_normal((batch, 32, 32, 3)).astype(np.float32)
     peak = estimate(model, [x], _order(order))
-    measured = _peak(lambda: list(run_layers(model, [x], Settings(order=_order(order)))))
-    assert measured <= peak.total <= 3 * measured, (peak, measured)
+
+    def run() -> None:
+        list(run_layers(model, [x], Settings(order=_order(order))))
+
+    measured = _peak(run)
+    assert measured <= peak.total, (peak, measured)
+    monkeypatch.setattr(evaluate, "_bit_equal", lambda *_: False)
+    bounded_everywhere = _peak(run)
+    assert bounded_everywhere <= peak.total <= 3 * bounded_everywhere, (peak, bounded_everywhere)
     assert peak.layer is not None and peak.layer.startswith("conv2d")
     assert peak.batch == batch and peak.held + peak.working == peak.total
     assert estimate_bytes(model, [x], order) == peak.total
