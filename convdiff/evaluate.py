@@ -23,6 +23,8 @@ class KernelRun:
         reference: the same pipeline evaluated in float64.
         scale: per element, the magnitude of the terms it was computed from (``sum |a_i b_i|``
             for a reduction), for errors in units of the terms' scale.
+        agreed: the output equals ``keras_output`` (see :func:`run_kernel`) bit for bit: the
+            comparison is all zeros, and ``bound`` and ``scale`` are zeros.
         bound: per element, the largest ``|keras - numpy|`` that rounding alone can explain
             (both sides rounding every step Keras rounds, in any order), plus what the
             difference between the two sides' inputs can propagate.
@@ -32,6 +34,7 @@ class KernelRun:
     reference: np.ndarray | None
     bound: np.ndarray | None
     scale: np.ndarray | None = None
+    agreed: bool = False
 
 
 Implementation = Callable[[list[np.ndarray]], np.ndarray]
@@ -46,7 +49,7 @@ def run_kernel(
     reference_inputs: Sequence[np.ndarray] | None = None,
     implementation: Implementation | None = None,
     bound: bool = True,
-    agreed: np.ndarray | None = None,
+    keras_output: np.ndarray | None = None,
 ) -> KernelRun:
     """Evaluate ``kernel`` with rounded arithmetic and with bounded float64 arithmetic.
 
@@ -61,8 +64,8 @@ def run_kernel(
         implementation: computes the NumPy side instead of the kernel (a user's implementation);
             the kernel, if any, still gives the float64 reference and the bound.
         bound: run the bounded pass (False: only the NumPy side's output is wanted).
-        agreed: Keras's output, where no bound is read if the NumPy side's output equals it
-            bit for bit (isolated mode: every figure of an identical output is 0, and the
+        keras_output: Keras's output, where no bound is read if the NumPy side's output equals
+            it bit for bit (isolated mode: every figure of an identical output is 0, and the
             output's terms' magnitude goes nowhere else). Then the bounded pass computes the
             float64 reference alone (:class:`~convdiff.numerics.ValueOnly`) and the bound and
             the magnitude are zeros.
@@ -84,9 +87,10 @@ def run_kernel(
             raise ValueError("run_kernel needs a kernel or an implementation")
     if kernel is None or not bound:
         return KernelRun(np.asarray(numpy_out), None, None)
+    agreed = _bit_equal(numpy_out, keras_output)
+    arithmetic = ValueOnly if agreed else Bounded
     # Keras's side may accumulate in the layer dtype or in float32 (half precision); the layer
     # dtype's gamma_n covers both.
-    arithmetic = ValueOnly if _bit_equal(numpy_out, agreed) else Bounded
     bounded = arithmetic(spec.dtype, (spec.dtype, accumulator_dtype(order, spec.dtype)))
     with phase("bound"), np.errstate(all="ignore"):
         tracked = [
@@ -94,7 +98,11 @@ def run_kernel(
         ]
         ref = kernel(spec, tracked, bounded)
     return KernelRun(
-        np.asarray(numpy_out), np.asarray(ref.value), np.asarray(ref.err), np.asarray(ref.magnitude)
+        np.asarray(numpy_out),
+        np.asarray(ref.value),
+        np.asarray(ref.err),
+        np.asarray(ref.magnitude),
+        agreed,
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "Comparison",
     "Worst",
     "compare",
+    "identical",
     "is_identical",
     "scaled_ulp",
     "ulp_buckets",
@@ -343,7 +344,7 @@ def compare(
     where, ref, cand = _differing(reference, candidate)
     if (np.isnan(ref) & np.isnan(cand)).all():
         # Most layers of a good run: every position equal (+0 == -0) or NaN on both sides.
-        return _identical(int(reference.size), bound is not None, scale is not None)
+        return identical(int(reference.size), bound is not None, scale is not None)
     # Every value of the supported dtypes is exact in float64.
     ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
     bound64 = _prepare_bound(_gather(bound, reference.shape, where), ref64.shape)
@@ -468,7 +469,7 @@ def _compare_compiled(
     if negative_bound or negative_scale:
         raise ValueError(f"{'bound' if negative_bound else 'scale'} must be non-negative")
     if n_diff == both_nan:
-        return _identical(size, bound is not None, scale is not None)
+        return identical(size, bound is not None, scale is not None)
     equal_finite = size - n_diff - equal_inf
     ulp_finite = ulps[:n_finite]
     median, p99 = _percentiles_with_zeros(ulp_finite, equal_finite, (50, 99), counts)
@@ -651,8 +652,9 @@ def _select(values: np.ndarray, ranks: list[int], counts: np.ndarray | None) -> 
     return found
 
 
-def _identical(size: int, bounded: bool, scaled: bool) -> Comparison:
-    """The comparison of two arrays equal at every position."""
+def identical(size: int, bounded: bool, scaled: bool) -> Comparison:
+    """The comparison of two arrays equal at every position (what :func:`compare` returns
+    for them, with or without a bound and a terms' scale)."""
     return Comparison(
         size=size,
         max_ulp=0,

@@ -35,6 +35,7 @@ from convdiff.metrics import (
     Comparison,
     compare_outputs,
     describe_nonfinite,
+    identical,
     is_identical,
     max_ulp_from_reference,
     mismatches,
@@ -373,7 +374,7 @@ def _compare_node(
             reference_inputs=keras_in,
             implementation=_implementation(impl, spec, returned) if impl else None,
             # isolated, no maps: a bound or magnitude is read only where the outputs differ
-            agreed=first if _isolated(settings) and not settings.spatial else None,
+            keras_output=first if _isolated(settings) and not settings.spatial else None,
         )
     except Unsupported as exc:
         result.reason = f"no NumPy kernel for {node.class_name} with {exc}"
@@ -565,7 +566,12 @@ def _judge(result: LayerResult, keras_out, output, run: KernelRun, settings: Set
     """Figures, status and budget of a compared layer (and the three-way figures)."""
     floating = is_float(keras_out.dtype)
     bound = run.bound if floating else None
-    c = result.comparison = compare_outputs(keras_out, output, bound, scale=run.scale)
+    c = result.comparison = (
+        # bit for bit the same (run_kernel checked): every figure is 0
+        identical(keras_out.size, bound is not None, run.scale is not None)
+        if run.agreed
+        else compare_outputs(keras_out, output, bound, scale=run.scale)
+    )
     if is_identical(c):
         result.status = "identical"
     elif bound is None:

@@ -40,14 +40,16 @@ def test_the_reference_alone_has_the_bounded_passs_bits(make, shape):
     kernel = find_kernel(type(layer), vars(keras.layers))
     x = np.random.default_rng(2).standard_normal(shape).astype("float32")
     bounded = run_kernel(kernel, spec, [x])
-    alone = run_kernel(kernel, spec, [x], agreed=bounded.output)
+    alone = run_kernel(kernel, spec, [x], keras_output=bounded.output)
     np.testing.assert_array_equal(alone.output.view("u4"), bounded.output.view("u4"))
     np.testing.assert_array_equal(alone.reference.view("u8"), bounded.reference.view("u8"))
+    assert alone.agreed and not bounded.agreed
     assert not np.any(alone.bound) and not np.any(alone.scale)
     # another output (one bit off) gets the bound
     other = bounded.output.copy()
     other.reshape(-1)[0] = np.nextafter(other.reshape(-1)[0], np.float32(np.inf))
-    again = run_kernel(kernel, spec, [x], agreed=other)
+    again = run_kernel(kernel, spec, [x], keras_output=other)
+    assert not again.agreed
     np.testing.assert_array_equal(again.bound, bounded.bound)
 
 
