@@ -219,3 +219,22 @@ def report_figures(report) -> list[dict]:
             }
         figures.append(row)
     return figures
+
+
+def residual_block(inputs: Any, filters: int) -> Any:
+    """A ResNet-like block of real layers: a 3x3 Conv2D with bias, BatchNormalization (see
+    :func:`batch_statistics`) and ReLU, added to a 1x1 Conv2D of ``inputs``."""
+    import keras
+
+    y = keras.layers.Conv2D(filters, 3, padding="same", name="conv")(inputs)
+    y = keras.layers.BatchNormalization(name="bn")(y)
+    y = keras.layers.ReLU(name="relu")(y)
+    z = keras.layers.Conv2D(filters, 1, name="skip")(inputs)
+    return keras.layers.Add(name="add")([y, z])
+
+
+def batch_statistics(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """BatchNormalization's gamma, beta and moving statistics for ``n`` channels, away from
+    the identity (a freshly built layer's mean 0 and variance 1 round like no real model's)."""
+    gamma, beta = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n)
+    return [gamma, beta, rng.normal(0, 0.2, n), rng.uniform(0.5, 2, n)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support import report_figures
+from support import batch_statistics, report_figures, residual_block
 
 from convdiff import accel, fused
 from convdiff.numerics import Bounded, Tracked, _zeros
@@ -174,22 +174,10 @@ def test_a_model_reports_the_same_figures(monkeypatch, tmp_path):
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((12, 12, 8))
-    y = keras.layers.Conv2D(32, 3, padding="same", name="conv")(inputs)
-    y = keras.layers.BatchNormalization(name="bn")(y)
-    y = keras.layers.ReLU(name="relu")(y)
-    z = keras.layers.Conv2D(32, 1, name="skip")(inputs)
-    y = keras.layers.Add(name="add")([y, z])
+    y = residual_block(inputs, 32)
     model = keras.Model(inputs, keras.layers.Multiply(name="mul")([y, y]))
-    bn = model.get_layer("bn")
     rng = np.random.default_rng(0)
-    bn.set_weights(
-        [
-            rng.uniform(0.5, 1.5, 32),
-            rng.normal(0, 0.2, 32),
-            rng.normal(0, 0.2, 32),
-            rng.uniform(0.5, 2, 32),
-        ]
-    )
+    model.get_layer("bn").set_weights(batch_statistics(rng, 32))
     path = tmp_path / "model.keras"
     model.save(path)
     x = rng.standard_normal((4, 12, 12, 8)).astype(np.float32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from support import report_figures
+from support import batch_statistics, report_figures, residual_block
 
 from convdiff import api, evaluate
 from convdiff.evaluate import run_kernel
@@ -35,7 +35,7 @@ def test_the_reference_alone_has_the_bounded_passs_bits(make, shape):
     layer.build(shape)
     if isinstance(layer, keras.layers.BatchNormalization):
         rng = np.random.default_rng(1)
-        layer.set_weights(_statistics(rng, shape[-1]))
+        layer.set_weights(batch_statistics(rng, shape[-1]))
     spec = layer_spec(layer)
     kernel = find_kernel(type(layer), vars(keras.layers))
     x = np.random.default_rng(2).standard_normal(shape).astype("float32")
@@ -58,15 +58,10 @@ def test_a_report_has_the_same_figures_when_every_layer_is_bounded(monkeypatch, 
     a softmax): every figure the same as when the bounded pass runs on every layer."""
     keras.utils.set_random_seed(3)
     inputs = keras.Input((10, 10, 6))
-    y = keras.layers.Conv2D(12, 3, padding="same", name="conv")(inputs)
-    y = keras.layers.BatchNormalization(name="bn")(y)
-    y = keras.layers.ReLU(name="relu")(y)
-    z = keras.layers.Conv2D(12, 1, name="skip")(inputs)
-    y = keras.layers.Add(name="add")([y, z])
-    y = keras.layers.GlobalAveragePooling2D(name="pool")(y)
+    y = keras.layers.GlobalAveragePooling2D(name="pool")(residual_block(inputs, 12))
     model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="head")(y))
     rng = np.random.default_rng(0)
-    model.get_layer("bn").set_weights(_statistics(rng, 12))
+    model.get_layer("bn").set_weights(batch_statistics(rng, 12))
     path = tmp_path / "model.keras"
     model.save(path)
     x = rng.standard_normal((2, 10, 10, 6)).astype("float32")
@@ -84,9 +79,3 @@ def test_a_report_has_the_same_figures_when_every_layer_is_bounded(monkeypatch, 
     assert report_figures(report) == report_figures(
         api.compare(str(path), x, order="sequential", histogram=True, show_worst=3)
     )
-
-
-def _statistics(rng: np.random.Generator, n: int) -> list[np.ndarray]:
-    """BatchNormalization's gamma, beta and moving statistics, away from the identity."""
-    gamma, beta = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n)
-    return [gamma, beta, rng.normal(0, 0.2, n), rng.uniform(0.5, 2, n)]
