@@ -23,11 +23,11 @@ class KernelRun:
         reference: the same pipeline evaluated in float64.
         scale: per element, the magnitude of the terms it was computed from (``sum |a_i b_i|``
             for a reduction), for errors in units of the terms' scale.
-        agreed: the output equals ``keras_output`` (see :func:`run_kernel`) bit for bit: the
-            comparison is all zeros, and ``bound`` and ``scale`` are zeros.
         bound: per element, the largest ``|keras - numpy|`` that rounding alone can explain
             (both sides rounding every step Keras rounds, in any order), plus what the
             difference between the two sides' inputs can propagate.
+        agreed: the output equals ``keras_output`` (see :func:`run_kernel`) bit for bit: the
+            comparison is all zeros, and ``bound`` and ``scale`` are zeros.
     """
 
     output: np.ndarray

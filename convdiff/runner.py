@@ -226,7 +226,7 @@ def run_layers(
     # The magnitude of the terms behind each tensor (|x| for model inputs), for growth figures.
     scale_values: dict[int, np.ndarray | None] = {k: None for k in graph.inputs}
     remaining = graph.consumers()
-    propagated = settings.mode == "propagated" or settings.reference is not None
+    propagated = not _isolated(settings)
     # Propagated mode: the divergent layer upstream of each tensor whose Keras output the NumPy
     # side resumed from (a divergent output is no rounding of Keras's: carrying it on would
     # make every later layer's figures the divergence's, not the layer's own).
