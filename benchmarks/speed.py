@@ -90,9 +90,9 @@ CONVDIFF = textwrap.dedent(
     """
     import resource, sys, time
     t0 = time.perf_counter()
-    from convdiff.cli import main
+    from convdiff.cli import invoke
     try:
-        main(sys.argv[1:] + ["--quiet"])
+        invoke(sys.argv[1:] + ["--quiet"])
     except SystemExit:
         pass
     seconds = time.perf_counter() - t0

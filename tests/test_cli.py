@@ -108,10 +108,57 @@ def test_notes_for_cast_and_batch_axis(examples, tmp_path):
     assert "added a batch axis" in result.stderr and "cast from float64 to float32" in result.stderr
 
 
+def test_the_command_ends_as_a_normal_exit_does_less_the_teardown(examples):
+    """python -m convdiff ends its process without Python's teardown, yet a reader of its
+    pipe gets the whole report (stdout is flushed), and the exit status is the command's."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convdiff",
+            str(examples / "one_layer.h5"),
+            str(examples / "one_layer_input.npy"),
+            "--json",
+            "-",
+            "--max-ulp",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(done.stdout)  # the whole document, not a block of it
+    over = any(layer["status"] != "identical" for layer in report["layers"])
+    assert done.returncode == (1 if over else 0), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "stderr"),
+    [(None, 0, ""), (0, 0, ""), (3, 3, ""), ("stopped here", 1, "stopped here\n")],
+)
+def test_ending_the_process_runs_atexit_and_flushes(tmp_path, status, code, stderr):
+    """_end_process: atexit functions run, a pipe gets every buffered block, the status is
+    SystemExit's (a message goes to stderr with status 1), and nothing after it runs."""
+    marker = tmp_path / "atexit.txt"
+    script = textwrap.dedent(
+        f"""
+        import atexit, sys
+        from convdiff.cli import _end_process
+        atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))
+        sys.stdout.write("x" * 300_000)  # several blocks of a block-buffered pipe
+        _end_process({status!r})
+        print("after the end")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (code, stderr)
+    assert done.stdout == "x" * 300_000
+    assert marker.read_text() == "ran"
+
+
 def test_help_does_not_import_tensorflow():
     code = (
-        "import sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
+        "import sys; from convdiff.cli import invoke; sys.argv=['convdiff','--help']\n"
+        "try:\n    invoke()\nexcept SystemExit:\n    pass\nassert 'tensorflow' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
@@ -129,9 +176,9 @@ def test_numpy_settings_are_made_before_numpy_loads(name, given, expected):
     """The command line sets OpenBLAS's idle wait to its least and turns NumPy's advice for
     2 MiB pages off before NumPy (and so OpenBLAS) is loaded; a value the user set stays."""
     code = (
-        "import os, sys; from convdiff.cli import main; sys.argv=['convdiff','--help']\n"
+        "import os, sys; from convdiff.cli import invoke; sys.argv=['convdiff','--help']\n"
         "assert 'numpy' not in sys.modules\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "try:\n    invoke()\nexcept SystemExit:\n    pass\n"
         f"print(os.environ[{name!r}])"
     )
     env = {k: v for k, v in os.environ.items() if k != name}
@@ -147,8 +194,8 @@ def test_paths_are_checked_before_tensorflow_is_imported(examples, tmp_path):
     """A missing input file is reported at once, not after TensorFlow's import (seconds)."""
     argv = ["convdiff", str(examples / "one_layer.h5"), str(tmp_path / "no.npy")]
     code = (
-        f"import sys; from convdiff.cli import main\nsys.argv = {argv!r}\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 2, exc.code\n"
+        f"import sys; from convdiff.cli import invoke\nsys.argv = {argv!r}\n"
+        "try:\n    invoke()\nexcept SystemExit as exc:\n    assert exc.code == 2, exc.code\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported first'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -377,9 +377,9 @@ def test_unwritable_output_path_is_refused_before_loading(files, readonly_dir, o
     code = textwrap.dedent(
         f"""
         import sys
-        from convdiff.cli import main
+        from convdiff.cli import invoke
         try:
-            main([{str(files / "single.h5")!r}, {str(files / "x.npy")!r},
+            invoke([{str(files / "single.h5")!r}, {str(files / "x.npy")!r},
                   {option!r}, {str(target)!r}])
         except SystemExit as exc:
             assert exc.code == 2, exc.code
