@@ -333,19 +333,35 @@ class LayerBackend:
         terms, columns = index.shape
         return bool(np.array_equal(index, np.arange(terms * columns).reshape(terms, columns)))
 
-    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+    def run(
+        self, fill: float, weights: np.ndarray, columns: np.ndarray | None = None
+    ) -> np.ndarray:
         n = weights.shape[1]
-        flat = np.zeros(sum(math.prod(s) for s in self.kernel_shapes.values()), self.dtype)
+        cols = slice(0, n) if columns is None else np.asarray(columns)
+        flat = self._flat
         if self._in_rows:
             # one strided copy, where a scatter through the index costs several times more
             # (a Dense layer's 2048 x 1000 weights, once per probe call)
-            flat[: weights.shape[0] * self.columns].reshape(-1, self.columns)[:, :n] = weights
+            where = flat[: weights.shape[0] * self.columns].reshape(-1, self.columns)
+            index: Any = (slice(None), cols)
+            values = weights
         else:
-            index = self.reduction.weight_index[:, :n]
-            valid = index >= 0
-            flat[index[valid]] = weights[valid]
-        raw = self.call(self._filled(fill), self._split(flat)).reshape(-1)
-        return raw[self.reduction.output_index[:, :n]]
+            indices = self.reduction.weight_index[:, cols]
+            valid = indices >= 0
+            where, index, values = flat, indices[valid], weights[valid]
+        where[index] = values
+        try:
+            raw = self.call(self._filled(fill), self._split(flat)).reshape(-1)
+        finally:
+            where[index] = 0  # the kernels weigh 0 again: the next probe writes its own
+        return raw[self.reduction.output_index[:, cols]]
+
+    @functools.cached_property
+    def _flat(self) -> np.ndarray:
+        """The kernels laid end to end, all zero between probe calls: each call writes its
+        weights in and takes them out again, where a fresh array per call would clear (and
+        the backend read) the whole kernel every time (8 MB for ResNet50's Dense layer)."""
+        return np.zeros(sum(math.prod(s) for s in self.kernel_shapes.values()), self.dtype)
 
     def _filled(self, fill: float) -> Any:
         """An input of ``fill`` everywhere, made (and handed to the backend) once per value."""

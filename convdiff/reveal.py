@@ -25,6 +25,7 @@ layers to it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,9 +82,12 @@ class TermBackend(Protocol):
         """``(terms, rows)`` booleans: where ``a[k, r]`` reads an input element (not padding)."""
         ...
 
-    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+    def run(
+        self, fill: float, weights: np.ndarray, columns: np.ndarray | None = None
+    ) -> np.ndarray:
         """The backend's ``(rows, n)`` result for input ``fill`` everywhere and ``weights``
-        of shape ``(terms, n)``, ``n <= columns``."""
+        of shape ``(terms, n)`` in output columns ``columns`` (``n`` distinct column
+        numbers; default the first ``n``), every other column weighing 0."""
         ...
 
 
@@ -99,6 +103,11 @@ def swamping_value(dtype: np.dtype, terms: int) -> float:
     of ``M``'s last place), and ``M`` is far from overflow."""
     precision = np.finfo(dtype).nmant + 1
     return 2.0 ** (precision + math.ceil(math.log2(terms + 1)) + 2)
+
+
+# A probe's answer at each row: a subtree's size in terms (at most K, far below 2**31), or -1
+# (padding) or -2 (no count). Answers are (probes x rows) arrays, rows up to N*H*W.
+_ANSWER = np.int32
 
 
 @dataclass
@@ -125,11 +134,19 @@ class _Prober:
         is not probed again."""
         new = list(dict.fromkeys(p for p in pairs if p not in self._answers))
         if new:
-            for pair, answer in zip(new, self._probe(new), strict=True):
+            probed = self._probe(new)
+            for pair, answer in zip(new, probed, strict=True):
                 self._answers[pair] = answer
+            if new == pairs:  # all new and distinct: the answers as probed, in order
+                return probed
         if not pairs:
-            return np.empty((0, self.backend.rows), np.int64)
+            return np.empty((0, self.backend.rows), _ANSWER)
         return np.stack([self._answers[p] for p in pairs])
+
+    @functools.cached_property
+    def row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`patterns` of every row: the distinct padding patterns, each row's number."""
+        return patterns(self.present)
 
     def column_classes(self) -> list[np.ndarray]:
         if self._columns is None:
@@ -137,7 +154,7 @@ class _Prober:
         return self._columns
 
     def _probe(self, pairs: list[tuple[int, int]]) -> np.ndarray:
-        out = np.empty((len(pairs), self.backend.rows), np.int64)
+        out = np.empty((len(pairs), self.backend.rows), _ANSWER)
         step = self.backend.columns
         for lo in range(0, len(pairs), step):
             chunk = pairs[lo : lo + step]
@@ -147,21 +164,24 @@ class _Prober:
             second = np.array([j for _, j in chunk])
             weights[first, cols] = self.big
             weights[second, cols] = -self.big
-            y = np.asarray(self.run(1.0, weights)).T  # (n, rows)
+            y = np.ascontiguousarray(np.asarray(self.run(1.0, weights)).T)  # (n, rows)
             with np.errstate(invalid="ignore"):
-                # a count of ones is a whole number from 0 to K: anything else is no answer
-                ones = np.clip(np.nan_to_num(y, nan=-1.0), -1, self.backend.terms).astype(np.int64)
-                counted = (ones == y) & (ones >= 0)
-            size = np.where(counted, self.counts[None, :] - ones, -2)
-            valid = self.present[first] & self.present[second]  # (n, rows)
-            out[lo : lo + len(chunk)] = np.where(valid, size, -1)
+                # a count of ones is a whole number from 0 to K (exact in the dtype: K is
+                # far below 2**24): anything else (NaN, inf, a fraction) is no answer
+                counted = (y >= 0) & (y <= self.backend.terms) & (np.floor(y) == y)
+            block = out[lo : lo + len(chunk)]
+            np.subtract(self.counts[None, :], y, out=block, where=counted, casting="unsafe")
+            block[~counted] = -2
+            block[~(self.present[first] & self.present[second])] = -1  # padding: no answer
         return out
 
-    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+    def run(
+        self, fill: float, weights: np.ndarray, columns: np.ndarray | None = None
+    ) -> np.ndarray:
         if self.max_calls is not None and self.calls >= self.max_calls:
             raise OutOfCalls(f"no tree found within {self.max_calls} backend calls")
         self.calls += 1
-        return self.backend.run(fill, weights)
+        return self.backend.run(fill, weights, columns)
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -235,7 +255,7 @@ def _reconstruct(
             following += subtasks
         queue = following
     node = from_binary(_finish(root))
-    answered = np.concatenate(answers) if answers else np.empty((0, prober.backend.rows), int)
+    answered = np.concatenate(answers) if answers else np.empty((0, prober.backend.rows), _ANSWER)
     return _Reconstruction(node, sorted(terms), answered, orders, lengths)
 
 
@@ -455,23 +475,29 @@ def _consistent_rows(prober: _Prober, rec: _Reconstruction, rows: np.ndarray) ->
     none of that sweep's probes, so they cannot tell its tree from another (oneDNN's last
     output columns of a row take another kernel, and on the top row of a padded convolution
     the first term is padding)."""
-    present = prober.present[:, rows]
+    # Presence is a row's padding pattern's: checked once per pattern, not per row.
+    distinct, every = prober.row_patterns
+    inverse = every[rows]
     covered = np.zeros(prober.backend.terms, bool)
     covered[rec.terms] = True
-    ok = np.asarray(~(present & ~covered[:, None]).any(axis=0))
-    if not rec.orders:
-        return ok
+    ok = np.asarray(~(distinct & ~covered[:, None]).any(axis=0))
     for order in rec.orders:
-        ok &= present[order[0]] | ~present[order].any(axis=0)
-    distinct, inverse = patterns(present)
+        ok &= distinct[order[0]] | ~distinct[order].any(axis=0)
+    if not rec.orders:
+        return ok[inverse]
     predicted = np.concatenate(
         [
             np.cumsum(distinct[order], axis=0, dtype=np.int64)[lengths - 1]
             for order, lengths in zip(rec.orders, rec.lengths, strict=True)
         ]
-    )[:, inverse]
-    observed = rec.answers[:, rows]
-    return ok & ((observed == -1) | (observed == predicted)).all(axis=0)
+    )  # (probes, patterns)
+    agree = np.empty(len(rows), bool)
+    step = max(1, (1 << 20) // max(1, len(predicted)))  # rows at a time: bounded temporaries
+    for lo in range(0, len(rows), step):
+        part = slice(lo, lo + step)
+        seen = rec.answers[:, rows[part]]
+        agree[part] = ((seen == -1) | (seen == predicted[:, inverse[part]])).all(axis=0)
+    return ok[inverse] & agree
 
 
 def patterns(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -813,11 +839,11 @@ class _Columns:
     def present(self) -> np.ndarray:
         return self.parent.present
 
-    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
-        used = self.cols[: weights.shape[1]]
-        full = np.zeros((self.terms, int(used.max()) + 1), self.dtype)
-        full[:, used] = weights
-        return self.parent.run(fill, full)[:, used]
+    def run(
+        self, fill: float, weights: np.ndarray, columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        used = self.cols[: weights.shape[1]] if columns is None else self.cols[columns]
+        return self.parent.run(fill, weights, used)
 
 
 def _column_classes(prober: _Prober) -> list[np.ndarray]:

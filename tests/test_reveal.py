@@ -115,11 +115,17 @@ class SumBackend:
     def present(self) -> np.ndarray:
         return self._present
 
-    def run(self, fill: float, weights: np.ndarray) -> np.ndarray:
+    def run(
+        self, fill: float, weights: np.ndarray, columns: np.ndarray | None = None
+    ) -> np.ndarray:
         self.calls += 1
         self.probes += weights.shape[1]
         a = np.where(self._present, F32.type(fill), F32.type(0))
-        return self._sums(a, weights)
+        if columns is None:
+            return self._sums(a, weights)
+        full = np.zeros((self.terms, self.columns), F32)
+        full[:, columns] = weights
+        return self._sums(a, full)[:, columns]
 
     def evaluate(self, a: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The backend on arbitrary operands: ``a`` (terms, rows), ``w`` (terms, columns)."""
