@@ -33,6 +33,7 @@ from convdiff.kernels import LayerSpec, Unsupported
 from convdiff.numerics import Rounded
 from convdiff.orders import Order, reduce_positions
 from convdiff.reveal import Mismatch, NotATree, Revealed, patterns, reveal
+from convdiff.timing import phase
 from convdiff.trees import ReductionTree, from_runs
 
 # Layer classes whose reduction is revealed, and the Keras op each one's call makes.
@@ -672,7 +673,8 @@ def find_order(
                 return Finding.from_dict(stored["finding"])
             except (KeyError, TypeError, ValueError):
                 pass  # an entry of another shape: revealed again and overwritten
-    finding = _reveal_finding(layer, kernel, spec, input_shapes[0])
+    with phase("reveal"):
+        finding = _reveal_finding(layer, kernel, spec, input_shapes[0])
     with contextlib.suppress(Unsupported):  # else the finding says why it was not probed
         finding = _with_functions(
             finding, _census(kernel, spec, input_shapes).functions, spec.dtype

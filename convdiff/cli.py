@@ -301,8 +301,8 @@ _KERAS = "Where Keras runs"
     "Looking closer",
     "--profile",
     is_flag=True,
-    help="Where the time went: seconds per phase (startup, Keras, NumPy kernels, bounds, "
-    "statistics, rendering) on stderr.",
+    help="Where the time went: seconds per phase (startup, Keras, auto's probes, NumPy "
+    "kernels, bounds, statistics, rendering) on stderr.",
 )
 @_loading_options
 def compare_command(**options: Any) -> None:

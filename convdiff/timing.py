@@ -17,6 +17,7 @@ from contextvars import ContextVar
 PHASES = {
     "startup": "importing TensorFlow, loading the model and the inputs",
     "keras": "running the Keras layers",
+    "reveal": "auto's probes of TensorFlow's summation trees (a layer's first run only)",
     "kernel": "the NumPy side (convdiff's kernels in the chosen order, or yours)",
     "bound": "the float64 reference and the rounding bound",
     "statistics": "comparing outputs: ULPs, verdicts, budgets, histograms",

@@ -70,3 +70,17 @@ def test_without_profile_nothing_is_printed(examples):
     )
     assert result.exit_code == 0
     assert "Profile" not in result.stderr
+
+
+def test_revealing_is_a_phase_of_its_own_on_the_first_run_only(examples, fresh_tree_cache):
+    """auto's probes of TensorFlow are timed as ``reveal`` (not ``other``) where a layer's
+    trees are revealed, and cost nothing once they are cached."""
+    import convdiff
+
+    paths = [str(examples / "one_layer.keras"), str(examples / "one_layer_input.npy")]
+    runs = []
+    for _ in range(2):
+        with Timings() as timings:
+            convdiff.compare(*paths)
+        runs.append(timings.seconds["reveal"])
+    assert runs[0] > 0 and runs[1] == 0, runs
