@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,7 +43,8 @@ from convdiff.trees import (
     canonical,
     chains,
     from_binary,
-    restricted,
+    post_order,
+    restrict,
     signature,
     to_binary,
     to_runs,
@@ -116,6 +117,9 @@ class _Prober:
 
     backend: TermBackend
     max_calls: int | None = None
+    # trees found so far (for any row or class of columns): each a hypothesis for the next
+    # row to reveal (:func:`_hinted`); shared with the probers of the classes of columns
+    hints: list[_Hint] = field(default_factory=list)
     present: np.ndarray = field(init=False)
     counts: np.ndarray = field(init=False)
     calls: int = 0
@@ -147,6 +151,18 @@ class _Prober:
     def row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
         """:func:`patterns` of every row: the distinct padding patterns, each row's number."""
         return patterns(self.present)
+
+    def remember(self, node: Node) -> _Hint:
+        """Keep ``node`` (its additions, fusion aside) as a hint for the rows still to reveal;
+        its hint (the one kept before, where the same tree was found)."""
+        binary = to_binary(node)
+        mine = signature(canonical(binary))
+        for hint in self.hints:
+            if hint.signature == mine:
+                return hint
+        terms = frozenset(y for y in post_order(binary) if isinstance(y, int))
+        self.hints.append(_Hint(binary, terms, mine))
+        return self.hints[-1]
 
     def column_classes(self) -> list[np.ndarray]:
         if self._columns is None:
@@ -182,6 +198,23 @@ class _Prober:
             raise OutOfCalls(f"no tree found within {self.max_calls} backend calls")
         self.calls += 1
         return self.backend.run(fill, weights, columns)
+
+
+@dataclass
+class _Hint:
+    """A tree found (its binary tree of additions, its terms, its :func:`signature`), and
+    the sweeps it answers (:func:`_sweep`, by first term) once computed."""
+
+    binary: Add | int
+    terms: frozenset[int]
+    signature: tuple[int, ...]
+    sweeps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def sweep(self, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`_sweep` of the whole tree from ``first`` (computed once)."""
+        if first not in self.sweeps:
+            self.sweeps[first] = _sweep(self.binary, first)  # type: ignore[arg-type]
+        return self.sweeps[first]
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -411,6 +444,74 @@ def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | Non
         [order] * len(blocks),
         lengths,
     )
+
+
+# Probes of a sweep that a hint must answer as the backend does (more than a narrow class of
+# columns answers in one call: a tail of 8 columns then takes 8 calls, not hundreds).
+HINT_PROBES = 64
+
+
+def _hinted(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | None:
+    """The first of the trees found so far (:attr:`_Prober.hints`) that, over the terms
+    ``row`` reads, answers a sweep from the first term as the backend does at ``row``; None
+    where none does.
+
+    A backend's few trees recur: a tail of output columns takes the kernel that the last
+    positions of the other columns take (ResNet50's Dense layer on AMD AVX2: columns 992-999
+    and batch rows 6-7 add in one tree of 28 chains, which FPRev takes hundreds of calls to
+    reveal through 8 columns). The sweep's probes are :func:`_guess`'s first (answered from
+    the prober's record where it made them), and a hint is a hypothesis like a guess: the
+    check on random data decides.
+    """
+    n = len(terms)
+    if not prober.hints or n <= 2:
+        return None
+    wanted = _sample(n, max(prober.backend.columns, HINT_PROBES))
+    got = prober.sizes([(terms[0], terms[i]) for i in wanted])
+    observed = got[:, row]
+    kept = frozenset(terms)
+    probed = np.asarray(terms)[wanted]
+    for hint in prober.hints:
+        if not kept <= hint.terms or isinstance(hint.binary, int):
+            continue  # the hint reads fewer terms than this row: no tree of its
+        # Over the terms this row reads, a pair meets where it meets in the whole tree: the
+        # answer is the count of this row's terms in that subtree (no restricted tree needed)
+        order, sizes = hint.sweep(terms[0])
+        inside = np.isin(order, terms)
+        counted = np.cumsum(inside)
+        where = np.empty(int(order.max()) + 1, np.int64)
+        where[order] = np.arange(len(order))
+        if np.array_equal(counted[sizes[where[probed]] - 1], observed):
+            binary = hint.binary if kept == hint.terms else restrict(hint.binary, kept)
+            if binary is None:  # not reached: the row's terms are the hint's
+                continue
+            return _Reconstruction(
+                from_binary(binary), list(terms), got, [order[inside]], [observed]
+            )
+    return None
+
+
+def _sweep(tree: Add, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a sweep from term ``first`` answers in ``tree``: the terms in the order the path
+    from ``first`` to the root meets them (``first``, then each sibling subtree's terms), and
+    for each the size of the smallest subtree that holds it and ``first`` (1 for ``first``)."""
+    size: dict[Any, int] = {}
+    parent: dict[Any, tuple[Any, Add | int]] = {}  # a node's key -> (its parent's, sibling)
+    for x in post_order(tree):
+        if isinstance(x, int):
+            size[("term", x)] = 1
+            continue
+        keys = [("term", y) if isinstance(y, int) else id(y) for y in (x.left, x.right)]
+        size[id(x)] = size[keys[0]] + size[keys[1]]
+        parent[keys[0]], parent[keys[1]] = (id(x), x.right), (id(x), x.left)
+    order, sizes = [first], [1]
+    key: Any = ("term", first)
+    while key in parent:
+        key, sibling = parent[key]
+        met = [y for y in post_order(sibling) if isinstance(y, int)]
+        order += met
+        sizes += [size[key]] * len(met)
+    return np.array(order, np.int64), np.array(sizes, np.int64)
 
 
 def _sample(n: int, count: int) -> np.ndarray:
@@ -783,6 +884,7 @@ def _reveal(
     backend = prober.backend
     unresolved = np.arange(backend.rows)
     found: list[tuple[int, np.ndarray, Node]] = []
+    kinds: list[_Hint] = []  # each found tree's hint (its additions, for _same_tree)
     reps: list[tuple[int, np.ndarray]] = []  # each reveal's row and the rows it placed
     while unresolved.size:
         row = int(unresolved[np.argmax(prober.counts[unresolved])])
@@ -792,12 +894,13 @@ def _reveal(
             reps.append((row, unresolved))
             break
         level = deep.level(row)
-        rec = _guess(prober, row, terms) if level == 0 else None
+        rec = (_hinted(prober, row, terms) or _guess(prober, row, terms)) if level == 0 else None
         rec = rec or _reconstruct(prober, row, terms, sampled=level < 2)
+        hint = prober.remember(rec.node)
         ok = _consistent_rows(prober, rec, unresolved)
         ok[unresolved == row] = True
         reps.append((row, unresolved[ok]))
-        same = _same_tree(found, rec.node, terms)
+        same = _same_tree(kinds, hint)
         if same is not None:  # a known tree, seen through padding
             rep, rows, node = found[same]
             found[same] = (rep, np.concatenate([rows, unresolved[ok]]), node)
@@ -805,6 +908,7 @@ def _reveal(
             raise NotATree(f"more than {max_trees} different trees across output positions")
         else:
             found.append((row, unresolved[ok], rec.node))
+            kinds.append(hint)
         unresolved = unresolved[~ok]
     classes = sorted(_fusion(prober, found), key=lambda c: -len(c[0]))
     main = classes[0][1]
@@ -812,15 +916,17 @@ def _reveal(
     return ReductionTree(main, exceptions), reps
 
 
-def _same_tree(found: list[tuple[int, np.ndarray, Node]], node: Node, terms: list[int]):
-    """The index of the first tree in ``found`` that, over ``terms`` only, is ``node`` (a
-    position that reads the others as padding then adds in that tree: its zeros are exact),
-    or None."""
-    mine = signature(canonical(to_binary(node)))
-    for i, (_, _, other) in enumerate(found):
-        seen = restricted(other, terms)
-        if seen is not None and signature(canonical(seen)) == mine:
+def _same_tree(found: list[_Hint], tree: _Hint) -> int | None:
+    """The index of the first tree in ``found`` that, over ``tree``'s terms only, is ``tree``
+    (a position that reads the others as padding then adds in that tree: its zeros are
+    exact), or None."""
+    for i, other in enumerate(found):
+        if other is tree:  # the same additions (hints are kept once per tree)
             return i
+        if tree.terms < other.terms:
+            seen = restrict(other.binary, tree.terms)
+            if seen is not None and signature(canonical(seen)) == tree.signature:
+                return i
     return None
 
 
@@ -881,7 +987,8 @@ def _reveal_columns(
     if len(classes) == 1:
         return _reveal(prober, max_trees, deep)
     found = [
-        _reveal(_Prober(_Columns(prober, cols)), max_trees, deep)[0] for cols in classes
+        _reveal(_Prober(_Columns(prober, cols), hints=prober.hints), max_trees, deep)[0]
+        for cols in classes
     ]  # the view's calls go through ``prober``: its limit holds
     biggest = max(range(len(classes)), key=lambda i: len(classes[i]))
     others = tuple(

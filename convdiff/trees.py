@@ -208,8 +208,11 @@ def restricted(node: Node, terms: Iterable[int]) -> Add | int | None:
     """The binary tree of ``node`` over ``terms`` only (None where it holds none of them): the
     tree a probe sees at a position that reads the other terms as padding. An addition with
     one side gone is that side."""
-    kept = set(terms)
-    binary = to_binary(node)
+    return restrict(to_binary(node), set(terms))
+
+
+def restrict(binary: Add | int, kept: set[int] | frozenset[int]) -> Add | int | None:
+    """:func:`restricted` of a binary tree (the terms ``kept``)."""
     if isinstance(binary, int):
         return binary if binary in kept else None
     made: dict[int, Add | int | None] = {}

@@ -282,6 +282,34 @@ def test_positions_whose_first_term_is_padding_get_their_own_tree(engine, rng):
     _check_reproduces(backend, found.tree, rng)
 
 
+def test_a_tree_found_before_is_tried_first_where_it_recurs(rng, monkeypatch):
+    """A tail of 4 output columns adds in the tree the last row of the other columns adds in
+    (as Eigen's tails do): the tail's trees are taken from that row's (a hint) after one
+    sweep, where FPRev through 4 columns takes many more calls; the trees are the same."""
+    from convdiff import reveal as module
+
+    def unfused(a: np.ndarray, w: np.ndarray) -> np.ndarray:  # chain(False), in float32
+        acc = np.zeros(w.shape[1], F32)
+        for k in range(len(a)):
+            acc = acc + F32.type(a[k]) * w[k].astype(F32)
+        return acc
+
+    rows = [unfused] * 3 + [numpy_sum]  # the last row: 8 interleaved chains, no chunks
+
+    def revealed():
+        backend = SumBackend(96, rows, columns=20, tail=16, tail_reduce=numpy_sum)
+        found = reveal(backend, check=_differences(backend))
+        assert found.mismatches == 0
+        return found
+
+    hinted = revealed()
+    monkeypatch.setattr(module, "_hinted", lambda prober, row, terms: None)
+    unhinted = revealed()
+    assert hinted.tree == unhinted.tree
+    assert [c for c, _ in hinted.tree.columns] == [((16, 20, 1),)]
+    assert hinted.calls * 2 < unhinted.calls, (hinted.calls, unhinted.calls)
+
+
 def test_a_tail_of_columns_with_its_own_tree(engine, rng):
     """Like a vector kernel's tail: the last 4 of 20 output columns add two halves, the
     others one chain. Probes packed one pair per column mix the two trees; columns apart
