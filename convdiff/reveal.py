@@ -402,53 +402,81 @@ def _made(x: _Sum | int, made: dict[int, Add | int]) -> Add | int:
 # Probe rounds a guess may take to place every chunk boundary before giving way to FPRev.
 _GUESS_ROUNDS = 3
 
+# Probes of a hint's sweep at the least: more than a narrow class of columns answers in one
+# call (a tail of 8 columns then takes 8 calls, not hundreds).
+HINT_PROBES = 64
+
 
 def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | None:
-    """The tree at ``row`` if it is consecutive chunks, each a chain in index order, added in
-    order (the common shape: one chain, or a reduction cut into blocks), from far fewer probes
-    than FPRev: a sweep from the first term to a sample of the others, then to the terms
-    around each chunk boundary not yet placed. None where the answers leave that family.
+    """The tree at ``row`` if it is consecutive chunks added in order, each one chain in
+    index order (the common shape: one chain, or a reduction cut into blocks) or each two
+    interleaved chains, of its even and of its odd terms, added together (the shape of a
+    vector kernel's leftover rows or columns that takes two terms a step), from far fewer
+    probes than FPRev: a sweep from the first term to a sample of the others, then to the
+    terms around each chunk boundary not yet placed. None where the answers leave that family.
 
-    In that family the probe ``(first, j)`` answers ``j + 1`` (counted in position among
-    ``terms``) inside the first chunk, and the end of ``j``'s chunk elsewhere.
+    The probe ``(first, j)`` answers the end of ``j``'s chunk outside the first chunk; inside
+    it, ``j + 1`` (counted in position among ``terms``) for one chain, and for two
+    interleaved chains ``j / 2 + 1`` at even ``j`` and the first chunk's length at odd ``j``.
+    Chunks after the first are taken to be of the first one's kind (the sweep cannot see
+    inside them): a hypothesis, like the whole guess, that the check decides.
     """
     n = len(terms)
-    cols = prober.backend.columns
     if n <= 2:
         return None
-    wanted = _sample(n, cols)
+    # Where hints were tried, their sweep's probes are made: a sample of HINT_PROBES then
+    # costs no call, and leaves fewer positions between samples to probe (a narrow class of
+    # columns answers few probes a call)
+    count = prober.backend.columns
+    wanted = _sample(n, max(count, HINT_PROBES) if prober.hints else count)
     known: dict[int, int] = {}
     blocks = []
+    width = 0  # the first chunk's length where it is two interleaved chains
     for _ in range(_GUESS_ROUNDS):
         got = prober.sizes([(terms[0], terms[i]) for i in wanted])
         blocks.append((wanted, got))
         known.update(zip(wanted.tolist(), got[:, row].tolist(), strict=True))
-        following = _unplaced(known, n)
-        if following is None:
+        if not width and known.get(1, 2) > 2 and known.get(2) == 2:
+            width = known[1]  # (first, 1) meets at the first chunk, (first, 2) at once
+        placed = _as_one_chain(known, width) if width else known
+        following = None if placed is None else _unplaced(placed, n)
+        if placed is None or following is None:
             return None
         if not following.size:
             break
         wanted = following
     else:
         return None
-    ends = _chunk_ends(known, n)
+    ends = _chunk_ends(placed, n)
     starts = [0, *ends[:-1]]
-    node = Join(tuple(Chain(to_runs(terms[a:b])) for a, b in zip(starts, ends, strict=True)))
+    if width:
+        pairs = [
+            Join((Chain(to_runs(terms[a:b:2])), Chain(to_runs(terms[a + 1 : b : 2]))))
+            for a, b in zip(starts, ends, strict=True)
+        ]
+        node: Node = from_binary(to_binary(pairs[0] if len(pairs) == 1 else Join(tuple(pairs))))
+        # a sweep meets the first chunk's even terms one by one, then its odd ones at once
+        order = np.asarray([*terms[0 : ends[0] : 2], *terms[1 : ends[0] : 2], *terms[ends[0] :]])
+    else:
+        chunks = tuple(Chain(to_runs(terms[a:b])) for a, b in zip(starts, ends, strict=True))
+        node = chunks[0] if len(chunks) == 1 else Join(chunks)
+        order = np.asarray(terms)
     answers = np.concatenate([g for _, g in blocks])
-    order = np.asarray(terms)
     lengths = [g[:, row] for _, g in blocks]
-    return _Reconstruction(
-        node.parts[0] if len(ends) == 1 else node,
-        list(terms),
-        answers,
-        [order] * len(blocks),
-        lengths,
-    )
+    return _Reconstruction(node, list(terms), answers, [order] * len(blocks), lengths)
 
 
-# Probes of a sweep that a hint must answer as the backend does (more than a narrow class of
-# columns answers in one call: a tail of 8 columns then takes 8 calls, not hundreds).
-HINT_PROBES = 64
+def _as_one_chain(known: dict[int, int], width: int) -> dict[int, int] | None:
+    """A sweep's answers for a first chunk of ``width`` terms added as two interleaved chains,
+    rewritten as the answers of one chain over that chunk (what :func:`_unplaced` and
+    :func:`_chunk_ends` read); None where an answer inside it fits neither chain."""
+    placed = {p: p + 1 for p in range(1, width)}
+    for p, size in known.items():
+        if p >= width:
+            placed[p] = size
+        elif size != (p // 2 + 1 if p % 2 == 0 else width):
+            return None
+    return placed
 
 
 def _hinted(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | None:

@@ -282,6 +282,40 @@ def test_positions_whose_first_term_is_padding_get_their_own_tree(engine, rng):
     _check_reproduces(backend, found.tree, rng)
 
 
+def interleaved_chunks(size: int) -> Reduce:
+    """Chunks of ``size`` consecutive terms added in order, each two chains without FMA (its
+    even and its odd terms, from zero) added together: a vector kernel's leftover path."""
+
+    def reduce(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        total = None
+        for start in range(0, len(a), size):
+            halves = []
+            for first in (start, start + 1):
+                acc = np.zeros(w.shape[1], F32)
+                for k in range(first, min(start + size, len(a)), 2):
+                    acc = acc + F32.type(a[k]) * w[k].astype(F32)
+                halves.append(acc)
+            chunk = halves[0] + halves[1]
+            total = chunk if total is None else total + chunk
+        return total
+
+    return reduce
+
+
+@pytest.mark.parametrize(("terms", "size"), [(96, 40), (64, 64), (200, 48)])
+def test_chunks_of_two_interleaved_chains_are_guessed(terms, size, engine, rng):
+    """The guess reads two interleaved chains per chunk off one sweep (the first chunk's odd
+    terms meet the first term at the chunk's end, its even ones one by one): the tree FPRev's
+    full recursion finds, in a few calls."""
+    backend = SumBackend(terms, interleaved_chunks(size), columns=16)
+    found = reveal(backend, check=_differences(backend))
+    assert found.mismatches == 0
+    full = reveal(SumBackend(terms, interleaved_chunks(size), columns=16), exhaustive=True)
+    assert found.tree == full.tree
+    assert found.calls * 2 < full.calls, (found.calls, full.calls)
+    _check_reproduces(backend, found.tree, rng)
+
+
 def test_a_tree_found_before_is_tried_first_where_it_recurs(rng, monkeypatch):
     """A tail of 4 output columns adds in the tree the last row of the other columns adds in
     (as Eigen's tails do): the tail's trees are taken from that row's (a hint) after one
