@@ -20,10 +20,9 @@ For each case, in separate processes (so peak memory is each one's own):
 Before a case's measurements one untimed convdiff run of each kind compiles what numba's cache
 (the user's) lacks for it, so that no timed run includes the compiler (a once-per-installation
 cost), and the default one reveals the model's trees into a tree cache of this benchmark's own.
-Each
-measurement runs --repeat times (default 3), the kinds interleaved, and the median wall
-time and the largest peak resident memory are printed, with each convdiff figure as a ratio to
-the baseline. With --profile each convdiff run also reports its seconds per phase (convdiff's
+Each measurement runs --repeat times (default 3), the kinds interleaved, and the median wall
+time and the largest peak resident memory are printed, with each convdiff figure as a ratio
+to the baseline. With --profile each convdiff run also reports its seconds per phase (convdiff's
 own --profile), printed as medians under the case's line.
 """
 
