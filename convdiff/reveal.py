@@ -450,10 +450,7 @@ def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | Non
     ends = _chunk_ends(placed, n)
     starts = [0, *ends[:-1]]
     if width:
-        pairs = [
-            Join((Chain(to_runs(terms[a:b:2])), Chain(to_runs(terms[a + 1 : b : 2]))))
-            for a, b in zip(starts, ends, strict=True)
-        ]
+        pairs = [_two_chains(terms[a:b]) for a, b in zip(starts, ends, strict=True)]
         node: Node = from_binary(to_binary(pairs[0] if len(pairs) == 1 else Join(tuple(pairs))))
         # a sweep meets the first chunk's even terms one by one, then its odd ones at once
         order = np.asarray([*terms[0 : ends[0] : 2], *terms[1 : ends[0] : 2], *terms[ends[0] :]])
@@ -464,6 +461,14 @@ def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | Non
     answers = np.concatenate([g for _, g in blocks])
     lengths = [g[:, row] for _, g in blocks]
     return _Reconstruction(node, list(terms), answers, [order] * len(blocks), lengths)
+
+
+def _two_chains(terms: list[int]) -> Node:
+    """A chunk added as two chains, of its even and of its odd terms, then their sums (one
+    chain where it holds a single term)."""
+    if len(terms) < 2:
+        return Chain(to_runs(terms))
+    return Join((Chain(to_runs(terms[0::2])), Chain(to_runs(terms[1::2]))))
 
 
 def _as_one_chain(known: dict[int, int], width: int) -> dict[int, int] | None:

@@ -316,6 +316,17 @@ def test_chunks_of_two_interleaved_chains_are_guessed(terms, size, engine, rng):
     _check_reproduces(backend, found.tree, rng)
 
 
+@pytest.mark.parametrize(("terms", "size"), [(41, 8), (17, 16), (3, 2)])
+def test_interleaved_chunks_with_a_last_chunk_of_one_term(terms, size, engine, rng):
+    """A last chunk of one term is one chain, not two: the tree FPRev's full recursion finds."""
+    backend = SumBackend(terms, interleaved_chunks(size), columns=16)
+    found = reveal(backend, check=_differences(backend))
+    assert found.mismatches == 0
+    full = reveal(SumBackend(terms, interleaved_chunks(size), columns=16), exhaustive=True)
+    assert found.tree == full.tree
+    _check_reproduces(backend, found.tree, rng)
+
+
 def test_a_tree_found_before_is_tried_first_where_it_recurs(rng, monkeypatch):
     """A tail of 4 output columns adds in the tree the last row of the other columns adds in
     (as Eigen's tails do): the tail's trees are taken from that row's (a hint) after one
