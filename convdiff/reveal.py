@@ -213,7 +213,7 @@ class _Hint:
     def sweep(self, first: int) -> tuple[np.ndarray, np.ndarray]:
         """:func:`_sweep` of the whole tree from ``first`` (computed once)."""
         if first not in self.sweeps:
-            self.sweeps[first] = _sweep(self.binary, first)  # type: ignore[arg-type]
+            self.sweeps[first] = _sweep(self.binary, first)
         return self.sweeps[first]
 
 
@@ -524,7 +524,7 @@ def _hinted(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | No
     return None
 
 
-def _sweep(tree: Add, first: int) -> tuple[np.ndarray, np.ndarray]:
+def _sweep(tree: Add | int, first: int) -> tuple[np.ndarray, np.ndarray]:
     """What a sweep from term ``first`` answers in ``tree``: the terms in the order the path
     from ``first`` to the root meets them (``first``, then each sibling subtree's terms), and
     for each the size of the smallest subtree that holds it and ``first`` (1 for ``first``)."""
