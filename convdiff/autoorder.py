@@ -425,7 +425,7 @@ def verify(
     rng = np.random.default_rng(seed)
     first = backends[0]
     dtype = first.dtype
-    x = rng.standard_normal(first.input_shape).astype(dtype)
+    x = rng.standard_normal(first.input_shape, dtype=dtype)
     bare = _bare_spec(spec)
     raw = first.raw(x, {k: v.astype(dtype) for k, v in _kernels(bare).items()})
     order = Order(
@@ -455,7 +455,7 @@ def verify_stage(
     reveal find a tail of output columns or a position that takes another kernel."""
     rng = np.random.default_rng(seed)
     dtype = backend.dtype
-    x = rng.standard_normal(backend.input_shape).astype(dtype)
+    x = rng.standard_normal(backend.input_shape, dtype=dtype)
     bare = _bare_spec(spec)
     kernels = {**{k: v.astype(dtype) for k, v in _kernels(bare).items()}, **backend.passing}
     raw = backend.raw(x, kernels)

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -527,24 +527,33 @@ def _hinted(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | No
 def _sweep(tree: Add | int, first: int) -> tuple[np.ndarray, np.ndarray]:
     """What a sweep from term ``first`` answers in ``tree``: the terms in the order the path
     from ``first`` to the root meets them (``first``, then each sibling subtree's terms), and
-    for each the size of the smallest subtree that holds it and ``first`` (1 for ``first``)."""
-    size: dict[Any, int] = {}
-    parent: dict[Any, tuple[Any, Add | int]] = {}  # a node's key -> (its parent's, sibling)
-    for x in post_order(tree):
+    for each the size of the smallest subtree that holds it and ``first`` (1 for ``first``).
+
+    Two passes, no recursion (a chain of ``K`` terms is ``K`` deep): the subtree sizes and
+    the path from ``first`` up, then each term takes the size of the last node of that path
+    above it."""
+    nodes = post_order(tree)
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    for x in nodes:
         if isinstance(x, int):
-            size[("term", x)] = 1
             continue
-        keys = [("term", y) if isinstance(y, int) else id(y) for y in (x.left, x.right)]
-        size[id(x)] = size[keys[0]] + size[keys[1]]
-        parent[keys[0]], parent[keys[1]] = (id(x), x.right), (id(x), x.left)
-    order, sizes = [first], [1]
-    key: Any = ("term", first)
-    while key in parent:
-        key, sibling = parent[key]
-        met = [y for y in post_order(sibling) if isinstance(y, int)]
-        order += met
-        sizes += [size[key]] * len(met)
-    return np.array(order, np.int64), np.array(sizes, np.int64)
+        sides = (x.left, x.right)
+        size[id(x)] = sum(1 if isinstance(y, int) else size[id(y)] for y in sides)
+        if any((y == first) if isinstance(y, int) else id(y) in on_path for y in sides):
+            on_path.add(id(x))
+    met: list[tuple[int, int]] = []  # (size where the term meets first's path, term)
+    stack: list[tuple[Add | int, int]] = [(tree, size.get(id(tree), 1))]
+    while stack:
+        x, meets = stack.pop()
+        if isinstance(x, int):
+            met.append((1 if x == first else meets, x))
+            continue
+        for y in (x.right, x.left):  # left first off the stack: terms in tree order
+            inside = (y == first) if isinstance(y, int) else id(y) in on_path
+            stack.append((y, size[id(y)] if inside and not isinstance(y, int) else meets))
+    met.sort(key=lambda m: m[0])  # stable: tree order among the terms of one subtree
+    return np.array([t for _, t in met], np.int64), np.array([m for m, _ in met], np.int64)
 
 
 def _sample(n: int, count: int) -> np.ndarray:
