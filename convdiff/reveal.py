@@ -424,11 +424,7 @@ def _guess(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | Non
     n = len(terms)
     if n <= 2:
         return None
-    # Where hints were tried, their sweep's probes are made: a sample of HINT_PROBES then
-    # costs no call, and leaves fewer positions between samples to probe (a narrow class of
-    # columns answers few probes a call)
-    count = prober.backend.columns
-    wanted = _sample(n, max(count, HINT_PROBES) if prober.hints else count)
+    wanted = _first_sweep(prober, n)
     known: dict[int, int] = {}
     blocks = []
     width = 0  # the first chunk's length where it is two interleaved chains
@@ -499,7 +495,7 @@ def _hinted(prober: _Prober, row: int, terms: list[int]) -> _Reconstruction | No
     n = len(terms)
     if not prober.hints or n <= 2:
         return None
-    wanted = _sample(n, max(prober.backend.columns, HINT_PROBES))
+    wanted = _first_sweep(prober, n)
     got = prober.sizes([(terms[0], terms[i]) for i in wanted])
     observed = got[:, row]
     kept = frozenset(terms)
@@ -554,6 +550,14 @@ def _sweep(tree: Add | int, first: int) -> tuple[np.ndarray, np.ndarray]:
             stack.append((y, size[id(y)] if inside and not isinstance(y, int) else meets))
     met.sort(key=lambda m: m[0])  # stable: tree order among the terms of one subtree
     return np.array([t for _, t in met], np.int64), np.array([m for m, _ in met], np.int64)
+
+
+def _first_sweep(prober: _Prober, n: int) -> np.ndarray:
+    """The positions (among ``n`` terms) a guess's or a hint's first sweep probes: as many as
+    a call answers, and at least :data:`HINT_PROBES` where hints are tried (their probes are
+    then the guess's, made once, and leave fewer positions between samples to probe)."""
+    count = prober.backend.columns
+    return _sample(n, max(count, HINT_PROBES) if prober.hints else count)
 
 
 def _sample(n: int, count: int) -> np.ndarray:

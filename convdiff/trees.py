@@ -204,15 +204,10 @@ def to_binary(node: Node) -> Add | int:
     return made[id(node)]
 
 
-def restricted(node: Node, terms: Iterable[int]) -> Add | int | None:
-    """The binary tree of ``node`` over ``terms`` only (None where it holds none of them): the
-    tree a probe sees at a position that reads the other terms as padding. An addition with
-    one side gone is that side."""
-    return restrict(to_binary(node), set(terms))
-
-
 def restrict(binary: Add | int, kept: set[int] | frozenset[int]) -> Add | int | None:
-    """:func:`restricted` of a binary tree (the terms ``kept``)."""
+    """The binary tree ``binary`` over the terms ``kept`` only (None where it holds none of
+    them): the tree a probe sees at a position that reads the other terms as padding. An
+    addition with one side gone is that side."""
     if isinstance(binary, int):
         return binary if binary in kept else None
     made: dict[int, Add | int | None] = {}
