@@ -548,20 +548,31 @@ class Bounded:
         return Tracked(np.minimum(x.value, y.value), _larger_err(x, y), scale)
 
     def max(self, x, axis, keepdims=False):
-        x = self._lift(x)
-        return Tracked(
-            np.max(x.value, axis=axis, keepdims=keepdims),
-            np.max(x.err, axis=axis, keepdims=keepdims),
-            np.max(x.magnitude, axis=axis, keepdims=keepdims),
-        )
+        return self._extreme(np.max, x, axis, keepdims)
 
     def min(self, x, axis, keepdims=False):
+        return self._extreme(np.min, x, axis, keepdims)
+
+    def _extreme(self, pick: Callable[..., np.ndarray], x, axis, keepdims: bool) -> Tracked:
+        """The largest (smallest) element along ``axis``: exact, so its bound is the largest
+        bound of the elements it may be (either side may pick another element within its
+        bound), and its terms' scale the largest one there."""
         x = self._lift(x)
-        return Tracked(
-            np.min(x.value, axis=axis, keepdims=keepdims),
-            np.max(x.err, axis=axis, keepdims=keepdims),
-            np.max(x.magnitude, axis=axis, keepdims=keepdims),
+        value = pick(x.value, axis=axis, keepdims=keepdims)
+        err = (
+            _zeros(np.shape(value))
+            if _is_zero(x.err)
+            else np.max(x.err, axis=axis, keepdims=keepdims)
         )
+        if x.scale is not None:
+            return Tracked(value, err, np.max(x.scale, axis=axis, keepdims=keepdims))
+        # The largest |v| is max(max v, -min v) (each exact), from the one reduction that
+        # ``value`` did not already make: no array of |v| as large as the windows. abs makes
+        # a zero +0, as the largest |v| of zeros is.
+        other = np.min if pick is np.max else np.max
+        rest = other(x.value, axis=axis, keepdims=keepdims)
+        top, bottom = (value, rest) if pick is np.max else (rest, value)
+        return Tracked(value, err, np.abs(np.maximum(top, -bottom)))
 
     def where(self, x, threshold: float, below, above, strict: bool = True):
         """Piecewise selection. Where ``x`` is within its bound of the threshold the two sides
@@ -638,6 +649,9 @@ class ValueOnly(Bounded):
     def apply(self, name: str, x):
         with np.errstate(all="ignore"):
             return _value_only(FUNCTIONS[name](self._lift(x).value))
+
+    def _extreme(self, pick: Callable[..., np.ndarray], x, axis, keepdims: bool) -> Tracked:
+        return _value_only(pick(self._lift(x).value, axis=axis, keepdims=keepdims))
 
     def maximum(self, x, y):
         return _value_only(np.maximum(self._lift(x).value, self._lift(y).value))

@@ -180,3 +180,31 @@ def _sequential(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for ai, bi in zip(a, b, strict=True):
         total = (total.astype(float) + (ai.astype(float) * bi).astype(F32)).astype(F32)
     return total
+
+
+@pytest.mark.parametrize("pick", ["max", "min"])
+@pytest.mark.parametrize("known", [True, False], ids=["exact inputs", "uncertain inputs"])
+def test_a_window_extreme_takes_the_largest_bound_and_magnitude_of_its_window(pick, known):
+    """max/min along axes (max pooling): the bound is the largest bound in the window and the
+    terms' scale its largest |value|, bit for bit as the elementwise definition gives them,
+    on windows with NaN, infinities and zeros of both signs."""
+    rng = np.random.default_rng(21)
+    shape = (3, 3, 40, 7)
+    value = rng.standard_normal(shape)
+    special = rng.integers(0, 8, shape)
+    value[special == 0] = np.nan
+    value[special == 1] = np.inf
+    value[special == 2] = -np.inf
+    value[special == 3] = 0.0
+    value[special == 4] = -0.0
+    value[:, :, :5] = -0.0  # windows of negative zeros only
+    err = Bounded.track(value).err if known else np.abs(rng.standard_normal(shape))
+    out = getattr(Bounded("float32"), pick)(Tracked(value, err), axis=(0, 1))
+    expected = (
+        getattr(np, pick)(value, axis=(0, 1)),
+        np.max(err, axis=(0, 1)),
+        np.max(np.abs(value), axis=(0, 1)),
+    )
+    for got, want in zip((out.value, out.err, out.magnitude), expected, strict=True):
+        got = np.broadcast_to(got, want.shape)
+        np.testing.assert_array_equal(np.ascontiguousarray(got).view("u8"), want.view("u8"))

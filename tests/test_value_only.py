@@ -24,6 +24,8 @@ LAYERS = [
     (lambda: keras.layers.LayerNormalization(), (3, 10)),
     (lambda: keras.layers.AveragePooling2D(2), (2, 8, 8, 3)),
     (lambda: keras.layers.GlobalAveragePooling2D(), (2, 7, 7, 3)),
+    (lambda: keras.layers.MaxPooling2D(3, strides=2, padding="same"), (2, 9, 9, 3)),
+    (lambda: keras.layers.GlobalMaxPooling2D(), (2, 7, 7, 3)),
     (lambda: keras.layers.ReLU(max_value=1.0), (2, 50)),
 ]
 
