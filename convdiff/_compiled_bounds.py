@@ -14,6 +14,8 @@ figure reads them. The tests compare every element both ways.
 The operands are flat float64 arrays read through per-operand element strides over at most
 three axes (a broadcast operand has stride 0 along the axes it does not vary on), so that a
 bias of shape ``(C,)`` or a per-position factor is read in place, never broadcast into a copy.
+:func:`rounded_mul_add` is ``mul`` then ``add`` in one pass: the product's three numbers stay
+in registers, where the two steps write them out and read them back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numba
 
 from convdiff._compiled import cache_compiled
 
-# the steps (convdiff.bounded_steps.STEPS)
+# the steps (convdiff.fused.STEPS)
 ADD, SUB, MUL = 0, 1, 2
 
 
@@ -139,4 +141,66 @@ def _row_step(op, row, out, units, flags):
             magnitude[k] = mx + my
 
 
+@numba.njit(nogil=True)
+def rounded_mul_add(operands, strides, dims, outputs, part, units, flags, rows):
+    """:func:`rounded_step`'s MUL of ``a`` and ``b`` and then its ADD of ``c`` to the product,
+    in one pass: the same numbers as the two steps, bit for bit.
+
+    Args:
+        operands: ``(a, e_a, m_a, b, e_b, m_b, c, e_c, m_c)``; ``strides`` ``(9, 3)``.
+        flags: ``(abs_a, abs_b, abs_c, cross)``: whether each magnitude is ``|value|``, and
+            whether the product's ``e_a e_b`` term is included.
+        rows: ``(9, col_hi - col_lo)`` float64 scratch, writable and read-only (see
+            :func:`rounded_step`).
+    """
+    row_lo, row_hi, col_lo, col_hi = part
+    width = col_hi - col_lo
+    scratch, gathered = rows
+    for row in range(row_lo, row_hi):
+        i, j = row // dims[1], row % dims[1]
+        at = row * dims[2] + col_lo
+        where = (i, j, col_lo)
+        _row_mul_add(
+            (
+                _row(operands[0], strides[0], where, scratch[0], gathered[0]),
+                _row(operands[1], strides[1], where, scratch[1], gathered[1]),
+                _row(operands[2], strides[2], where, scratch[2], gathered[2]),
+                _row(operands[3], strides[3], where, scratch[3], gathered[3]),
+                _row(operands[4], strides[4], where, scratch[4], gathered[4]),
+                _row(operands[5], strides[5], where, scratch[5], gathered[5]),
+                _row(operands[6], strides[6], where, scratch[6], gathered[6]),
+                _row(operands[7], strides[7], where, scratch[7], gathered[7]),
+                _row(operands[8], strides[8], where, scratch[8], gathered[8]),
+            ),
+            (outputs[0][at : at + width], outputs[1][at : at + width], outputs[2][at : at + width]),
+            units,
+            flags,
+        )
+
+
+@numba.njit(inline="always")
+def _row_mul_add(row, out, units, flags):
+    """One row of :func:`rounded_mul_add`: _row_step's MUL of ``a`` and ``b``, its three
+    numbers kept, then its ADD of ``c`` (the sum's operands in that order)."""
+    a, ea, ma, b, eb, mb, c, ec, mc = row
+    value, err, magnitude = out
+    u_sum, eta_sum = units
+    abs_a, abs_b, abs_c, cross = flags
+    for k in range(value.size):
+        x, y = a[k], b[k]
+        mx = abs(x) if abs_a else ma[k]
+        my = abs(y) if abs_b else mb[k]
+        prop = (0.0 if eb[k] == 0 else abs(x) * eb[k]) + (0.0 if ea[k] == 0 else abs(y) * ea[k])
+        if cross:
+            prop = prop + ea[k] * eb[k]
+        product = x * y
+        product_err = _rounded(product, prop, u_sum, eta_sum)
+        product_magnitude = mx * my
+        mz = abs(c[k]) if abs_c else mc[k]
+        value[k] = product + c[k]
+        err[k] = _rounded(value[k], product_err + ec[k], u_sum, eta_sum)
+        magnitude[k] = product_magnitude + mz
+
+
 cache_compiled(rounded_step)
+cache_compiled(rounded_mul_add)

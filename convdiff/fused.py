@@ -6,22 +6,26 @@ passes over float64 arrays of the output's size (memory-bound: the bounded pass 
 arrays (value, bound, terms' magnitude) in one pass of :mod:`convdiff._compiled_bounds`, split
 between the cores by disjoint ranges of outputs, with the NumPy formulas' IEEE operations in
 their order: the same numbers, bit for bit (a NaN's sign and payload excepted, which IEEE
-leaves open and nothing reads). It returns None where it does not apply (numba missing or
-disabled, a small output, operands whose layout it does not read, other dtypes), and the NumPy
-formulas run instead.
+leaves open and nothing reads). ``mul_add`` is ``mul`` then ``add`` (a normalization's scale
+and shift, two roundings) in one pass that keeps the product's three numbers in registers: it
+writes three arrays where the two steps write six and read three back. The step returns None
+where it does not apply (numba missing or disabled, a small output, operands whose layout it
+does not read, other dtypes), and the NumPy formulas run instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from convdiff import accel
 
-# operations of convdiff._compiled_bounds
+# operations of convdiff._compiled_bounds (rounded_step's; mul_add has a kernel of its own)
 STEPS = {"add": 0, "sub": 1, "mul": 2}
+MUL_ADD = "mul_add"
 
 # Outputs below this many elements take the NumPy formulas (a compiled call costs a few
 # microseconds of argument checks: a NumPy pass over a few thousand elements costs as much).
@@ -41,45 +45,51 @@ class Operand(NamedTuple):
 
 
 def rounded_step(
-    name: str, x: Operand, y: Operand, units: tuple[float, float], cross: bool
+    name: str, operands: Sequence[Operand], units: tuple[float, float], cross: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(value, err, magnitude)`` of Bounded's ``name`` step (``add``, ``sub``, ``mul``) of
-    ``x`` and ``y``, each of the operands' broadcast shape, or None where the NumPy formulas
-    must compute it.
+    """``(value, err, magnitude)`` of Bounded's ``name`` step, each of the operands' broadcast
+    shape, or None where the NumPy formulas must compute it.
 
     Args:
+        name: ``add``, ``sub`` or ``mul`` of two operands, or ``mul_add`` of three (``x * y``
+            rounded, then ``+ z`` rounded).
         units: Bounded's ``(u_sum, eta_sum)``.
         cross: include the product's ``e_x e_y`` term (neither error is known to be zero).
     """
-    shape = np.broadcast_shapes(np.shape(x.value), np.shape(y.value))
+    shape = np.broadcast_shapes(*(np.shape(op.value) for op in operands))
     size = math.prod(shape)
     if size < _SMALL or not accel.enabled():
         return None
     # a magnitude that is |value| is not read (the kernel takes |value|): the value stands in
     arrays = [
         array
-        for op in (x, y)
+        for op in operands
         for array in (op.value, op.err, op.value if op.magnitude is None else op.magnitude)
     ]
     layout = _layout(shape, arrays)
     if layout is None:
         return None
-    from convdiff._compiled_bounds import rounded_step as kernel
+    from convdiff import _compiled_bounds
 
     dims, strides, flats = layout
     outputs = (np.empty(size), np.empty(size), np.empty(size))
-    units_flags = (units, (x.magnitude is None, y.magnitude is None, cross))
+    flags = (*(op.magnitude is None for op in operands), cross)
+    if name == MUL_ADD:
+        kernel, head = _compiled_bounds.rounded_mul_add, ()
+    else:
+        kernel, head = _compiled_bounds.rounded_step, (STEPS[name],)
     calls = [
-        (STEPS[name], flats, strides, dims, outputs, part, *units_flags, _scratch(part))
+        (*head, flats, strides, dims, outputs, part, units, flags, _scratch(part, len(arrays)))
         for part in _parts(dims[0] * dims[1], dims[2])
     ]
     accel.in_parallel(kernel, calls)
     return outputs[0].reshape(shape), outputs[1].reshape(shape), outputs[2].reshape(shape)
 
 
-def _scratch(part: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A part's scratch rows for the kernel: writable, and a read-only view of the same."""
-    scratch = np.empty((6, part[3] - part[2]))
+def _scratch(part: tuple[int, int, int, int], arrays: int) -> tuple[np.ndarray, np.ndarray]:
+    """A part's scratch rows for the kernel (one per array it reads): writable, and a
+    read-only view of the same."""
+    scratch = np.empty((arrays, part[3] - part[2]))
     gathered = scratch.view()
     gathered.flags.writeable = False
     return scratch, gathered

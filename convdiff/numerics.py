@@ -163,6 +163,10 @@ class Arithmetic(Protocol):
     def add(self, x: Any, y: Any) -> Any: ...
     def sub(self, x: Any, y: Any) -> Any: ...
     def mul(self, x: Any, y: Any) -> Any: ...
+    def mul_add(self, x: Any, y: Any, z: Any) -> Any:
+        """``x * y`` rounded, then ``+ z`` rounded: ``add(mul(x, y), z)``, two roundings (a
+        normalization's scale and shift; not a fused multiply-add)."""
+
     def div(self, x: Any, y: Any) -> Any: ...
     def neg(self, x: Any) -> Any: ...
     def abs(self, x: Any) -> Any: ...
@@ -259,6 +263,9 @@ class Rounded:
 
     def mul(self, x, y):
         return self._arith(np.multiply, x, y)
+
+    def mul_add(self, x, y, z):
+        return self.add(self.mul(x, y), z)
 
     def div(self, x, y):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -501,14 +508,21 @@ class Bounded:
             )
             return self._rounded(x.value * y.value, prop, x.magnitude * y.magnitude)
 
-    def _fused(self, name: str, x: Tracked, y: Tracked) -> Tracked | None:
+    def mul_add(self, x, y, z):
+        x, y, z = self._lift(x), self._lift(y), self._lift(z)
+        fused = self._fused("mul_add", x, y, z)
+        if fused is not None:
+            return fused
+        return self.add(self.mul(x, y), z)
+
+    def _fused(self, name: str, x: Tracked, y: Tracked, *rest: Tracked) -> Tracked | None:
         """The step compiled in one pass (:mod:`convdiff.fused`: the same bits as the NumPy
-        formulas of add, sub and mul), or None where those formulas must run."""
+        formulas of add, sub and mul, and of mul then add), or None where those formulas must
+        run. ``cross``: the product's ``e_x e_y`` term, where neither error is known to be
+        zero."""
         cross = not (_is_zero(x.err) or _is_zero(y.err))
-        units = (self.u_sum, self.eta_sum)
-        step = rounded_step(
-            name, Operand(x.value, x.err, x.scale), Operand(y.value, y.err, y.scale), units, cross
-        )
+        operands = [Operand(t.value, t.err, t.scale) for t in (x, y, *rest)]
+        step = rounded_step(name, operands, (self.u_sum, self.eta_sum), cross)
         return None if step is None else Tracked(*step)
 
     def div(self, x, y):
@@ -645,6 +659,9 @@ class ValueOnly(Bounded):
     def mul(self, x, y):
         with np.errstate(all="ignore"):
             return _value_only(self._lift(x).value * self._lift(y).value)
+
+    def mul_add(self, x, y, z):
+        return self.add(self.mul(x, y), z)
 
     def apply(self, name: str, x):
         with np.errstate(all="ignore"):

@@ -63,6 +63,10 @@ def _bits(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).view(np.uint64)
 
 
+def _operand(x: Tracked) -> fused.Operand:
+    return fused.Operand(x.value, x.err, x.scale)
+
+
 def _assert_same(compiled: Tracked, plain: Tracked) -> None:
     for field in ("value", "err", "magnitude"):
         a, b = getattr(compiled, field), getattr(plain, field)
@@ -74,11 +78,7 @@ def _both(monkeypatch, name: str, x, y) -> tuple[Tracked, Tracked]:
     """Bounded(float32)'s ``name`` step compiled (checked to be), then by the NumPy formulas."""
     bounded = Bounded(np.float32)
     step = fused.rounded_step(
-        name,
-        fused.Operand(x.value, x.err, x.scale),
-        fused.Operand(y.value, y.err, y.scale),
-        (bounded.u_sum, bounded.eta_sum),
-        cross=True,
+        name, [_operand(x), _operand(y)], (bounded.u_sum, bounded.eta_sum), cross=True
     )
     assert step is not None, "the compiled step did not run"
     compiled = getattr(bounded, name)(x, y)
@@ -134,13 +134,7 @@ def test_layouts_the_kernel_does_not_read_are_left_to_numpy(rng):
         (Tracked(np.ones(5000), np.ones((2, 5000))), Tracked(np.ones(5000), _zeros((5000,)))),
     ]
     for x, y in cases:
-        step = fused.rounded_step(
-            "add",
-            fused.Operand(x.value, x.err, x.scale),
-            fused.Operand(y.value, y.err, y.scale),
-            units,
-            cross=True,
-        )
+        step = fused.rounded_step("add", [_operand(x), _operand(y)], units, cross=True)
         assert step is None
 
 
@@ -155,6 +149,59 @@ def test_steps_split_between_threads_give_the_same_bits(layout, name, rng, monke
     assert len(fused._parts(*_rows_cols(x, y))) == 3
     compiled, plain = _both(monkeypatch, name, x, y)
     _assert_same(compiled, plain)
+
+
+# (x, y, z) shapes of mul_add: a normalization's input with its per-channel scale and shift,
+# a bias-shaped pair, a Rescaling's scalars, operands of the output's shape, a per-image scale
+MUL_ADD_LAYOUTS = {
+    "channel": ((2, 9, 9, 64), (1, 1, 1, 64), (1, 1, 1, 64)),
+    "bias": ((2, 9, 9, 64), (64,), (64,)),
+    "scalar": ((2, 9, 9, 64), (), ()),
+    "same": ((2, 9, 9, 64), (2, 9, 9, 64), (2, 9, 9, 64)),
+    "excite": ((2, 9, 9, 64), (2, 1, 1, 64), (1, 1, 1, 64)),
+}
+
+
+def _mul_add_both(monkeypatch, x, y, z) -> tuple[Tracked, Tracked]:
+    """Bounded(float32)'s mul_add compiled (checked to be), then mul and add by the NumPy
+    formulas."""
+    bounded = Bounded(np.float32)
+    units = (bounded.u_sum, bounded.eta_sum)
+    operands = [_operand(x), _operand(y), _operand(z)]
+    assert fused.rounded_step("mul_add", operands, units, cross=True) is not None
+    compiled = bounded.mul_add(x, y, z)
+    monkeypatch.setattr(fused, "_SMALL", np.inf)
+    with np.errstate(all="ignore"):
+        plain = bounded.add(bounded.mul(x, y), z)
+    monkeypatch.undo()
+    return compiled, plain
+
+
+@pytest.mark.parametrize("layout", sorted(MUL_ADD_LAYOUTS))
+@pytest.mark.parametrize(
+    "errors", ["full full full", "full zero full", "zero full zero", "zero zero zero"]
+)
+@pytest.mark.parametrize("scales", ["all", "x", "z", "none"])
+def test_mul_add_gives_the_bits_of_mul_then_add(layout, errors, scales, rng, monkeypatch):
+    """One pass for a product and a sum (BatchNormalization's scale and shift): value, bound
+    and magnitude those of ``add(mul(x, y), z)`` by the NumPy formulas, with errors known to
+    be zero or not (the product's e_x e_y term then left out) and magnitudes kept or |value|."""
+    shapes, kinds = MUL_ADD_LAYOUTS[layout], errors.split()
+    scaled = {"all": "xyz", "x": "x", "z": "z", "none": ""}[scales]
+    x, y, z = (
+        _tracked(rng, shape, kind, name in scaled)
+        for shape, kind, name in zip(shapes, kinds, "xyz", strict=True)
+    )
+    _assert_same(*_mul_add_both(monkeypatch, x, y, z))
+
+
+@pytest.mark.parametrize("layout", ["channel", "same", "scalar"])
+def test_mul_add_split_between_threads_gives_the_same_bits(layout, rng, monkeypatch):
+    monkeypatch.setattr(fused, "_PARALLEL_ELEMENTS", 1000)
+    monkeypatch.setattr(accel, "_threads", lambda: 3)
+    sx, sy, sz = MUL_ADD_LAYOUTS[layout]
+    x, y, z = (_tracked(rng, s, "full", True) for s in (sx, sy, sz))
+    _assert_same(*_mul_add_both(monkeypatch, x, y, z))
 
 
 def _rows_cols(x: Tracked, y: Tracked) -> tuple[int, int]:
@@ -185,11 +232,20 @@ def test_a_model_reports_the_same_figures(monkeypatch, tmp_path):
     x = rng.standard_normal((4, 12, 12, 8)).astype(np.float32)
     for mode in ("isolated", "propagated"):
         calls: list[int] = []
+        steps: list[int] = []  # mul_add: BatchNormalization's scale and shift
         monkeypatch.setattr(
             _compiled_bounds, "rounded_step", _counting(_compiled_bounds.rounded_step, calls)
         )
+        monkeypatch.setattr(
+            _compiled_bounds,
+            "rounded_mul_add",
+            _counting(_compiled_bounds.rounded_mul_add, steps),
+        )
         compiled = report_figures(api.compare(str(path), x, mode=mode))
-        assert calls, "no compiled step ran"
+        assert steps, "BatchNormalization's compiled step did not run"
+        # propagated: the NumPy side's inputs differ from Keras's after the first rounding,
+        # so the bias, the Add and the Multiply take the bounded steps too
+        assert calls or mode == "isolated", "no compiled add, sub or mul ran"
         monkeypatch.setattr(fused, "_SMALL", np.inf)
         plain = report_figures(api.compare(str(path), x, mode=mode))
         monkeypatch.undo()

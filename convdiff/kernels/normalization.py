@@ -111,7 +111,7 @@ def _scale_shift(nx, x, mean, inv, gamma, beta):
     res = nx.mul(nx.neg(mean), inv)
     if beta is not None:
         res = nx.add(res, beta)
-    return nx.add(nx.mul(x, inv), res)
+    return nx.mul_add(x, inv, res)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -135,7 +135,7 @@ def batch_normalization(spec: LayerSpec, inputs: list, nx) -> Any:
     # tf.nn.batch_normalization: offset - mean * inv (or -mean * inv without offset).
     shift = wide.mul(mean, inv)
     shift = wide.neg(shift) if beta is None else wide.sub(beta, shift)
-    return narrow(nx, wide, wide.add(wide.mul(x, inv), shift))
+    return narrow(nx, wide, wide.mul_add(x, inv, shift))
 
 
 @register("LayerNormalization")

@@ -54,7 +54,7 @@ def rescaling(spec: LayerSpec, inputs: list, nx: Any) -> Any:
     """
     scale = nx.const(_config_array(spec.config.get("scale", 1.0)))
     offset = nx.const(_config_array(spec.config.get("offset", 0.0)))
-    return nx.add(nx.mul(inputs[0], scale), offset)
+    return nx.mul_add(inputs[0], scale, offset)
 
 
 # --------------------------------------------------------------------------- Normalization
