@@ -74,10 +74,9 @@ def rounded_step(
     dims, strides, flats = layout
     outputs = (np.empty(size), np.empty(size), np.empty(size))
     flags = (*(op.magnitude is None for op in operands), cross)
-    if name == MUL_ADD:
-        kernel, head = _compiled_bounds.rounded_mul_add, ()
-    else:
-        kernel, head = _compiled_bounds.rounded_step, (STEPS[name],)
+    # rounded_step takes the operation first; rounded_mul_add is one operation
+    head: tuple[int, ...] = () if name == MUL_ADD else (STEPS[name],)
+    kernel = _compiled_bounds.rounded_mul_add if name == MUL_ADD else _compiled_bounds.rounded_step
     calls = [
         (*head, flats, strides, dims, outputs, part, units, flags, _scratch(part, len(arrays)))
         for part in _parts(dims[0] * dims[1], dims[2])
