@@ -12,7 +12,8 @@ order and takes, over all layers, the largest sum of:
   output).
 - **the layer's working memory**, with ``P`` the elements of its patch (im2col) buffer
   (``out_positions * prod(kernel_size) * in_channels`` for a convolution, ``out_elements *
-  prod(pool_size)`` for a pooling, the input for a Dense) and ``in``/``out`` its input and
+  prod(pool_size)`` for an average pooling, none for a max pooling, which reduces its
+  windows in place, the input for a Dense) and ``in``/``out`` its input and
   output elements:
 
   - the Bounded pass's float64 copies: ``8 * (4 P + 10 (in + out))`` bytes (patch values,
@@ -357,7 +358,9 @@ def _working(
     itemsize = max([b for _, b in outs] or [4])
     config = _config(layer)
     weights = [tuple(w.shape) for w in getattr(layer, "weights", [])]
-    patch, reduction = _patch_and_reduction(config, weights, in_elements, out_elements)
+    patch, reduction = _patch_and_reduction(
+        type(layer).__name__, config, weights, in_elements, out_elements
+    )
     working = (
         BOUNDED_PATCH * patch
         + BOUNDED_ELEMENTWISE * (in_elements + out_elements)
@@ -389,14 +392,21 @@ def _config(layer: Any) -> dict[str, Any]:
 
 
 def _patch_and_reduction(
-    config: dict[str, Any], weights: list[tuple[int, ...]], in_elements: int, out_elements: int
+    class_name: str,
+    config: dict[str, Any],
+    weights: list[tuple[int, ...]],
+    in_elements: int,
+    out_elements: int,
 ) -> tuple[int, int]:
     """Elements of the layer's patch buffer and the length of its reduction (1 if none)."""
     kernel = next((s for s in weights if len(s) >= 2), None)
     if "kernel_size" in config and kernel is not None:
         return _conv_patch(config, kernel, out_elements)
     if "pool_size" in config:
-        return out_elements * math.prod(_ints(config["pool_size"])), 1
+        # a maximum reduces its windows (strided views) in place, bound and scale included;
+        # an average's sum copies them, as a convolution's patches
+        copied = not class_name.startswith("MaxPooling")
+        return copied * out_elements * math.prod(_ints(config["pool_size"])), 1
     if kernel is not None:  # Dense, EinsumDense: the input itself is the patch
         return in_elements, math.prod(kernel[:-1])
     return 0, 1
