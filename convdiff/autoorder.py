@@ -55,17 +55,32 @@ REVEALED_CLASSES = (
 class _Recorder(Rounded):
     """Records each reduction's operands (as :func:`reduce_terms` receives them) and returns
     marker values in place of its result: each output element its own number, distinct
-    across the reductions of one kernel run."""
+    across the reductions of one kernel run.
 
-    def __init__(self, dtype: Any) -> None:
+    For a check (``check=True``: only the operands are read) the first operand keeps its
+    terms on its first ``len(axes)`` axes (:attr:`term_axes`): a convolution's windows stay a
+    strided view of the input, which merging would copy whole, for
+    :func:`reduce_positions` to merge at the positions it takes; and the result is zeros
+    that no page is written for, not markers."""
+
+    def __init__(self, dtype: Any, check: bool = False) -> None:
         super().__init__(dtype, Order())
         self.dots: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.term_axes: list[int] = []
+        self.check = check
         self._next = 1
 
     def dot(self, a, b=None, axes="k"):
-        a, b = self._nest(a, b, axes)
+        n = len(axes) if self.check else 1
+        if not self.check:
+            a, b = self._nest(a, b, axes)
+        elif b is not None:  # Order() permutes no taps: the weights' terms merge in order
+            b = b.reshape((math.prod(b.shape[:n]), *b.shape[n:]))
         self.dots.append((a, b))
-        shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
+        self.term_axes.append(n)
+        shape = np.broadcast_shapes(a.shape[n:], () if b is None else b.shape[1:])
+        if self.check:
+            return np.zeros(shape)
         size = math.prod(shape)
         first, self._next = self._next, self._next + size
         return np.arange(first, first + size, dtype=np.float64).reshape(shape)
@@ -434,10 +449,10 @@ def verify(
     if len(backends) > 1:
         got = np.asarray(kernel(bare, [x], Rounded(dtype, order)))
         return Mismatch(int(_differences(got, raw).sum()), np.empty(0, int), np.empty(0, int))
-    rec = _Recorder(dtype)
+    rec = _Recorder(dtype, check=True)
     kernel(bare, [x], rec)
     a, b = rec.dots[0]
-    return _check_rows(first, trees[0], a, b, raw, rng)
+    return _check_rows(first, trees[0], (a, b, rec.term_axes[0]), raw, rng)
 
 
 def verify_stage(
@@ -464,25 +479,27 @@ def verify_stage(
             replace(bare, weights={**bare.weights, **kernels}), [x], _StageOperands(dtype, stage)
         )
     except _Operands as found:
-        return _check_rows(backend, tree, found.a, found.b, raw, rng)
+        return _check_rows(backend, tree, (found.a, found.b, 1), raw, rng)
     raise NotATree(f"the kernel made no reduction {stage}")  # not reached: two stages
 
 
 def _check_rows(
     backend: LayerBackend,
     tree: ReductionTree,
-    a: np.ndarray,
-    b: np.ndarray | None,
+    operands: tuple[np.ndarray, np.ndarray | None, int],
     raw: np.ndarray,
     rng: np.random.Generator,
 ) -> Mismatch:
-    """The reduction of operands ``a``, ``b`` in ``tree`` against the raw op's output, at a
-    sample of positions (:func:`_sample_rows`), in the columns the reduction shows."""
+    """The reduction of ``operands`` (``a``, ``b``, and the axes ``a`` holds its terms on)
+    in ``tree`` against the raw op's output, at a sample of positions
+    (:func:`_sample_rows`), in the columns the reduction shows."""
+    a, b, term_axes = operands
     reduction = backend.reduction
     rows = _sample_rows(tree, reduction.present, rng)
     order = Order(name="auto", trees=((reduction.key, tree),))
     want = raw.reshape(-1)[reduction.output_index[rows]]
-    got = reduce_positions(a, b, order, backend.dtype, rows).reshape(len(rows), -1)
+    got = reduce_positions(a, b, order, backend.dtype, rows, term_axes)
+    got = got.reshape(len(rows), -1)
     differ = _differences(got[:, : want.shape[1]], want)
     return Mismatch(int(differ.sum()), rows[differ.any(axis=1)], np.flatnonzero(differ.any(axis=0)))
 

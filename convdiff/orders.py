@@ -637,16 +637,24 @@ def _tree_run(a, b, shape, dtype: np.dtype, tree: ReductionTree, node: trees.Nod
 
 
 def reduce_positions(
-    a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dtype, rows: np.ndarray
+    a: np.ndarray,
+    b: np.ndarray | None,
+    order: Order,
+    dtype: np.dtype,
+    rows: np.ndarray,
+    term_axes: int = 1,
 ) -> np.ndarray:
     """:func:`reduce_terms` at some output positions only (numbered in C order over the output
     axes along which ``b`` is constant), each in its own tree under ``auto``: shaped
     ``(len(rows), ...the other output axes)``. Only the operands of those positions are
-    copied."""
-    shape = np.broadcast_shapes(a.shape[1:], () if b is None else b.shape[1:])
+    copied: ``a`` may hold its terms on its first ``term_axes`` axes (a convolution's
+    windows, a strided view of the input that merging would copy whole), merged only for the
+    positions taken."""
+    shape = np.broadcast_shapes(a.shape[term_axes:], () if b is None else b.shape[1:])
     rows = np.asarray(rows, np.intp)
-    sub_a, sub_b, sub_shape, _ = _Grid(a, b, shape).rows(rows)
-    tree = order.tree_for(a.shape[0], shape) if order.name == "auto" else None
+    sub_a, sub_b, sub_shape, _ = _Grid(a, b, shape, term_axes).rows(rows)
+    terms = math.prod(a.shape[:term_axes])
+    tree = order.tree_for(terms, shape) if order.name == "auto" else None
     if tree is None:
         return reduce_terms(sub_a, sub_b, order, dtype).reshape(sub_shape)
     # the selected positions are a reduction of their own: its exceptions renumbered
@@ -672,10 +680,15 @@ class _Grid:
     constant) by columns (the others), to take out some positions or some columns as a
     reduction of their own and put its result back."""
 
-    def __init__(self, a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, a: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...], term_axes: int = 1
+    ) -> None:
         d = len(shape)
         self.shape = tuple(shape)
-        self.a = a.reshape((a.shape[0], *([1] * (d + 1 - a.ndim)), *a.shape[1:]))
+        # ``a``'s terms on its first term_axes axes, merged only by rows() (after picking)
+        self.term_axes = term_axes
+        t = term_axes
+        self.a = a.reshape((*a.shape[:t], *([1] * (d + t - a.ndim)), *a.shape[t:]))
         self.b = (
             None if b is None else b.reshape((b.shape[0], *([1] * (d + 1 - b.ndim)), *b.shape[1:]))
         )
@@ -683,17 +696,21 @@ class _Grid:
         self.row_axes = [i for i in range(d) if not varies[i]]
         self.col_axes = [i for i in range(d) if varies[i]]
 
-    def _moved(self, x: np.ndarray) -> np.ndarray:
-        return x.transpose([0, *(1 + i for i in self.row_axes), *(1 + i for i in self.col_axes)])
+    def _moved(self, x: np.ndarray, t: int = 1) -> np.ndarray:
+        """``x`` (its terms on its first ``t`` axes) with its row axes, then its column axes."""
+        rows, cols = (t + i for i in self.row_axes), (t + i for i in self.col_axes)
+        return x.transpose([*range(t), *rows, *cols])
 
     def rows(self, picked: np.ndarray):
         """Positions ``picked`` (flat): operands shaped ``(K, n, ...columns)`` and a function
         that writes their result into an output of the full shape."""
         row_shape = [self.shape[i] for i in self.row_axes]
         index = np.unravel_index(picked, row_shape)
-        a = self._moved(self.a)
-        picked_rows: tuple[Any, ...] = (slice(None), *index)  # in a subscript: Python 3.11+
+        t = self.term_axes
+        a = self._moved(self.a, t)
+        picked_rows: tuple[Any, ...] = (*[slice(None)] * t, *index)  # in a subscript: 3.11+
         a = a[picked_rows]
+        a = a.reshape((math.prod(a.shape[:t]), *a.shape[t:]))  # the picked rows' terms merged
         b = (
             None
             if self.b is None
@@ -711,6 +728,8 @@ class _Grid:
         that writes their result into an output of the full shape."""
         if self.b is None:  # columns are where the second operand varies
             raise ValueError("a plain sum has no columns")
+        if self.term_axes != 1:
+            raise ValueError("columns are taken of operands whose terms are merged")
         col_shape = [self.shape[i] for i in self.col_axes]
         index = np.unravel_index(picked, col_shape)
         a = self._moved(self.a)

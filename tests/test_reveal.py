@@ -395,6 +395,27 @@ def test_reduce_positions_renumbers_column_classes_positions(rng):
     np.testing.assert_array_equal(got[:, :4], alone(Chain(((0, 24, 1),)))[rows, :4])
 
 
+def test_reduce_positions_merges_a_window_views_terms_at_the_positions_it_takes(rng):
+    """Operands whose terms lie on three axes of a strided view (a 3x3 convolution's windows,
+    as auto's check records them): the same bits as the merged copy, each position in its own
+    tree."""
+    x = rng.standard_normal((2, 9, 9, 5)).astype(F32)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))
+    view = windows.transpose(4, 5, 3, 0, 1, 2)[..., None]  # (3, 3, C, N, 7, 7, 1): terms first
+    merged = view.reshape(45, 2, 7, 7, 1)  # a copy: the view's axes do not merge
+    w = rng.standard_normal((45, 1, 1, 1, 6)).astype(F32)
+    key = (45, (2, 7, 7, 6))
+    halves = Join((Chain(((0, 20, 1),)), Chain(((20, 45, 1),))))
+    corner = ReductionTree(Chain(((0, 45, 1),)), ((((0, 1, 1), (60, 62, 1)), halves),))
+    order = Order(name="auto", trees=((key, corner),))
+    rows = np.array([61, 0, 97, 60, 5])
+    want = reduce_positions(merged, w, order, F32, rows)
+    got = reduce_positions(view, w, order, F32, rows, term_axes=3)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    full = reduce_terms(merged, w, order, F32).reshape(98, 6)
+    np.testing.assert_array_equal(got.view(np.uint32), full[rows].view(np.uint32))
+
+
 def test_not_a_tree():
     """A float64 accumulator loses no 1 against +-M: every probe answers 2, which no tree of
     float32 additions gives."""
