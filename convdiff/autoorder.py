@@ -342,6 +342,12 @@ class LayerBackend:
         return self.reduction.present
 
     @functools.cached_property
+    def row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~convdiff.reveal.patterns` of the reduction's rows: found once for the
+        reveal's probers and the check (a pass over every term of every row)."""
+        return patterns(self.reduction.present)
+
+    @functools.cached_property
     def _in_rows(self) -> bool:
         """Whether term ``k``'s weight for column ``c`` is element ``k * columns + c`` of the
         kernels laid end to end, for every term and column (a Conv2D or Dense kernel)."""
@@ -495,7 +501,7 @@ def _check_rows(
     (:func:`_sample_rows`), in the columns the reduction shows."""
     a, b, term_axes = operands
     reduction = backend.reduction
-    rows = _sample_rows(tree, reduction.present, rng)
+    rows = _sample_rows(tree, backend, rng)
     order = Order(name="auto", trees=((reduction.key, tree),))
     want = raw.reshape(-1)[reduction.output_index[rows]]
     got = reduce_positions(a, b, order, backend.dtype, rows, term_axes)
@@ -539,8 +545,10 @@ def _differences(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 VERIFY_ROWS = 48
 
 
-def _sample_rows(tree: ReductionTree, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    rows = present.shape[1]
+def _sample_rows(
+    tree: ReductionTree, backend: LayerBackend, rng: np.random.Generator
+) -> np.ndarray:
+    rows = backend.rows
     mine = np.zeros(rows, bool)
     picked: list[np.ndarray] = []
     for runs, _ in tree.exceptions:
@@ -548,7 +556,7 @@ def _sample_rows(tree: ReductionTree, present: np.ndarray, rng: np.random.Genera
         mine[members] = True
         picked.append(_some(members, rng))
     picked.append(_some(np.flatnonzero(~mine), rng))
-    _, inverse = patterns(present)
+    _, inverse = backend.row_patterns
     _, first = np.unique(inverse, return_index=True)
     picked.append(first[:256])
     return np.unique(np.concatenate(picked))

@@ -149,8 +149,10 @@ class _Prober:
 
     @functools.cached_property
     def row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`patterns` of every row: the distinct padding patterns, each row's number."""
-        return patterns(self.present)
+        """:func:`patterns` of every row: the distinct padding patterns, each row's number (the
+        backend's own where it keeps them, found once for every prober of its columns)."""
+        kept = getattr(self.backend, "row_patterns", None)
+        return kept if kept is not None else patterns(self.present)
 
     def remember(self, node: Node) -> _Hint:
         """Keep ``node`` (its additions, fusion aside) as a hint for the rows still to reveal;
@@ -990,6 +992,10 @@ class _Columns:
 
     def present(self) -> np.ndarray:
         return self.parent.present
+
+    @property
+    def row_patterns(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.parent.row_patterns
 
     def run(
         self, fill: float, weights: np.ndarray, columns: np.ndarray | None = None
