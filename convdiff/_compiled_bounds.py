@@ -63,24 +63,32 @@ def rounded_step(op, operands, strides, dims, outputs, part, units, flags, rows)
     """
     row_lo, row_hi, col_lo, col_hi = part
     width = col_hi - col_lo
-    scratch, gathered = rows
     for row in range(row_lo, row_hi):
-        i, j = row // dims[1], row % dims[1]
+        where = (row // dims[1], row % dims[1], col_lo)
         at = row * dims[2] + col_lo
         _row_step(
             op,
-            (
-                _row(operands[0], strides[0], (i, j, col_lo), scratch[0], gathered[0]),
-                _row(operands[1], strides[1], (i, j, col_lo), scratch[1], gathered[1]),
-                _row(operands[2], strides[2], (i, j, col_lo), scratch[2], gathered[2]),
-                _row(operands[3], strides[3], (i, j, col_lo), scratch[3], gathered[3]),
-                _row(operands[4], strides[4], (i, j, col_lo), scratch[4], gathered[4]),
-                _row(operands[5], strides[5], (i, j, col_lo), scratch[5], gathered[5]),
-            ),
+            _operand_row(operands, strides, where, rows, 0)
+            + _operand_row(operands, strides, where, rows, 1),
             (outputs[0][at : at + width], outputs[1][at : at + width], outputs[2][at : at + width]),
             units,
             flags,
         )
+
+
+@numba.njit(inline="always")
+def _operand_row(operands, strides, where, rows, n):
+    """Operand ``n``'s value, error and magnitude along one row (see :func:`_row`)."""
+    scratch, gathered = rows
+    return (
+        _row(operands[3 * n], strides[3 * n], where, scratch[3 * n], gathered[3 * n]),
+        _row(
+            operands[3 * n + 1], strides[3 * n + 1], where, scratch[3 * n + 1], gathered[3 * n + 1]
+        ),
+        _row(
+            operands[3 * n + 2], strides[3 * n + 2], where, scratch[3 * n + 2], gathered[3 * n + 2]
+        ),
+    )
 
 
 @numba.njit(inline="always")
@@ -113,16 +121,11 @@ def _row_step(op, row, out, units, flags):
     abs_a, abs_b, cross = flags
     if op == MUL:
         for k in range(value.size):
-            x, y = a[k], b[k]
-            mx = abs(x) if abs_a else ma[k]
-            my = abs(y) if abs_b else mb[k]
-            # numerics._times: |value| * err, 0 where err is 0 (even against an infinity)
-            prop = (0.0 if eb[k] == 0 else abs(x) * eb[k]) + (0.0 if ea[k] == 0 else abs(y) * ea[k])
-            if cross:
-                prop = prop + ea[k] * eb[k]
-            value[k] = x * y
-            err[k] = _rounded(value[k], prop, u_sum, eta_sum)
-            magnitude[k] = mx * my
+            mx = abs(a[k]) if abs_a else ma[k]
+            my = abs(b[k]) if abs_b else mb[k]
+            value[k], err[k], magnitude[k] = _product(
+                a[k], b[k], ea[k], eb[k], mx, my, cross, units
+            )
     elif op == ADD:
         for k in range(value.size):
             mx = abs(a[k]) if abs_a else ma[k]
@@ -141,6 +144,18 @@ def _row_step(op, row, out, units, flags):
             magnitude[k] = mx + my
 
 
+@numba.njit(inline="always")
+def _product(x, y, e_x, e_y, m_x, m_y, cross, units):
+    """Bounded.mul of one element: value, bound and magnitude (``m_x``, ``m_y``: the
+    operands' magnitudes; ``e_x``, ``e_y``: 0.0 where an error is known to be zero)."""
+    # numerics._times: |value| * err, 0 where err is 0 (even against an infinity)
+    prop = (0.0 if e_y == 0 else abs(x) * e_y) + (0.0 if e_x == 0 else abs(y) * e_x)
+    if cross:
+        prop = prop + e_x * e_y
+    value = x * y
+    return value, _rounded(value, prop, units[0], units[1]), m_x * m_y
+
+
 @numba.njit(nogil=True)
 def rounded_mul_add(operands, strides, dims, outputs, part, units, flags, rows):
     """:func:`rounded_step`'s MUL of ``a`` and ``b`` and then its ADD of ``c`` to the product,
@@ -155,23 +170,13 @@ def rounded_mul_add(operands, strides, dims, outputs, part, units, flags, rows):
     """
     row_lo, row_hi, col_lo, col_hi = part
     width = col_hi - col_lo
-    scratch, gathered = rows
     for row in range(row_lo, row_hi):
-        i, j = row // dims[1], row % dims[1]
+        where = (row // dims[1], row % dims[1], col_lo)
         at = row * dims[2] + col_lo
-        where = (i, j, col_lo)
         _row_mul_add(
-            (
-                _row(operands[0], strides[0], where, scratch[0], gathered[0]),
-                _row(operands[1], strides[1], where, scratch[1], gathered[1]),
-                _row(operands[2], strides[2], where, scratch[2], gathered[2]),
-                _row(operands[3], strides[3], where, scratch[3], gathered[3]),
-                _row(operands[4], strides[4], where, scratch[4], gathered[4]),
-                _row(operands[5], strides[5], where, scratch[5], gathered[5]),
-                _row(operands[6], strides[6], where, scratch[6], gathered[6]),
-                _row(operands[7], strides[7], where, scratch[7], gathered[7]),
-                _row(operands[8], strides[8], where, scratch[8], gathered[8]),
-            ),
+            _operand_row(operands, strides, where, rows, 0)
+            + _operand_row(operands, strides, where, rows, 1)
+            + _operand_row(operands, strides, where, rows, 2),
             (outputs[0][at : at + width], outputs[1][at : at + width], outputs[2][at : at + width]),
             units,
             flags,
@@ -187,15 +192,11 @@ def _row_mul_add(row, out, units, flags):
     u_sum, eta_sum = units
     abs_a, abs_b, abs_c, cross = flags
     for k in range(value.size):
-        x, y = a[k], b[k]
-        mx = abs(x) if abs_a else ma[k]
-        my = abs(y) if abs_b else mb[k]
-        prop = (0.0 if eb[k] == 0 else abs(x) * eb[k]) + (0.0 if ea[k] == 0 else abs(y) * ea[k])
-        if cross:
-            prop = prop + ea[k] * eb[k]
-        product = x * y
-        product_err = _rounded(product, prop, u_sum, eta_sum)
-        product_magnitude = mx * my
+        mx = abs(a[k]) if abs_a else ma[k]
+        my = abs(b[k]) if abs_b else mb[k]
+        product, product_err, product_magnitude = _product(
+            a[k], b[k], ea[k], eb[k], mx, my, cross, units
+        )
         mz = abs(c[k]) if abs_c else mc[k]
         value[k] = product + c[k]
         err[k] = _rounded(value[k], product_err + ec[k], u_sum, eta_sum)
