@@ -11,10 +11,9 @@ order and takes, over all layers, the largest sum of:
 - **the layer's outputs**: three copies (TensorFlow's tensor, its NumPy copy, the kernel's
   output).
 - **the layer's working memory**, with ``P`` the elements of its patch (im2col) buffer
-  (``out_positions * prod(kernel_size) * in_channels`` for a convolution, ``out_elements *
-  prod(pool_size)`` for an average pooling, none for a max pooling, which reduces its
-  windows in place, the input for a Dense) and ``in``/``out`` its input and
-  output elements:
+  (``out_positions * prod(kernel_size) * in_channels`` for a convolution; ``out_elements *
+  prod(pool_size)`` for an average pooling; none for a max pooling, which reduces its
+  windows in place; the input for a Dense) and ``in``/``out`` its input and output elements:
 
   - the Bounded pass's float64 copies: ``8 * (4 P + 10 (in + out))`` bytes (patch values,
     their error bounds and their magnitudes; the tracked inputs and the elementwise steps
