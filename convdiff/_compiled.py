@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from convdiff.cachedir import cache_dir
+from convdiff import accel
 
 
 @intrinsic
@@ -59,11 +59,17 @@ def fma(typingctx: Any, x: Any, y: Any, z: Any) -> Any:
 # 6 rows are 12 accumulator registers, plus the term's vector and a broadcast.
 ROWS = 6
 # Bytes of the positions' vector (one AVX-512 register, two AVX2 registers).
-VECTOR_BYTES = 64
+VECTOR_BYTES = accel.VECTOR_BYTES
 
 
 # Rows of a Kahan tile: each output holds a sum and a compensation (twice the registers).
 KAHAN_ROWS = 2
+# Rows of an exact tile: each output holds three float64 vectors (six AVX2 registers). Two
+# rows do not fit the sixteen registers and the loop keeps values on the stack; its speed then
+# depended on where the thread's stack stood at the call (measured on AMD EPYC: 3x slower at
+# some depths, in a pool's threads; a store and a later load 4 KiB apart is the likely cause).
+# One row keeps everything in registers and runs as fast as two did at best, at every depth.
+EXACT_ROWS = 1
 
 
 # What a tile's outputs hold: one accumulator, a Kahan sum and its compensation, or the
@@ -226,7 +232,7 @@ _F1, _F2, _F3, _F4, _F5, _F6 = (_tile(rows, True) for rows in range(1, ROWS + 1)
 _U1, _U2, _U3, _U4, _U5, _U6 = (_tile(rows, False) for rows in range(1, ROWS + 1))
 _KF1, _KF2 = (_tile(rows, True, KAHAN) for rows in range(1, KAHAN_ROWS + 1))
 _KU1, _KU2 = (_tile(rows, False, KAHAN) for rows in range(1, KAHAN_ROWS + 1))
-_E1, _E2 = (_tile(rows, False, EXACT) for rows in range(1, KAHAN_ROWS + 1))
+_E1 = _tile(1, False, EXACT)
 # Terms per pass over the outputs: the operands' part of a pass (a vector of positions and
 # the rows' scalars, for this many terms) stays in the L1 and L2 caches while every tile of
 # the pass reads it. Each pass stores the accumulators and the next reloads them (exact).
@@ -235,14 +241,11 @@ TERMS_PER_PASS = 256
 
 @numba.njit(inline="always")
 def _tile_of(rows, fused, mode, x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at):
-    """The tile of ``rows`` rows (1 to ROWS, or KAHAN_ROWS): numba needs the intrinsic picked
-    by name."""
+    """The tile of ``rows`` rows (1 to ROWS, KAHAN_ROWS or EXACT_ROWS): numba needs the
+    intrinsic picked by name."""
     args = (x, xa, x_k, w, wa, w_k, w_row, acc, aa, length, count, comp_at)
     if mode == EXACT:
-        if rows == 2:
-            _E2(*args)
-        else:
-            _E1(*args)
+        _E1(*args)
     elif mode == KAHAN:
         if fused:
             if rows == 2:
@@ -309,7 +312,7 @@ def _tiles(operands, outputs, count, fused, mode, l_lo, l_hi):
     x, xg, x_k, w, wg, w_k, w_row = operands
     acc, ag, rows, length, comp_at = outputs
     lanes = VECTOR_BYTES // acc.itemsize
-    height = ROWS if mode == CHAIN else KAHAN_ROWS
+    height = ROWS if mode == CHAIN else KAHAN_ROWS if mode == KAHAN else EXACT_ROWS
     at = l_lo
     while at + lanes <= l_hi:
         for s in range(0, rows, height):
@@ -365,25 +368,3 @@ def _exact_scalar(x, xi, x_k, w, wi, w_k, acc, out, comp_at, count):
         xi += x_k
         wi += w_k
     acc[out], acc[out + comp_at], acc[out + 2 * comp_at] = s, e, mag
-
-
-def cache_compiled(function: Any) -> None:
-    """Keep ``function``'s machine code in convdiff's user cache directory (numba's default is
-    the ``__pycache__`` beside this file, inside the installed package, where a later
-    reinstall leaves it behind). ``NUMBA_CACHE_DIR``, when set, is the user's choice and wins.
-    Without a writable directory nothing is cached: numba compiles on each run's first call.
-    """
-    if numba.config.CACHE_DIR:
-        function.enable_caching()
-        return
-    target = cache_dir("numba")
-    if target is None:
-        return
-    numba.config.CACHE_DIR = str(target)  # read once, when the cache is located
-    try:
-        function.enable_caching()
-    finally:
-        numba.config.CACHE_DIR = ""
-
-
-cache_compiled(tiled_chain)

@@ -24,8 +24,6 @@ import math
 
 import numba
 
-from convdiff._compiled import cache_compiled
-
 # the steps (convdiff.fused.STEPS)
 ADD, SUB, MUL = 0, 1, 2
 
@@ -57,9 +55,9 @@ def rounded_step(op, operands, strides, dims, outputs, part, units, flags, rows)
         units: ``(u_sum, eta_sum)`` of :class:`~convdiff.numerics.Bounded`.
         flags: ``(abs_a, abs_b, cross)``: the magnitude of ``a`` (of ``b``) is ``|a|``
             (its ``m`` array is not read); whether the ``e_a e_b`` term is included.
-        rows: ``(6, col_hi - col_lo)`` float64 scratch, twice: writable and a read-only view
-            of it (an operand's row is read from it where the operand does not step by one
-            along the row; the read-only view gives every row read the one type).
+        rows: ``(6, col_hi - col_lo)`` float64 scratch, twice (an operand's row is gathered
+            into the first where the operand does not step by one along the row, and read
+            from the second, a view of the same memory of the operands' own array type).
     """
     row_lo, row_hi, col_lo, col_hi = part
     width = col_hi - col_lo
@@ -201,7 +199,3 @@ def _row_mul_add(row, out, units, flags):
         value[k] = product + c[k]
         err[k] = _rounded(value[k], product_err + ec[k], u_sum, eta_sum)
         magnitude[k] = product_magnitude + mz
-
-
-cache_compiled(rounded_step)
-cache_compiled(rounded_mul_add)

@@ -18,8 +18,6 @@ import math
 import numba
 import numpy as np
 
-from convdiff._compiled import cache_compiled
-
 
 @numba.njit(inline="always")
 def _ulp(r_bits, c_bits, magnitude_mask):
@@ -81,7 +79,7 @@ _BLOCK = 64
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps, counts):
+def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps, counts, word):
     """One pass over flat ``ref`` and ``cand`` (float32 or float64; ``r_bits``/``c_bits`` their
     bit patterns as signed integers of the same width). ``bound`` and ``scale`` are float64
     arrays of the same size, or of one element that holds for every position, or empty when
@@ -95,7 +93,8 @@ def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps, co
     ULP distance, its first position, the largest ``|cand - ref|``, relative error, bound
     ratio and scaled ULP distance over the finite differing positions, NaN mismatches, inf
     mismatches, NaN mismatches with NaN in ``ref``, the first NaN or inf mismatch (-1 if
-    none), and whether ``bound`` holds a negative number, and ``scale``.
+    none), and whether ``bound`` holds a negative number, and ``scale``. ``word`` is one float64
+    of scratch (the kernel allocates nothing: its machine code runs without numba's runtime).
 
     Blocks of :data:`_BLOCK` positions all equal are only counted (a vectorised comparison).
     """
@@ -110,7 +109,6 @@ def differences(ref, cand, r_bits, c_bits, bound, scale, nmant, minexp, ulps, co
     max_ulp = np.uint64(0)
     worst = first_nonfinite = -1
     max_abs = max_rel = max_ratio = max_scaled = 0.0
-    word = np.empty(1, np.float64)
     bits = word.view(np.int64)
     for b in bound:
         negative_bound |= b < 0
@@ -217,14 +215,13 @@ def mismatches(ref, cand, r_bits, c_bits):
 
 
 @numba.njit(nogil=True)
-def rounded_max_ulp(reference, first, second, first_bits, second_bits):
+def rounded_max_ulp(reference, first, second, first_bits, second_bits, rounded):
     """The largest ULP distance of ``first`` and of ``second`` (flat arrays of one dtype,
     float32 or float64, with their bit patterns as signed integers; ``second`` may be empty)
     from the float64 ``reference`` rounded to that dtype (one rounding to nearest, as
     ``astype``), over the positions where both are finite: ``max_ulp`` of each against the
-    rounded reference, without making it."""
+    rounded reference, without making it. ``rounded``: one element of scratch of that dtype."""
     mask = (1 << (8 * first.itemsize - 1)) - 1
-    rounded = np.empty(1, first.dtype)
     rounded_bits = rounded.view(first_bits.dtype)
     two = second.size > 0
     largest_first = largest_second = np.uint64(0)
@@ -244,9 +241,3 @@ def _distance(r, r_bits, c, c_bits, mask):
     """The ULP distance of a pair where both are finite; 0 where not (as max_ulp counts)."""
     ulp = _ulp(r_bits, c_bits, mask)
     return ulp if math.isfinite(r) and math.isfinite(c) else np.uint64(0)
-
-
-cache_compiled(differences)
-cache_compiled(rounded_max_ulp)
-cache_compiled(max_ulp)
-cache_compiled(mismatches)

@@ -30,10 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from convdiff import native
+
 
 def enabled() -> bool:
-    """Whether compiled chains are used: numba importable and not disabled."""
-    return os.environ.get("CONVDIFF_NUMBA", "1") != "0" and _kernels() is not None
+    """Whether compiled chains are used: numba installed and not disabled (by
+    ``CONVDIFF_NUMBA=0``, or numba's ``NUMBA_DISABLE_JIT=1``, under which nothing compiles)."""
+    disabled = os.environ.get("CONVDIFF_NUMBA", "1") == "0"
+    no_jit = os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
+    return not (disabled or no_jit) and native.available()
 
 
 def version() -> str | None:
@@ -121,6 +126,10 @@ def exact_compiles(a_dtype: Any, b_dtype: Any) -> bool:
     return np.dtype(a_dtype) == np.dtype(b_dtype) == f32 and enabled()
 
 
+# Bytes of the positions' vector of a register tile of convdiff._compiled (one AVX-512
+# register, two AVX2 registers): a split of the positions between threads falls on them.
+VECTOR_BYTES = 64
+
 # modes of _compiled.tiled_chain (its CHAIN, KAHAN, EXACT) and their states per output
 _CHAIN, _KAHAN, _EXACT = 0, 1, 2
 _STATES = {_CHAIN: 1, _KAHAN: 2, _EXACT: 3}
@@ -184,14 +193,12 @@ def _run_tiles(
     """Run the tiled chains on the accumulators ``flat`` (laid out as ``geometry`` says; in
     KAHAN and EXACT mode followed by their further states), the outputs split between
     threads: disjoint outputs, so the split cannot change a bit."""
-    from convdiff._compiled import VECTOR_BYTES, tiled_chain
-
     rows, length = geometry[-2:]
     outputs = flat.size // _STATES[mode]
     groups = outputs // max(rows * length, 1)
     threads = _threads()
     if threads == 1 or count * outputs < _PARALLEL_STEPS:
-        tiled_chain(x, w, flat, geometry, count, fused, mode, 0, groups, 0, length)
+        native.tiled_chain(x, w, flat, geometry, count, fused, mode, 0, groups, 0, length)
         return
     lanes = VECTOR_BYTES // flat.itemsize
     if length >= 2 * threads * lanes:  # split the positions at vector boundaries
@@ -201,7 +208,7 @@ def _run_tiles(
         step = math.ceil(groups / threads)
         parts = [(lo, min(lo + step, groups), 0, length) for lo in range(0, groups, step)]
     jobs = [
-        _pool().submit(tiled_chain, x, w, flat, geometry, count, fused, mode, *part)
+        _pool().submit(native.tiled_chain, x, w, flat, geometry, count, fused, mode, *part)
         for part in parts
     ]
     for job in jobs:
@@ -220,7 +227,8 @@ def split(size: int, minimum: int) -> list[tuple[int, int]]:
 
 def in_parallel(function: Any, calls: list[tuple]) -> list:
     """``function(*args)`` for each ``args`` in ``calls``, on the cores (``function`` must
-    release the GIL: a numba kernel with ``nogil``), results in the order of ``calls``."""
+    release the GIL: a kernel of :mod:`convdiff.native`, called through ``ctypes``), results
+    in the order of ``calls``."""
     if len(calls) == 1:
         return [function(*calls[0])]
     jobs = [_pool().submit(function, *args) for args in calls]
@@ -239,14 +247,3 @@ def _threads() -> int:
 @cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="convdiff-chains")
-
-
-@cache
-def _kernels() -> Any:
-    """The compiled chain function, or None without numba (compiled on first use, then
-    cached on disk beside the module)."""
-    try:
-        from convdiff import _compiled
-    except ImportError:
-        return None
-    return _compiled.tiled_chain

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from convdiff import accel
+from convdiff import accel, native
 
 # operations of convdiff._compiled_bounds (rounded_step's; mul_add has a kernel of its own)
 STEPS = {"add": 0, "sub": 1, "mul": 2}
@@ -69,29 +69,21 @@ def rounded_step(
     layout = _layout(shape, arrays)
     if layout is None:
         return None
-    from convdiff import _compiled_bounds
-
     dims, strides, flats = layout
     outputs = (np.empty(size), np.empty(size), np.empty(size))
     flags = (*(op.magnitude is None for op in operands), cross)
-    # rounded_step takes the operation first; rounded_mul_add is one operation
-    head: tuple[int, ...] = () if name == MUL_ADD else (STEPS[name],)
-    kernel = _compiled_bounds.rounded_mul_add if name == MUL_ADD else _compiled_bounds.rounded_step
+    op = None if name == MUL_ADD else STEPS[name]  # None: the mul_add kernel
     calls = [
-        (*head, flats, strides, dims, outputs, part, units, flags, _scratch(part, len(arrays)))
+        (op, flats, strides, dims, outputs, part, units, flags, _scratch(part, len(arrays)))
         for part in _parts(dims[0] * dims[1], dims[2])
     ]
-    accel.in_parallel(kernel, calls)
+    accel.in_parallel(native.rounded_step, calls)
     return outputs[0].reshape(shape), outputs[1].reshape(shape), outputs[2].reshape(shape)
 
 
-def _scratch(part: tuple[int, int, int, int], arrays: int) -> tuple[np.ndarray, np.ndarray]:
-    """A part's scratch rows for the kernel (one per array it reads): writable, and a
-    read-only view of the same."""
-    scratch = np.empty((arrays, part[3] - part[2]))
-    gathered = scratch.view()
-    gathered.flags.writeable = False
-    return scratch, gathered
+def _scratch(part: tuple[int, int, int, int], arrays: int) -> np.ndarray:
+    """A part's scratch rows for the kernel (one per array it reads)."""
+    return np.empty((arrays, part[3] - part[2]))
 
 
 def _parts(rows: int, cols: int) -> list[tuple[int, int, int, int]]:

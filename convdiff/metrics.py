@@ -413,15 +413,12 @@ def _bound_ratio(
 
 
 def _kernels() -> Any:
-    """The compiled kernels (:mod:`convdiff._compiled_metrics`), or None without numba or with
-    ``CONVDIFF_NUMBA=0``: :func:`compare` and :func:`max_ulp_distance` then take NumPy."""
-    from convdiff import accel
+    """The compiled kernels (:mod:`convdiff._compiled_metrics`, called through
+    :mod:`convdiff.native`), or None without numba or with ``CONVDIFF_NUMBA=0``:
+    :func:`compare` and :func:`max_ulp_distance` then take NumPy."""
+    from convdiff import accel, native
 
-    if not accel.enabled():
-        return None
-    from convdiff import _compiled_metrics
-
-    return _compiled_metrics
+    return native if accel.enabled() else None
 
 
 def _flat_float64(values: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -19,9 +19,9 @@ import pytest
 
 def _keep_compiled_code_in_the_user_cache() -> None:
     """Every test points convdiff's cache root at its own directory (see ``_tree_cache``), and
-    the convdiff processes that tests start inherit it. The compiled chains' machine code does
-    not depend on the test: NUMBA_CACHE_DIR (which convdiff leaves to the user when set) keeps
-    it in the user's cache for this process and every child, compiled once, not once per
+    the convdiff processes that tests start inherit it. The compiled kernels' machine code
+    does not depend on the test: NUMBA_CACHE_DIR (which convdiff leaves to the user when set)
+    keeps it in the user's cache for this process and every child, compiled once, not once per
     child (seconds each)."""
     from convdiff.cachedir import cache_dir
 

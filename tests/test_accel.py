@@ -155,10 +155,11 @@ def test_float32_and_float64_chains_are_compiled():
         assert accel.operands(a, a, np.dtype(dt)) is not None
 
 
-def test_compiled_code_is_cached_outside_the_package(tmp_path):
-    """numba's cache goes to convdiff's user cache directory: a cache inside the installed
-    package survives a reinstall and shadowed an editable install (a namespace package
-    without ``__version__``)."""
+def test_compiled_code_is_kept_in_the_user_cache_and_loaded_without_numba(tmp_path):
+    """The entries' machine code goes to convdiff's user cache directory (a cache inside the
+    installed package survives a reinstall and shadowed an editable install). A second
+    process loads it without importing numba and gets the same bits; a torn object file is
+    not loaded but compiled again."""
     import subprocess
     import sys
     from pathlib import Path
@@ -166,22 +167,38 @@ def test_compiled_code_is_cached_outside_the_package(tmp_path):
     if not accel.enabled():
         pytest.skip("numba is not installed (the 'fast' extra)")
     code = (
-        "import numpy as np; from convdiff import accel, _compiled\n"
-        "a = np.ones((3, 1, 1, 4), np.float32); acc = np.zeros((1, 1, 4))\n"
-        "accel.fma_chain(*accel.operands(a, a, np.dtype(np.float32)), acc, range(3), True)\n"
-        "assert (acc == 3).all(); print(_compiled.__file__)"
+        "import sys, numpy as np; from convdiff import accel, metrics\n"
+        "rng = np.random.default_rng(5)\n"
+        "a = rng.standard_normal((40, 1, 1, 24)).astype(np.float32)\n"
+        "b = rng.standard_normal((40, 1, 1, 24)).astype(np.float32)\n"
+        "acc = np.zeros((1, 1, 24))\n"
+        "accel.fma_chain(*accel.operands(a, b, np.dtype(np.float32)), acc, range(40), True)\n"
+        "got = acc.astype(np.float32)\n"
+        "print(got.view(np.int32).tobytes().hex(), metrics.max_ulp_distance(got, got + 1))\n"
+        "print('numba' in sys.modules, accel.__file__)"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
     env |= {"CONVDIFF_CACHE_DIR": str(tmp_path), "CONVDIFF_NUMBA": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    cached = list((tmp_path / "numba").rglob("*.nbi"))
-    assert cached, "no numba index in the user cache directory"
-    package = Path(done.stdout.strip()).parent
-    beside = [
-        p for p in package.rglob("*.nb[ic]") if p.stat().st_mtime >= cached[0].stat().st_mtime
-    ]
-    assert not beside, beside
+
+    def run() -> list[str]:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    started = __import__("time").time()
+    first = run()
+    kept = sorted((tmp_path / "numba").glob("convdiff-*.o"))
+    assert [p.name.split("-")[1] for p in kept] == ["max_ulp", "tiled_chain"], kept
+    assert first[2] == "True"  # compiled: numba ran
+    second = run()
+    assert second[:2] == first[:2]
+    assert second[2] == "False", "the kept machine code was not loaded without numba"
+    kept[0].write_bytes(kept[0].read_bytes()[:-100])  # torn: compiled and written again
+    third = run()
+    assert third[:3] == first[:3]
+    package = Path(first[3]).parent
+    beside = [p for p in package.rglob("*") if p.suffix in (".o", ".nbi", ".nbc")]
+    assert not [p for p in beside if p.stat().st_mtime >= started], beside
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -202,3 +219,71 @@ def test_operands_of_any_other_layout_are_copied_into_one_the_tiles_read(fused, 
     plain = np.zeros((2, 3, 17))
     engine.chain(plain, terms)
     np.testing.assert_array_equal(compiled, plain)
+
+
+def test_a_kept_object_is_loaded_only_whole_and_with_every_symbol_it_names(monkeypatch):
+    """native._load takes the object numba made (its address runs the entry), and refuses a
+    file whose object is not the one its header hashed, or whose object names a symbol that
+    neither the process nor convdiff's helpers define (LLVM would stop the process on it):
+    that entry then runs numba's own copy."""
+    import json
+
+    from convdiff import native
+
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    data = native._object_file(native._compile("max_ulp", ("float64",)))
+    assert data is not None
+    head, _, code = data.partition(b"\n")
+    header = json.loads(head)
+    assert header["symbol"] and all(native._resolvable(n) for n in header["externals"])
+
+    def with_header(**changes) -> bytes:
+        return json.dumps({**header, **changes}).encode() + b"\n" + code
+
+    assert native._load(with_header(sha256="0" * 64)) is None
+    assert native._load(with_header(externals=3)) is None
+    assert native._load(b"not a header\n" + code) is None
+    assert native._load(b"[1, 2]\n" + code) is None
+    assert native._load(with_header(externals=[*header["externals"], "no_such_symbol"])) is None
+    monkeypatch.setattr(native, "_process", lambda: None)  # a platform that lists nothing
+    assert native._load(data) is None
+    monkeypatch.undo()
+    assert isinstance(native._load(data), int)
+
+
+def test_numbas_switches_and_a_broken_numba_are_plain(monkeypatch):
+    """NUMBA_DISABLE_JIT=1 (numba compiles nothing) takes the NumPy engine, as
+    CONVDIFF_NUMBA=0 does; a numba that is installed but fails to import is a one-line
+    error that names the way out, not a traceback."""
+    import sys
+
+    from convdiff import native
+    from convdiff.errors import ConvdiffError
+
+    if not accel.enabled():
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
+    assert not accel.enabled()
+    monkeypatch.delenv("NUMBA_DISABLE_JIT")
+    monkeypatch.setitem(sys.modules, "convdiff._entries", None)  # import fails
+    with pytest.raises(ConvdiffError, match="CONVDIFF_NUMBA=0"):
+        native._compile("max_ulp", ("float64",))
+
+
+def test_an_entrys_arguments_keep_the_arrays_they_point_to():
+    """_Args passes arrays as addresses: a scratch array made for the call (differences'
+    one float64, rounded_max_ulp's one element) must stay alive until the entry returns,
+    though the caller keeps no reference to it."""
+    import gc
+    import weakref
+
+    from convdiff import native
+
+    args = native._Args()
+    scratch, matrix = np.empty(3), np.empty((2, 2))
+    refs = [weakref.ref(scratch), weakref.ref(matrix)]
+    args.arrays(scratch).matrix(matrix)
+    del scratch, matrix
+    gc.collect()
+    assert all(ref() is not None for ref in refs)
