@@ -222,6 +222,9 @@ def run_layers(
     graph = as_graph(model)
     public = vars(keras.layers)
     keras_values: dict[int, np.ndarray] = dict(zip(graph.inputs, inputs, strict=True))
+    # Keras's own output tensors, handed to the layers that read them (an array would be
+    # copied into a new tensor by every call that reads it)
+    keras_tensors: dict[int, Any] = dict(keras_values)
     numpy_values = dict(zip(graph.inputs, _numpy_inputs(graph, inputs, settings), strict=True))
     # The magnitude of the terms behind each tensor (|x| for model inputs), for growth figures.
     scale_values: dict[int, np.ndarray | None] = {k: None for k in graph.inputs}
@@ -234,8 +237,11 @@ def run_layers(
     for index, node in enumerate(graph.nodes):
         started = time.perf_counter()
         keras_in = [keras_values[k] for k in node.inputs]
+        tensors_in = [keras_tensors[k] for k in node.inputs]
         recorded = keras_recording.layers.get(node.name) if keras_recording else None
-        keras_out = [recorded] if recorded is not None else _run_keras(node, keras_in)
+        keras_out, tensors_out = (
+            ([recorded], [recorded]) if recorded is not None else _run_keras(node, tensors_in)
+        )
         if on_output is not None:
             on_output(node.name, keras_out[0])
         numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
@@ -245,7 +251,7 @@ def run_layers(
             result, numpy_out, scale = _compare_node(
                 index, node, (keras_in, numpy_in, in_scales), keras_out, settings, public
             )
-            result.repeat_max_ulp = _repeat_ulp(node, keras_in, keras_out, settings.repeat)
+            result.repeat_max_ulp = _repeat_ulp(node, tensors_in, keras_out, settings.repeat)
         else:
             result, numpy_out = None, keras_out
         after = next((resumed[k] for k in node.inputs if resumed.get(k)), None)
@@ -253,10 +259,13 @@ def run_layers(
             result.resumed_after = after
             if result.status == "divergent" and settings.reference is None:
                 numpy_out, after = keras_out, node.name
-        for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
+        for key, k_val, n_val, tensor in zip(
+            node.outputs, keras_out, numpy_out, tensors_out, strict=True
+        ):
             keras_values[key], numpy_values[key], scale_values[key] = k_val, n_val, scale
-            resumed[key] = after
-        _release(node, graph, remaining, keras_values, numpy_values, scale_values, resumed)
+            keras_tensors[key], resumed[key] = tensor, after
+        stores = (keras_values, keras_tensors, numpy_values, scale_values, resumed)
+        _release(node, graph, remaining, *stores)
         if result is not None:
             result.seconds = time.perf_counter() - started
             yield result
@@ -264,8 +273,11 @@ def run_layers(
                 return
 
 
-def _run_keras(node: GraphNode, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """The layer call's outputs from Keras, as arrays.
+def _run_keras(node: GraphNode, inputs: list[Any]) -> tuple[list[np.ndarray], list[Any]]:
+    """The layer call's outputs from Keras, as arrays and as the backend's tensors.
+
+    ``inputs`` are arrays or the backend's tensors. TensorFlow's tensors on the CPU are
+    viewed as arrays, not copied (a tensor never changes; the view is read-only).
 
     Raises:
         BackendError: when Keras's backend cannot run the layer here (no kernel for its
@@ -275,7 +287,8 @@ def _run_keras(node: GraphNode, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
     try:
         with phase("keras"):
-            return [keras.ops.convert_to_numpy(t) for t in node.call(inputs)]
+            tensors = node.call(inputs)
+            return [_as_array(t, keras.ops.convert_to_numpy) for t in tensors], tensors
     except Exception as exc:  # the backend's own error types: TensorFlow, JAX, torch
         text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
         if "only supports the NHWC" in text or "only supports NHWC" in text:
@@ -290,6 +303,16 @@ def _run_keras(node: GraphNode, inputs: list[np.ndarray]) -> list[np.ndarray]:
         ) from None
 
 
+def _as_array(tensor: Any, convert: Callable[[Any], np.ndarray]) -> np.ndarray:
+    """A read-only array of ``tensor``'s values: a view of a TensorFlow tensor's memory on
+    the CPU (``np.asarray``), else the backend's copy (``convert``)."""
+    on_cpu = type(tensor).__name__ == "EagerTensor" and "CPU" in getattr(tensor, "device", "")
+    array = np.asarray(tensor) if on_cpu else np.asarray(convert(tensor))
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def _numpy_inputs(graph: Graph, inputs: Sequence[np.ndarray], settings: Settings):
     """The NumPy side's model inputs: the recording's where one stands in for it."""
     if settings.reference is None:
@@ -299,7 +322,7 @@ def _numpy_inputs(graph: Graph, inputs: Sequence[np.ndarray], settings: Settings
 
 
 def _repeat_ulp(
-    node: GraphNode, keras_in: list[np.ndarray], first: list[np.ndarray], repeat: int
+    node: GraphNode, keras_in: list[Any], first: list[np.ndarray], repeat: int
 ) -> int | None:
     """Max ULP between the first Keras run of the layer and ``repeat - 1`` more runs: whether
     Keras itself changes from run to run (GPU atomics, thread scheduling)."""
@@ -308,7 +331,7 @@ def _repeat_ulp(
 
     worst = 0
     for _ in range(repeat - 1):
-        again = _run_keras(node, keras_in)
+        again, _ = _run_keras(node, keras_in)
         for a, b in zip(first, again, strict=True):
             c = compare_outputs(a, b)
             # any change counts at least 1 (a NaN that moved, an integer output that changed)

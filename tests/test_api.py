@@ -47,3 +47,47 @@ def test_prepared_model_is_shared_by_runs(examples):
     second = convdiff.compare(prepared, examples / "deep8_input.npy", order="pairwise")
     assert first.model == second.model == str(examples / "deep8.keras")
     assert len(second.layers) == 8 and first.layers[0].name == "conv0"
+
+
+def test_layers_are_handed_the_tensors_keras_made(examples, monkeypatch):
+    """Each layer after the first reads the tensors Keras returned, not arrays made of them
+    (every call would copy an array into a new tensor), and the arrays convdiff reads of
+    Keras's outputs are read-only (they view tensors that later layers read); the figures are
+    those of a run that hands arrays."""
+    import numpy as np
+
+    from convdiff import runner
+
+    handed: list[list[type]] = []
+    seen: list[bool] = []
+    run_keras = runner._run_keras
+
+    def recorded(node, values):
+        handed.append([type(v) for v in values])
+        arrays, tensors = run_keras(node, values)
+        seen.extend(a.flags.writeable for a in arrays)
+        return arrays, tensors
+
+    monkeypatch.setattr(runner, "_run_keras", recorded)
+    report = convdiff.compare(examples / "deep8.keras", examples / "deep8_input.npy")
+    assert len(handed) == len(report.layers) == 8
+    assert handed[0] == [np.ndarray]  # the model's input
+    assert all(np.ndarray not in types for types in handed[1:]), handed
+    assert seen and not any(seen)
+
+    def copied(node, values):  # arrays handed, each copied into a new tensor
+        arrays, _ = run_keras(node, [np.array(v) for v in values])
+        return [np.array(a) for a in arrays], arrays
+
+    monkeypatch.setattr(runner, "_run_keras", copied)
+    again = convdiff.compare(examples / "deep8.keras", examples / "deep8_input.npy")
+
+    def figures(layers) -> list[dict]:  # less the seconds, and the tree cache read this time
+        found = ("probe_calls", "cached")
+        rows = [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in layers]
+        for row in rows:
+            if row["order_found"]:
+                row["order_found"] = {k: v for k, v in row["order_found"].items() if k not in found}
+        return rows
+
+    assert figures(again.layers) == figures(report.layers)
