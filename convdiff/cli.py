@@ -301,7 +301,7 @@ _KERAS = "Where Keras runs"
     "Looking closer",
     "--profile",
     is_flag=True,
-    help="Where the time went: seconds per phase (startup, Keras, auto's probes, NumPy "
+    help="Where the time went: seconds per phase (startup, waiting for Keras, auto's probes, NumPy "
     "kernels, bounds, statistics, rendering) on stderr.",
 )
 @_loading_options

@@ -8,8 +8,11 @@ order and takes, over all layers, the largest sum of:
 - **held activations**: every tensor produced so far that a later layer (or the model's
   output) still reads. The model's inputs are held once (both sides read the same arrays);
   every other tensor twice, Keras's value and the NumPy side's.
-- **the layer's outputs**: three copies (TensorFlow's tensor, its NumPy copy, the kernel's
-  output).
+- **the layer's outputs**: three copies (the backend's tensor, its NumPy copy where the
+  backend makes one, the kernel's output).
+- **the outputs Keras computed ahead**: Keras's layers run in a thread of their own, up to
+  ``KERAS_AHEAD`` layers ahead of the comparison (:mod:`convdiff.runner`); the outputs of the
+  layers queued and of the one being called, twice each (tensor and array).
 - **the layer's working memory**, with ``P`` the elements of its patch (im2col) buffer
   (``out_positions * prod(kernel_size) * in_channels`` for a convolution; ``out_elements *
   prod(pool_size)`` for an average pooling; none for a max pooling, which reduces its
@@ -197,6 +200,7 @@ def estimate(
         mode: ``isolated`` or ``propagated`` (the same figure: both sides' values are held).
     """
     from convdiff.graph import as_graph
+    from convdiff.runner import KERAS_AHEAD
 
     del mode  # both modes keep Keras's and the NumPy side's value of every live tensor
     graph = as_graph(model)
@@ -205,11 +209,14 @@ def estimate(
     remaining = graph.consumers()
     live = {k: sizes[k][0] * sizes[k][1] for k in graph.inputs}
     peak = MemoryEstimate(total=sum(live.values()), batch=_batch(inputs))
-    for node in graph.nodes:
+    output_bytes = [sum(sizes[k][0] * sizes[k][1] for k in node.outputs) for node in graph.nodes]
+    for index, node in enumerate(graph.nodes):
         ins = [sizes[k] for k in node.inputs]
         outs = [sizes[k] for k in node.outputs]
         working = 3 * sum(n * b for n, b in outs) + _working(node.layer, ins, outs, order_name)
-        held = sum(live.values())
+        # the outputs Keras's thread holds early: the layers queued and the one it is calling
+        ahead = 2 * sum(output_bytes[index + 1 : index + 2 + KERAS_AHEAD])
+        held = sum(live.values()) + ahead
         if held + working > peak.total:
             peak = MemoryEstimate(held + working, node.name, held, working, peak.batch)
         for key in node.inputs:

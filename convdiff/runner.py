@@ -14,7 +14,10 @@ modes. Tensors are dropped as soon as no later layer (or model output) reads the
 
 from __future__ import annotations
 
+import contextvars
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -46,10 +49,15 @@ from convdiff.metrics import (
 )
 from convdiff.orders import Order
 from convdiff.recording import Recording
+from convdiff.runtime import thread_scope
 from convdiff.spatial import Spatial, summarize
-from convdiff.timing import phase
+from convdiff.timing import detach, phase
 
 MODES = ("isolated", "propagated")
+# How many layers' outputs Keras's thread may hold ready beyond the one being compared (and
+# the one it is calling): enough to keep it busy past a layer it computes faster than the
+# comparison, few enough that the outputs held early stay small (memory.estimate counts them).
+KERAS_AHEAD = 2
 STATUSES = ("identical", "rounding", "divergent", "skipped", "error")
 
 
@@ -222,9 +230,6 @@ def run_layers(
     graph = as_graph(model)
     public = vars(keras.layers)
     keras_values: dict[int, np.ndarray] = dict(zip(graph.inputs, inputs, strict=True))
-    # Keras's own output tensors, handed to the layers that read them (an array would be
-    # copied into a new tensor by every call that reads it)
-    keras_tensors: dict[int, Any] = dict(keras_values)
     numpy_values = dict(zip(graph.inputs, _numpy_inputs(graph, inputs, settings), strict=True))
     # The magnitude of the terms behind each tensor (|x| for model inputs), for growth figures.
     scale_values: dict[int, np.ndarray | None] = {k: None for k in graph.inputs}
@@ -234,43 +239,112 @@ def run_layers(
     # side resumed from (a divergent output is no rounding of Keras's: carrying it on would
     # make every later layer's figures the divergence's, not the layer's own).
     resumed: dict[int, str | None] = {k: None for k in graph.inputs}
-    for index, node in enumerate(graph.nodes):
-        started = time.perf_counter()
-        keras_in = [keras_values[k] for k in node.inputs]
-        tensors_in = [keras_tensors[k] for k in node.inputs]
-        recorded = keras_recording.layers.get(node.name) if keras_recording else None
-        keras_out, tensors_out = (
-            ([recorded], [recorded]) if recorded is not None else _run_keras(node, tensors_in)
+    # Keras's side runs in a thread of its own, a few layers ahead of the comparison
+    with _KerasAhead(graph, keras_values, keras_recording) as keras_side:
+        for index, node in enumerate(graph.nodes):
+            started = time.perf_counter()
+            keras_in = [keras_values[k] for k in node.inputs]
+            keras_out, tensors_in = keras_side.next()
+            if on_output is not None:
+                on_output(node.name, keras_out[0])
+            numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
+            scale = None
+            if settings.selects(node.name, node.class_name):
+                in_scales = [scale_values.get(k) for k in node.inputs]
+                result, numpy_out, scale = _compare_node(
+                    index, node, (keras_in, numpy_in, in_scales), keras_out, settings, public
+                )
+                result.repeat_max_ulp = _repeat_ulp(node, tensors_in, keras_out, settings.repeat)
+            else:
+                result, numpy_out = None, keras_out
+            after = next((resumed[k] for k in node.inputs if resumed.get(k)), None)
+            if result is not None and settings.mode == "propagated":
+                result.resumed_after = after
+                if result.status == "divergent" and settings.reference is None:
+                    numpy_out, after = keras_out, node.name
+            for key, k_val, n_val in zip(node.outputs, keras_out, numpy_out, strict=True):
+                keras_values[key], numpy_values[key], scale_values[key] = k_val, n_val, scale
+                resumed[key] = after
+            stores = (keras_values, numpy_values, scale_values, resumed)
+            _release(node, graph, remaining, *stores)
+            if result is not None:
+                result.seconds = time.perf_counter() - started
+                yield result
+                if settings.stop_at_first and result.status == "divergent":
+                    return
+
+
+class _KerasAhead:
+    """Keras's side of a run: the graph's layers called in order in a thread of their own, at
+    most :data:`KERAS_AHEAD` layers ahead of the comparison, which takes each layer's outputs
+    with :meth:`next`.
+
+    The comparison of a layer (NumPy kernels, the bound, statistics) and Keras's call of the
+    next ones overlap: TensorFlow's kernels and most of NumPy's work release the GIL. Each
+    layer's outputs are the same tensors a call in the caller's thread makes: the thread runs
+    under the caller's device and TF32 settings (:func:`~convdiff.runtime.thread_scope`), and
+    op determinism is the process's. The layers read Keras's own output tensors (an array
+    would be copied into a new tensor by every call that reads it).
+    """
+
+    def __init__(self, graph: Graph, inputs: dict[int, Any], recording: Recording | None):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=KERAS_AHEAD)
+        self._stop = threading.Event()
+        run = contextvars.copy_context().run
+        self._thread = threading.Thread(
+            target=run,
+            args=(self._produce, graph, dict(inputs), recording),
+            name="convdiff-keras",
+            daemon=True,
         )
-        if on_output is not None:
-            on_output(node.name, keras_out[0])
-        numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
-        scale = None
-        if settings.selects(node.name, node.class_name):
-            in_scales = [scale_values.get(k) for k in node.inputs]
-            result, numpy_out, scale = _compare_node(
-                index, node, (keras_in, numpy_in, in_scales), keras_out, settings, public
-            )
-            result.repeat_max_ulp = _repeat_ulp(node, tensors_in, keras_out, settings.repeat)
-        else:
-            result, numpy_out = None, keras_out
-        after = next((resumed[k] for k in node.inputs if resumed.get(k)), None)
-        if result is not None and settings.mode == "propagated":
-            result.resumed_after = after
-            if result.status == "divergent" and settings.reference is None:
-                numpy_out, after = keras_out, node.name
-        for key, k_val, n_val, tensor in zip(
-            node.outputs, keras_out, numpy_out, tensors_out, strict=True
-        ):
-            keras_values[key], numpy_values[key], scale_values[key] = k_val, n_val, scale
-            keras_tensors[key], resumed[key] = tensor, after
-        stores = (keras_values, keras_tensors, numpy_values, scale_values, resumed)
-        _release(node, graph, remaining, *stores)
-        if result is not None:
-            result.seconds = time.perf_counter() - started
-            yield result
-            if settings.stop_at_first and result.status == "divergent":
-                return
+
+    def __enter__(self) -> _KerasAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the thread after the layer it is calling (the comparison may end early: the
+        first divergence, an error) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+    def next(self) -> tuple[list[np.ndarray], list[Any]]:
+        """The next layer's outputs as arrays, and the tensors its call read (for
+        ``--repeat``); raises what the call raised."""
+        with phase("keras"):  # the time the comparison waits for Keras
+            item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _produce(self, graph: Graph, tensors: dict[int, Any], recording: Recording | None):
+        detach()
+        remaining = graph.consumers()
+        try:
+            with thread_scope():
+                for node in graph.nodes:
+                    inputs = [tensors[k] for k in node.inputs]
+                    # compare-runs: the recording's output stands in for the call
+                    recorded = recording.layers.get(node.name) if recording else None
+                    arrays, outputs = (
+                        _run_keras(node, inputs) if recorded is None else ([recorded], [recorded])
+                    )
+                    tensors.update(zip(node.outputs, outputs, strict=True))
+                    _release(node, graph, remaining, tensors)
+                    if not self._put((arrays, inputs)):
+                        return
+        except BaseException as exc:  # the caller's to raise, at the layer that raised it
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item`` once there is room; False if the comparison stopped first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def _run_keras(node: GraphNode, inputs: list[Any]) -> tuple[list[np.ndarray], list[Any]]:

@@ -407,7 +407,6 @@ def runtime_scope(runtime: Runtime) -> Iterator[None]:
     both settings back as they were afterwards: a library call leaves the backend as it found
     it (the thread count, which TensorFlow fixes once, is the exception). Op determinism is
     TensorFlow's."""
-    import keras
     from tensorflow.python.framework import config as tf_config
 
     determinism_before = tf_config.is_op_determinism_enabled()
@@ -415,12 +414,29 @@ def runtime_scope(runtime: Runtime) -> Iterator[None]:
         tf_config.enable_op_determinism()
     token = _CURRENT_RUNTIME.set(runtime)
     try:
-        with _tf32(keras.backend.backend(), runtime.tf32), device_scope(runtime):
+        with _placement(runtime):
             yield
     finally:
         _CURRENT_RUNTIME.reset(token)
         if not determinism_before:
             tf_config.disable_op_determinism()
+
+
+@contextlib.contextmanager
+def _placement(runtime: Runtime) -> Iterator[None]:
+    """The device and the TF32 switch of ``runtime``, which TensorFlow and JAX keep per thread."""
+    import keras
+
+    with _tf32(keras.backend.backend(), runtime.tf32), device_scope(runtime):
+        yield
+
+
+def thread_scope() -> contextlib.AbstractContextManager:
+    """For another thread that runs Keras's layers (in a copy of the caller's context): the
+    device and TF32 switch of the enclosing :func:`runtime_scope`, which that thread does not
+    inherit; nothing outside one. Op determinism is process-wide and already in force."""
+    runtime = _CURRENT_RUNTIME.get()
+    return contextlib.nullcontext() if runtime is None else _placement(runtime)
 
 
 def runtime_environment(runtime: Runtime) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The library marks its phases with :func:`phase`; they cost nothing unless a :cla
 is active (``with Timings() as timings: compare(...)``). A phase inside another one counts
 for itself only (the bounded pass inside a layer's statistics is ``bound``, not
 ``statistics``), so the phases add up to the run without overlap; what no phase covers
-(walking the graph, recording outputs) is ``other``.
+(walking the graph, recording outputs) is ``other``. Phases are the calling thread's: Keras's
+layers run in a thread of their own alongside the comparison, and ``keras`` counts the time
+the comparison waited for them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from contextvars import ContextVar
 
 PHASES = {
     "startup": "importing TensorFlow, loading the model and the inputs",
-    "keras": "running the Keras layers",
+    "keras": "waiting for the Keras layers (which run alongside the comparison)",
     "reveal": "auto's probes of TensorFlow's summation trees (a layer's first run only)",
     "kernel": "the NumPy side (convdiff's kernels in the chosen order, or yours)",
     "bound": "the float64 reference and the rounding bound",
@@ -54,6 +56,13 @@ class Timings:
         """One line: ``startup 4.10, keras 1.20, ..., other 0.30, total 9.80`` (seconds)."""
         parts = [f"{name} {seconds:.2f}" for name, seconds in self.seconds.items()]
         return ", ".join([*parts, f"other {self.other:.2f}", f"total {self.total:.2f}"])
+
+
+def detach() -> None:
+    """In a thread's copy of the caller's context (:func:`contextvars.copy_context`): count
+    none of the thread's phases. Its time overlaps the caller's, whose phases (the wait for
+    the thread's results among them) already add up to the run."""
+    _ACTIVE.set(None)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 import convdiff
@@ -91,3 +92,54 @@ def test_layers_are_handed_the_tensors_keras_made(examples, monkeypatch):
         return rows
 
     assert figures(again.layers) == figures(report.layers)
+
+
+def test_keras_runs_in_a_thread_of_its_own_under_the_runs_device(examples, monkeypatch):
+    """Keras's layers run in a thread of their own, alongside the comparison, under the run's
+    device placement (which TensorFlow keeps per thread); a layer's error surfaces at that
+    layer, after the results of the layers before it; a run that raises or stops early
+    leaves no such thread behind."""
+    import threading
+
+    from tensorflow.python.eager import context
+
+    from convdiff import runner
+    from convdiff.errors import BackendError
+    from convdiff.runner import Settings, run_layers
+
+    def alive() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "convdiff-keras"]
+
+    calls: list[tuple[str, str]] = []
+    run_keras = runner._run_keras
+
+    def recorded(node, values):
+        calls.append((threading.current_thread().name, context.context().device_name))
+        if node.name == "conv2":
+            raise BackendError("conv2 cannot run here")
+        return run_keras(node, values)
+
+    monkeypatch.setattr(runner, "_run_keras", recorded)
+    seen: list[str] = []
+    with pytest.raises(BackendError, match="conv2 cannot run here"):
+        convdiff.compare(
+            examples / "deep8.keras",
+            examples / "deep8_input.npy",
+            device="cpu",
+            on_layer=lambda r: seen.append(r.name),
+        )
+    assert seen == ["conv0", "conv1"]
+    assert [c[0] for c in calls] == ["convdiff-keras"] * 3
+    assert all(c[1].endswith("device:CPU:0") for c in calls), calls
+    assert not alive()
+
+    # a run stopped after its first layer: the thread stops too
+    monkeypatch.setattr(runner, "_run_keras", run_keras)
+    from convdiff.api import prepare_model
+
+    prepared = prepare_model(examples / "deep8.keras")
+    x = np.load(examples / "deep8_input.npy")
+    layers = run_layers(prepared.graph.model, [x], Settings())
+    assert next(layers).name == "conv0"
+    layers.close()
+    assert not alive()
