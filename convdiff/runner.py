@@ -14,6 +14,7 @@ modes. Tensors are dropped as soon as no later layer (or model output) reads the
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import queue
 import re
@@ -304,9 +305,13 @@ class _KerasAhead:
 
     def __exit__(self, *exc: object) -> None:
         """Stop the thread after the layer it is calling (the comparison may end early: the
-        first divergence, an error) and wait for it."""
+        first divergence, an error) and wait for it, taking what it queues meanwhile (a full
+        queue would keep it waiting)."""
         self._stop.set()
-        self._thread.join()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.01)
 
     def next(self) -> tuple[list[np.ndarray], list[Any]]:
         """The next layer's outputs as arrays, and the tensors its call read (for
@@ -323,6 +328,8 @@ class _KerasAhead:
         try:
             with thread_scope():
                 for node in graph.nodes:
+                    if self._stop.is_set():
+                        return
                     inputs = [tensors[k] for k in node.inputs]
                     # compare-runs: the recording's output stands in for the call
                     recorded = recording.layers.get(node.name) if recording else None
@@ -331,20 +338,9 @@ class _KerasAhead:
                     )
                     tensors.update(zip(node.outputs, outputs, strict=True))
                     _release(node, graph, remaining, tensors)
-                    if not self._put((arrays, inputs)):
-                        return
+                    self._queue.put((arrays, inputs))
         except BaseException as exc:  # the caller's to raise, at the layer that raised it
-            self._put(exc)
-
-    def _put(self, item: Any) -> bool:
-        """Queue ``item`` once there is room; False if the comparison stopped first."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+            self._queue.put(exc)
 
 
 def _run_keras(node: GraphNode, inputs: list[Any]) -> tuple[list[np.ndarray], list[Any]]:
