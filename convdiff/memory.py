@@ -10,9 +10,10 @@ order and takes, over all layers, the largest sum of:
   every other tensor twice, Keras's value and the NumPy side's.
 - **the layer's outputs**: three copies (the backend's tensor, its NumPy copy where the
   backend makes one, the kernel's output).
-- **the outputs Keras computed ahead**: Keras's layers run in a thread of their own, up to
+- **what Keras's thread made ahead**: Keras's layers run in a thread of their own, up to
   ``KERAS_AHEAD`` layers ahead of the comparison (:mod:`convdiff.runner`); the outputs of the
-  layers queued and of the one being called, twice each (tensor and array).
+  layers queued and of the one being called, twice each (tensor and array), and the copies
+  of their weights the thread read for the comparison.
 - **the layer's working memory**, with ``P`` the elements of its patch (im2col) buffer
   (``out_positions * prod(kernel_size) * in_channels`` for a convolution; ``out_elements *
   prod(pool_size)`` for an average pooling; none for a max pooling, which reduces its
@@ -209,13 +210,17 @@ def estimate(
     remaining = graph.consumers()
     live = {k: sizes[k][0] * sizes[k][1] for k in graph.inputs}
     peak = MemoryEstimate(total=sum(live.values()), batch=_batch(inputs))
-    output_bytes = [sum(sizes[k][0] * sizes[k][1] for k in node.outputs) for node in graph.nodes]
+    # per layer, what Keras's thread holds for it while it waits in the queue
+    ahead_bytes = [
+        2 * sum(sizes[k][0] * sizes[k][1] for k in node.outputs) + _weight_bytes(node.layer)
+        for node in graph.nodes
+    ]
     for index, node in enumerate(graph.nodes):
         ins = [sizes[k] for k in node.inputs]
         outs = [sizes[k] for k in node.outputs]
         working = 3 * sum(n * b for n, b in outs) + _working(node.layer, ins, outs, order_name)
-        # the outputs Keras's thread holds early: the layers queued and the one it is calling
-        ahead = 2 * sum(output_bytes[index + 1 : index + 2 + KERAS_AHEAD])
+        # what Keras's thread holds early: the layers queued and the one it is calling
+        ahead = sum(ahead_bytes[index + 1 : index + 2 + KERAS_AHEAD])
         held = sum(live.values()) + ahead
         if held + working > peak.total:
             peak = MemoryEstimate(held + working, node.name, held, working, peak.batch)
@@ -387,6 +392,14 @@ def _order_bytes(order: str, reduction: int, out_elements: int, itemsize: int) -
         return 3 * 8 * min(out_elements, block_outputs)
     products = min(reduction * out_elements, max(reduction, EXACT_BLOCK_TERMS))
     return PRODUCT_ORDERS[order] * products
+
+
+def _weight_bytes(layer: Any) -> int:
+    """Bytes of the layer's weights (the copies :func:`convdiff.graph.layer_spec` reads)."""
+    return sum(
+        math.prod(w.shape) * np.dtype(getattr(w, "dtype", "float32")).itemsize
+        for w in getattr(layer, "weights", [])
+    )
 
 
 def _config(layer: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from convdiff.explain import likely_cause
 from convdiff.floats import is_float, round_to
 from convdiff.graph import Graph, GraphNode, as_graph, layer_matches
 from convdiff.impl import ImplFailure, UserImpl, find_impl
-from convdiff.kernels import Unsupported, find_kernel
+from convdiff.kernels import LayerSpec, Unsupported, find_kernel
 from convdiff.metrics import (
     Comparison,
     compare_outputs,
@@ -240,20 +240,31 @@ def run_layers(
     # side resumed from (a divergent output is no rounding of Keras's: carrying it on would
     # make every later layer's figures the divergence's, not the layer's own).
     resumed: dict[int, str | None] = {k: None for k in graph.inputs}
-    # Keras's side runs in a thread of its own, a few layers ahead of the comparison
-    with _KerasAhead(graph, keras_values, keras_recording) as keras_side:
+
+    def spec_of(node: GraphNode) -> LayerSpec | None:
+        if not settings.selects(node.name, node.class_name):
+            return None
+        try:
+            return node.spec()
+        except Exception:  # raised again where the comparison asks for it, as it always was
+            return None
+
+    # Keras's side runs in a thread of its own, a few layers ahead of the comparison; it also
+    # reads each compared layer's config and weights (TensorFlow reads of its variables)
+    with _KerasAhead(graph, keras_values, keras_recording, spec_of) as keras_side:
         for index, node in enumerate(graph.nodes):
             started = time.perf_counter()
             keras_in = [keras_values[k] for k in node.inputs]
-            keras_out, tensors_in = keras_side.next()
+            keras_out, tensors_in, spec = keras_side.next()
             if on_output is not None:
                 on_output(node.name, keras_out[0])
             numpy_in = [numpy_values[k] for k in node.inputs] if propagated else keras_in
             scale = None
             if settings.selects(node.name, node.class_name):
                 in_scales = [scale_values.get(k) for k in node.inputs]
+                sides = (keras_in, numpy_in, in_scales)
                 result, numpy_out, scale = _compare_node(
-                    index, node, (keras_in, numpy_in, in_scales), keras_out, settings, public
+                    index, node, spec or node.spec, sides, keras_out, settings, public
                 )
                 result.repeat_max_ulp = _repeat_ulp(node, tensors_in, keras_out, settings.repeat)
             else:
@@ -278,7 +289,7 @@ def run_layers(
 class _KerasAhead:
     """Keras's side of a run: the graph's layers called in order in a thread of their own, at
     most :data:`KERAS_AHEAD` layers ahead of the comparison, which takes each layer's outputs
-    with :meth:`next`.
+    (and what ``prepare`` made of the layer: its :class:`LayerSpec`) with :meth:`next`.
 
     The comparison of a layer (NumPy kernels, the bound, statistics) and Keras's call of the
     next ones overlap: TensorFlow's kernels and most of NumPy's work release the GIL. Each
@@ -288,13 +299,19 @@ class _KerasAhead:
     would be copied into a new tensor by every call that reads it).
     """
 
-    def __init__(self, graph: Graph, inputs: dict[int, Any], recording: Recording | None):
+    def __init__(
+        self,
+        graph: Graph,
+        inputs: dict[int, Any],
+        recording: Recording | None,
+        prepare: Callable[[GraphNode], Any],
+    ):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=KERAS_AHEAD)
         self._stop = threading.Event()
         run = contextvars.copy_context().run
         self._thread = threading.Thread(
             target=run,
-            args=(self._produce, graph, dict(inputs), recording),
+            args=(self._produce, graph, dict(inputs), recording, prepare),
             name="convdiff-keras",
             daemon=True,
         )
@@ -313,16 +330,22 @@ class _KerasAhead:
                 self._queue.get_nowait()
             self._thread.join(timeout=0.01)
 
-    def next(self) -> tuple[list[np.ndarray], list[Any]]:
-        """The next layer's outputs as arrays, and the tensors its call read (for
-        ``--repeat``); raises what the call raised."""
+    def next(self) -> tuple[list[np.ndarray], list[Any], Any]:
+        """The next layer's outputs as arrays, the tensors its call read (for ``--repeat``)
+        and what ``prepare`` returned; raises what the call (or ``prepare``) raised."""
         with phase("keras"):  # the time the comparison waits for Keras
             item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
-    def _produce(self, graph: Graph, tensors: dict[int, Any], recording: Recording | None):
+    def _produce(
+        self,
+        graph: Graph,
+        tensors: dict[int, Any],
+        recording: Recording | None,
+        prepare: Callable[[GraphNode], Any],
+    ):
         detach()
         remaining = graph.consumers()
         try:
@@ -338,7 +361,7 @@ class _KerasAhead:
                     )
                     tensors.update(zip(node.outputs, outputs, strict=True))
                     _release(node, graph, remaining, tensors)
-                    self._queue.put((arrays, inputs))
+                    self._queue.put((arrays, inputs, prepare(node)))
         except BaseException as exc:  # the caller's to raise, at the layer that raised it
             self._queue.put(exc)
 
@@ -413,6 +436,7 @@ def _repeat_ulp(
 def _compare_node(
     index: int,
     node: GraphNode,
+    spec: LayerSpec | Callable[[], LayerSpec],
     inputs: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]],
     keras_out: list[np.ndarray],
     settings: Settings,
@@ -421,6 +445,7 @@ def _compare_node(
     """Run the node's kernel (or the user's implementation) and judge it.
 
     Args:
+        spec: the layer's config and weights, or ``node.spec`` to read them when needed.
         inputs: Keras's inputs, the NumPy side's inputs, and the terms' scale of each input.
 
     Returns:
@@ -447,7 +472,7 @@ def _compare_node(
         count = len(keras_out)
         result.reason = f"{node.class_name} has {count} outputs; only single outputs are compared"
         return result, keras_out, None
-    spec = node.spec()
+    spec = spec if isinstance(spec, LayerSpec) else spec()
     result.impl = impl.source if isinstance(impl, UserImpl) else None
     if impl is not None:
         result.side = result.impl or "the recording"

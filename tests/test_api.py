@@ -143,3 +143,45 @@ def test_keras_runs_in_a_thread_of_its_own_under_the_runs_device(examples, monke
     assert next(layers).name == "conv0"
     layers.close()
     assert not alive()
+
+
+def test_keras_thread_reads_the_compared_layers_config_and_weights(examples, monkeypatch):
+    """Each compared layer's config and weights (TensorFlow reads of its variables) are read in
+    Keras's thread, once, and handed on with its outputs; where that read fails, the
+    comparison reads again and the error surfaces at that layer, as a read of its own did."""
+    import threading
+
+    from convdiff.graph import GraphNode
+
+    spec = GraphNode.spec
+    readers: list[tuple[str, str]] = []
+
+    def recorded(node):
+        readers.append((node.name, threading.current_thread().name))
+        return spec(node)
+
+    monkeypatch.setattr(GraphNode, "spec", recorded)
+    report = convdiff.compare(
+        examples / "deep8.keras", examples / "deep8_input.npy", layers=["conv*"]
+    )
+    compared = [r.name for r in report.layers]
+    assert compared and all(name.startswith("conv") for name in compared)
+    assert readers == [(name, "convdiff-keras") for name in compared]
+
+    def failing(node):
+        readers.append((node.name, threading.current_thread().name))
+        if node.name == "conv1":
+            raise TypeError("conv1's config cannot be read")
+        return spec(node)
+
+    readers.clear()
+    monkeypatch.setattr(GraphNode, "spec", failing)
+    seen: list[str] = []
+    with pytest.raises(TypeError, match="conv1's config"):
+        convdiff.compare(
+            examples / "deep8.keras",
+            examples / "deep8_input.npy",
+            on_layer=lambda r: seen.append(r.name),
+        )
+    assert seen == ["conv0"]
+    assert ("conv1", "convdiff-keras") in readers and ("conv1", "MainThread") in readers

@@ -201,6 +201,37 @@ def test_layers_without_a_tree_are_named():
     assert found["conv"]["status"] == found["head"]["status"] == "reproduced"
 
 
+def test_a_layer_problem_is_counted_once_per_process():
+    """auto counts the reductions and functions of a layer it does not probe once per kernel
+    and layer problem: layers that differ only in name share the count; another config,
+    input shape or dtype is counted again, and each finding is what a count of its own says."""
+    calls = []
+    bn_kernel = find_kernel(L.BatchNormalization, vars(L))
+
+    def counting(spec, inputs, arithmetic):
+        calls.append(spec.name)
+        return bn_kernel(spec, inputs, arithmetic)
+
+    def finding(layer, shape):
+        layer.build(shape)
+        return autoorder._unrevealed(counting, layer_spec(layer), [shape])
+
+    first = finding(L.BatchNormalization(name="bn_a"), (2, 5, 5, 4))
+    same = finding(L.BatchNormalization(name="bn_b"), (7, 5, 5, 4))  # another batch only
+    assert calls == ["bn_a"] and same == first
+    assert first.status == "not a tree" and "rsqrt" in first.text
+    finding(L.BatchNormalization(name="bn_c", epsilon=0.1), (2, 5, 5, 4))
+    finding(L.BatchNormalization(name="bn_d"), (2, 5, 5, 6))
+    finding(L.BatchNormalization(name="bn_e", dtype="float64"), (2, 5, 5, 4))
+    assert calls == ["bn_a", "bn_c", "bn_d", "bn_e"]
+    # LayerNormalization's two reductions, counted by its own kernel
+    ln = L.LayerNormalization(name="ln")
+    ln.build((2, 5, 5, 4))
+    ln_kernel = find_kernel(L.LayerNormalization, vars(L))
+    counted = autoorder._unrevealed(ln_kernel, layer_spec(ln), [(2, 5, 5, 4)])
+    assert counted.text.startswith("2 reductions not probed by auto")
+
+
 def test_order_all_tries_auto_first():
     assert orders_to_try()[0].name == "auto"
     model = _model()
