@@ -347,6 +347,9 @@ def _diff(
         raise OptionError("give either an INPUT file or --random-input (or --reference)")
     _check_outputs(json_path, junit_path, html_path)
     options["spatial"] = html_path is not None
+    from convdiff.modelfile import start_early
+
+    start_early(model)  # the model file is read in a child while the modules below load
     from convdiff.api import compare, compare_many, expand_inputs
     from convdiff.loading import check_custom_objects
     from convdiff.timing import phase

@@ -11,6 +11,7 @@ Keras's deserialization traceback. Every damaged file gives a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -89,13 +90,17 @@ class Probe:
 
     @classmethod
     def start(cls, path: str | os.PathLike) -> Probe:
-        """Check that the file exists and start reading it in a child process.
+        """Check that the file exists and start reading it in a child process (or take the
+        one :func:`start_early` started for it).
 
         Raises:
             ModelLoadError: a missing, unreadable or empty file.
         """
         import subprocess
 
+        early = _STARTED_EARLY.pop(os.path.abspath(path), None)
+        if early is not None:
+            return early
         path = Path(path)
         check_model_path(path)
         # the child imports this very package, wherever it was imported from here
@@ -161,6 +166,25 @@ class Probe:
             self.process.kill()
         if self.process is not None:
             self.process.communicate()
+
+
+# Probes started by start_early, by absolute path, until Probe.start takes them
+_STARTED_EARLY: dict[str, Probe] = {}
+
+
+def start_early(path: str | os.PathLike) -> None:
+    """Start reading ``path`` in a child process now, for the next :meth:`Probe.start` of the
+    same path to take: the command line does this before its own slower imports, so that the
+    child's first answer (needed before TensorFlow is imported) is ready when it is asked
+    for (measured: a 0.1 s wait otherwise, on a 2-core machine). A path that cannot be a
+    model starts nothing: :meth:`Probe.start` reports it in its turn, after the options'
+    checks. A probe no run took is stopped when the process exits."""
+    import atexit
+
+    with contextlib.suppress(ModelLoadError, OSError):
+        probe = Probe.start(path)
+        _STARTED_EARLY[os.path.abspath(path)] = probe
+        atexit.register(probe.close)
 
 
 def check_model_path(path: Path) -> None:

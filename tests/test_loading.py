@@ -409,3 +409,38 @@ def test_bad_model_with_json_leaves_no_file(files, tmp_path):
     out = tmp_path / "report.json"
     assert_error(run_cli(tmp_path / "bad.h5", files / "x.npy", "--json", out), "bad.h5")
     assert not out.exists()
+
+
+def test_a_probe_started_early_is_the_one_the_run_takes(examples, tmp_path):
+    """The command line starts the model file's child before its slower imports; the run's
+    Probe.start takes that child (already reading) instead of starting another. A path that
+    cannot be a model starts nothing, and Probe.start reports it in its turn as before."""
+    path = examples / "one_layer.keras"
+    modelfile.start_early(str(path))
+    early = modelfile._STARTED_EARLY[os.path.abspath(path)]
+    probe = modelfile.Probe.start(path)
+    try:
+        assert probe is early and early.process is not None
+        assert os.path.abspath(path) not in modelfile._STARTED_EARLY
+        assert probe.early() == {"needs_onednn": []}
+        assert probe.result()["class_name"] in ("Sequential", "Functional")
+    finally:
+        probe.close()
+    # taken once: the next start is a child of its own
+    again = modelfile.Probe.start(path)
+    try:
+        assert again is not early
+    finally:
+        again.close()
+    missing = tmp_path / "missing.keras"
+    modelfile.start_early(missing)
+    assert os.path.abspath(missing) not in modelfile._STARTED_EARLY
+    with pytest.raises(ModelLoadError, match=r"missing\.keras"):
+        modelfile.Probe.start(missing)
+
+
+def test_cli_option_errors_come_before_a_missing_model(tmp_path):
+    """Starting the model's child early changes no error's order: a bad option is reported
+    before a missing model file, one Error line, exit 2."""
+    result = run_cli(str(tmp_path / "missing.keras"), "--random-input", "--order", "bogus")
+    assert_error(result, "bogus")
