@@ -306,12 +306,13 @@ class _KerasAhead:
         recording: Recording | None,
         prepare: Callable[[GraphNode], Any],
     ):
+        self._graph, self._recording, self._prepare = graph, recording, prepare
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=KERAS_AHEAD)
         self._stop = threading.Event()
         run = contextvars.copy_context().run
         self._thread = threading.Thread(
             target=run,
-            args=(self._produce, graph, dict(inputs), recording, prepare),
+            args=(self._produce, dict(inputs)),
             name="convdiff-keras",
             daemon=True,
         )
@@ -339,13 +340,10 @@ class _KerasAhead:
             raise item
         return item
 
-    def _produce(
-        self,
-        graph: Graph,
-        tensors: dict[int, Any],
-        recording: Recording | None,
-        prepare: Callable[[GraphNode], Any],
-    ):
+    def _produce(self, tensors: dict[int, Any]) -> None:
+        """The thread: each layer's call (``tensors``: its own, from the model's inputs on),
+        what ``prepare`` makes of it, into the queue."""
+        graph, recording, prepare = self._graph, self._recording, self._prepare
         detach()
         remaining = graph.consumers()
         try:
