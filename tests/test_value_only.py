@@ -81,3 +81,29 @@ def test_a_report_has_the_same_figures_when_every_layer_is_bounded(monkeypatch, 
     assert report_figures(report) == report_figures(
         api.compare(str(path), x, order="sequential", histogram=True, show_worst=3)
     )
+
+
+def test_bit_equality_reads_the_whole_output_where_the_head_agrees():
+    """run_kernel's check that the two outputs hold the same bits: a difference anywhere
+    counts (the first row, the last element, past a 1-D output's head), +0 and -0 differ, the
+    same NaN agrees, and strided views and 0-d outputs are read as they are."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 7, 7, 5)).astype("float32")
+    assert evaluate._bit_equal(x, x.copy())
+    for at in [(0, 0, 0, 0), (2, 6, 6, 4), (1, 3, 0, 2)]:
+        y = x.copy()
+        y[at] = np.nextafter(y[at], np.inf)
+        assert not evaluate._bit_equal(x, y), at
+    flat = rng.standard_normal(evaluate._HEAD_ELEMENTS + 10).astype("float32")
+    tail = flat.copy()
+    tail[-1] = -tail[-1]
+    assert evaluate._bit_equal(flat, flat.copy()) and not evaluate._bit_equal(flat, tail)
+    zeros = np.zeros((2, 3), "float32")
+    assert not evaluate._bit_equal(zeros, -zeros)
+    nan = np.full((2, 3), np.nan, "float32")
+    assert evaluate._bit_equal(nan, nan.copy())
+    view = x[:, ::2, 1:, :]
+    assert evaluate._bit_equal(view, view.copy())
+    assert evaluate._bit_equal(np.float32(2.5) * np.ones((), "float32"), np.array(2.5, "float32"))
+    assert not evaluate._bit_equal(np.array(2.5, "float32"), np.array(3.5, "float32"))
+    assert not evaluate._bit_equal(x, x.astype("float64"))
