@@ -396,10 +396,7 @@ def _order_bytes(order: str, reduction: int, out_elements: int, itemsize: int) -
 
 def _weight_bytes(layer: Any) -> int:
     """Bytes of the layer's weights (the copies :func:`convdiff.graph.layer_spec` reads)."""
-    return sum(
-        math.prod(w.shape) * np.dtype(getattr(w, "dtype", "float32")).itemsize
-        for w in getattr(layer, "weights", [])
-    )
+    return sum(math.prod(w.shape) * _itemsize(w) for w in getattr(layer, "weights", []))
 
 
 def _config(layer: Any) -> dict[str, Any]:
