@@ -264,7 +264,7 @@ def run_layers(
                 in_scales = [scale_values.get(k) for k in node.inputs]
                 sides = (keras_in, numpy_in, in_scales)
                 result, numpy_out, scale = _compare_node(
-                    index, node, spec or node.spec, sides, keras_out, settings, public
+                    index, node, spec, sides, keras_out, settings, public
                 )
                 result.repeat_max_ulp = _repeat_ulp(node, tensors_in, keras_out, settings.repeat)
             else:
@@ -434,7 +434,7 @@ def _repeat_ulp(
 def _compare_node(
     index: int,
     node: GraphNode,
-    spec: LayerSpec | Callable[[], LayerSpec],
+    spec: LayerSpec | None,
     inputs: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]],
     keras_out: list[np.ndarray],
     settings: Settings,
@@ -443,7 +443,7 @@ def _compare_node(
     """Run the node's kernel (or the user's implementation) and judge it.
 
     Args:
-        spec: the layer's config and weights, or ``node.spec`` to read them when needed.
+        spec: the layer's config and weights as Keras's thread read them (None: read here).
         inputs: Keras's inputs, the NumPy side's inputs, and the terms' scale of each input.
 
     Returns:
@@ -470,7 +470,7 @@ def _compare_node(
         count = len(keras_out)
         result.reason = f"{node.class_name} has {count} outputs; only single outputs are compared"
         return result, keras_out, None
-    spec = spec if isinstance(spec, LayerSpec) else spec()
+    spec = spec if spec is not None else node.spec()
     result.impl = impl.source if isinstance(impl, UserImpl) else None
     if impl is not None:
         result.side = result.impl or "the recording"
