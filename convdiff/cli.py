@@ -547,7 +547,12 @@ def _width() -> int | None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point (``convdiff``, ``python -m convdiff``): :func:`invoke`, then the
-    process ends without tearing the interpreter down (:func:`_end_process`)."""
+    process ends without tearing the interpreter down (:func:`_end_process`). Python's cycle
+    collector is off for the run's start-up (:func:`convdiff.memory.pause_collector`)."""
+    _set_numpy_environment()
+    from convdiff.memory import pause_collector
+
+    pause_collector()
     try:
         invoke(argv)
         status: Any = 0

@@ -35,7 +35,14 @@ from convdiff.eigenmath import MODELS
 from convdiff.floats import round_to, underflow_unit, unit_roundoff
 from convdiff.fused import Operand, rounded_step
 from convdiff.magnitude import product_magnitude
-from convdiff.orders import ACCUMULATOR_DTYPES, Order, contract, reduce_terms, terms_first
+from convdiff.orders import (
+    ACCUMULATOR_DTYPES,
+    Order,
+    contract,
+    gemm_terms,
+    reduce_terms,
+    terms_first,
+)
 
 # Accuracy assumed of a float32 library function (TF's Eigen/oneDNN kernels, numpy's float64
 # evaluation rounded once) in units in the last place of its result, per implementation.
@@ -248,8 +255,9 @@ class Rounded:
             a = np.transpose(a, perm + list(range(n, a.ndim)))
             if b is not None:
                 b = np.transpose(b, perm + list(range(n, b.ndim)))
-        k = math.prod(a.shape[:n])
-        a = a.reshape((k, *a.shape[n:]))
+        if b is not None and self.order.name == "blas":
+            return gemm_terms(a, b, n)  # one matrix product: its operands as BLAS takes them
+        a = a.reshape((math.prod(a.shape[:n]), *a.shape[n:]))
         if b is not None:
             b = b.reshape((math.prod(b.shape[:n]), *b.shape[n:]))
         return a, b

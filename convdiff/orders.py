@@ -881,21 +881,57 @@ def _merges(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return all(s == n * t for (_, s), (n, t) in itertools.pairwise(kept))
 
 
+def _gemm_axes(rest_a: tuple[int, ...], rest_b: tuple[int, ...]):
+    """The output axes ``a`` and ``b`` vary on, where they are disjoint (one GEMM), else None."""
+    if len(rest_a) != len(rest_b):
+        return None
+    ia = [i for i, n in enumerate(rest_a) if n != 1]
+    ib = [i for i, n in enumerate(rest_b) if n != 1]
+    return None if set(ia) & set(ib) else (ia, ib)
+
+
 def contract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``sum_k a[k] * b[k]`` for arrays that broadcast on their other axes, in their dtype: one
     GEMM (BLAS) when ``a`` and ``b`` vary on disjoint output axes (convolutions, Dense), else
     einsum."""
     rest_a, rest_b = a.shape[1:], b.shape[1:]
-    if len(rest_a) == len(rest_b):
-        ia = [i for i, n in enumerate(rest_a) if n != 1]
-        ib = [i for i, n in enumerate(rest_b) if n != 1]
-        if not set(ia) & set(ib):
-            # a varies on some output axes, b on the others: one GEMM (K contracted).
-            gemm = a.reshape(a.shape[0], -1).T @ b.reshape(b.shape[0], -1)
-            gemm = gemm.reshape([rest_a[i] for i in ia] + [rest_b[i] for i in ib])
-            shape = np.broadcast_shapes(rest_a, rest_b)
-            return gemm.transpose(np.argsort(ia + ib)).reshape(shape)
-    return np.einsum("k...,k...->...", a, b, optimize=True)
+    axes = _gemm_axes(rest_a, rest_b)
+    if axes is None:
+        return np.einsum("k...,k...->...", a, b, optimize=True)
+    # a varies on some output axes, b on the others: one GEMM (K contracted).
+    ia, ib = axes
+    gemm = a.reshape(a.shape[0], -1).T @ b.reshape(b.shape[0], -1)
+    gemm = gemm.reshape([rest_a[i] for i in ia] + [rest_b[i] for i in ib])
+    shape = np.broadcast_shapes(rest_a, rest_b)
+    return gemm.transpose(np.argsort(ia + ib)).reshape(shape)
+
+
+# OpenBLAS multiplies small products with kernels of their own, each summing in its own order:
+# a "direct" kernel for untransposed row-major operands on AVX-512 (below some 7 million
+# multiply-adds), small-matrix kernels chosen by the operands' transposition (below some
+# million). Larger products always go through its blocked kernel, which first copies both
+# operands into packed panels of the same content whatever layout they came in, so the sum of
+# each output runs in the same order. From this size on a product may take either layout.
+ANY_LAYOUT_MACS = 1 << 26
+
+
+def gemm_terms(a: np.ndarray, b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` with their first ``n`` axes merged into one axis of terms, for
+    :func:`contract`.
+
+    The terms of a patches view (a strided window of the input) are copied. A product that
+    :func:`contract` makes one GEMM of at least :data:`ANY_LAYOUT_MACS` takes them in the
+    layout that is fastest to copy and to multiply (:func:`terms_first`: each output's terms
+    side by side; BLAS packs the same panels from it, and the sums are the same bits).
+    Anything else keeps the terms-major copy of a plain reshape, the layout its kernel was
+    chosen for until now.
+    """
+    ka, kb = math.prod(a.shape[:n]), math.prod(b.shape[:n])
+    rest_a, rest_b = a.shape[n:], b.shape[n:]
+    macs = ka * math.prod(np.broadcast_shapes(rest_a, rest_b))
+    if _gemm_axes(rest_a, rest_b) is not None and macs >= ANY_LAYOUT_MACS:
+        return terms_first(a, n), terms_first(b, n)
+    return a.reshape((ka, *rest_a)), b.reshape((kb, *rest_b))
 
 
 def _float64(a, b, dtype, shape):

@@ -35,6 +35,7 @@ from convdiff.floats import is_float, round_to
 from convdiff.graph import Graph, GraphNode, as_graph, layer_matches
 from convdiff.impl import ImplFailure, UserImpl, find_impl
 from convdiff.kernels import LayerSpec, Unsupported, find_kernel
+from convdiff.memory import resume_collector
 from convdiff.metrics import (
     Comparison,
     compare_outputs,
@@ -228,6 +229,7 @@ def run_layers(
     """
     import keras
 
+    resume_collector()  # start-up is over (where the command line paused the collector)
     graph = as_graph(model)
     public = vars(keras.layers)
     keras_values: dict[int, np.ndarray] = dict(zip(graph.inputs, inputs, strict=True))

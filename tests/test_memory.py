@@ -266,3 +266,54 @@ def test_the_command_line_keeps_freed_blocks_on_glibc():
 
     kept = memory.keep_freed_memory()
     assert kept is (platform.libc_ver()[0] == "glibc")
+
+
+def test_the_console_entry_pauses_the_collector_until_the_comparison_begins(tmp_path):
+    """cli.main (a process that ends with the run) turns the cycle collector off for start-up
+    and back on, with start-up's objects frozen, when the layers are about to be compared."""
+    import json
+    import subprocess
+    import sys
+
+    _small_resnet((16, 16, 3)).save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", np.zeros((1, 16, 16, 3), np.float32))
+    script = f"""
+import atexit, gc, json
+import convdiff.runner as runner
+seen = []
+resume = runner.resume_collector
+def spy():
+    seen.append([gc.isenabled(), gc.get_freeze_count() > 0])
+    resume()
+    seen.append([gc.isenabled(), gc.get_freeze_count() > 0])
+runner.resume_collector = spy
+atexit.register(lambda: print(json.dumps(seen)))
+from convdiff.cli import main
+main([{str(tmp_path / "m.keras")!r}, {str(tmp_path / "x.npy")!r}, "-q"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # off (and nothing frozen) through imports and loading; on, with start-up frozen, after
+    assert seen == [[False, False], [True, True]]
+
+
+def test_a_library_caller_keeps_its_collector_as_it_was(tmp_path):
+    """convdiff.compare and cli.invoke (which leave the interpreter running) neither pause nor
+    freeze the caller's collector."""
+    import gc
+
+    import convdiff
+    from convdiff.cli import invoke
+
+    frozen = gc.get_freeze_count()
+    model, x = _small_resnet((8, 8, 3)), np.zeros((1, 8, 8, 3), np.float32)
+    convdiff.compare(model, x)
+    model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(SystemExit) as ended:
+        invoke([str(tmp_path / "m.keras"), str(tmp_path / "x.npy"), "-q"])
+    assert ended.value.code == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    memory.resume_collector()  # not paused here: nothing to resume, nothing frozen
+    assert gc.isenabled() and gc.get_freeze_count() == frozen

@@ -708,3 +708,31 @@ def test_terms_first_merges_patches_with_each_outputs_terms_side_by_side():
     assert merged.shape == (12, 2) and np.shares_memory(merged, dense)
     ones = np.ones((4, 1, 3))[:, :, ::2]  # a length-1 axis with any stride still merges
     assert np.shares_memory(orders.terms_first(ones, 2), ones)
+
+
+def test_blas_takes_a_large_products_patches_side_by_side_and_the_same_bits():
+    """`--order blas` copies the patches of a product of at least ANY_LAYOUT_MACS multiply-adds
+    with each output's terms adjacent (terms_first: the faster copy, and a layout BLAS packs
+    faster); its bits are those of the terms-major copy it took before. A smaller product
+    keeps the terms-major copy (BLAS may pick another kernel, summing in another order, for a
+    small product in another layout)."""
+    from convdiff.kernels.geometry import windows
+    from convdiff.numerics import Rounded
+
+    rng = np.random.default_rng(7)
+    nx = Rounded(np.float32, Order(name="blas"))
+    for side, filters in ((48, 64), (8, 16)):
+        x = rng.standard_normal((1, side, side, 64)).astype(np.float32)
+        w = rng.standard_normal((3, 3, 64, 1, 1, 1, filters)).astype(np.float32)
+        patches = windows(x, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))[..., None]
+        large = 9 * 64 * side * side * filters >= orders.ANY_LAYOUT_MACS
+        a, _ = orders.gemm_terms(patches, w, 3)
+        assert a.shape == (576, 1, side, side, 1)
+        if large:
+            assert a.strides[0] == x.itemsize  # each output's terms adjacent
+        else:
+            assert a.flags.c_contiguous  # the terms-major copy, as before
+        before = patches.reshape(576, -1).T @ w.reshape(576, filters)  # the old layout's GEMM
+        got = nx.dot(patches, w, axes="hwc")
+        np.testing.assert_array_equal(got.reshape(-1, filters), before)
+    assert large is False  # the second case was the small one
