@@ -1,4 +1,5 @@
-"""numba kernel of :mod:`convdiff.bounded_steps` (importing this module needs numba).
+"""numba kernels of the bounded pass (:mod:`convdiff.fused`, :mod:`convdiff.magnitude`;
+importing this module needs numba).
 
 One rounded elementwise step of the bounded pass (:class:`convdiff.numerics.Bounded`'s ``add``,
 ``sub`` and ``mul``) computes three float64 arrays: the value, the bound and the terms'
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 
 # the steps (convdiff.fused.STEPS)
 ADD, SUB, MUL = 0, 1, 2
@@ -199,3 +201,25 @@ def _row_mul_add(row, out, units, flags):
         value[k] = product + c[k]
         err[k] = _rounded(value[k], product_err + ec[k], u_sum, eta_sum)
         magnitude[k] = product_magnitude + mz
+
+
+@numba.njit(nogil=True)
+def reduction_bound(sum32, scale, err, factor, tiny, gamma, floor, eta_sum):
+    """The terms' magnitude and the bound of a reduction whose magnitude was summed in float32
+    (:func:`convdiff.magnitude.product_bound`), per element of ``sum32``: ``scale`` is the
+    sum in float64, ``err`` is ``((gamma * (scale * factor + tiny)) + floor) + eta_sum``, each
+    operation rounded once in float64, in that order (the NumPy formulas' passes:
+    ``magnitude.product_magnitude``'s upper bound, then ``numerics.Bounded.dot``'s spread and
+    underflows, then the final ``eta``). Returns how many sums are not finite (the caller then
+    takes the NumPy formulas, whose float64 magnitude the float32 sum did not give)."""
+    infinite = 0
+    for i in range(sum32.size):
+        s = np.float64(sum32[i])
+        upper = s * factor
+        upper = upper + tiny
+        bound = gamma * upper
+        bound = bound + floor
+        scale[i] = s
+        err[i] = bound + eta_sum
+        infinite += not math.isfinite(s)
+    return infinite

@@ -25,7 +25,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from convdiff._compiled import tiled_chain
-from convdiff._compiled_bounds import rounded_mul_add, rounded_step
+from convdiff._compiled_bounds import reduction_bound, rounded_mul_add, rounded_step
 from convdiff._compiled_metrics import differences, max_ulp, mismatches, rounded_max_ulp
 
 SIGNATURE = types.void(types.CPointer(types.int64), types.CPointer(types.float64))
@@ -151,6 +151,26 @@ def _rounded_mul_add() -> Any:
     return _entry(entry)
 
 
+def _reduction_bound() -> Any:
+    """``ints``: the float32 sums, scale, err (arrays); ``floats``: factor, tiny, gamma,
+    floor, eta_sum; the count of sums that are not finite at ``ints[6]``."""
+
+    def entry(ints, floats):
+        f8 = np.float64
+        ints[6] = reduction_bound(
+            _array(ints, 0, np.float32),
+            _array(ints, 2, f8),
+            _array(ints, 4, f8),
+            floats[0],
+            floats[1],
+            floats[2],
+            floats[3],
+            floats[4],
+        )
+
+    return _entry(entry)
+
+
 def _differences(kind: Any) -> Any:
     """``ints``: ref, cand, their bits, bound, scale (arrays), nmant, minexp, ulps, counts,
     a one-element float64 scratch (arrays); results: the integers at 20 to 31 (as
@@ -231,6 +251,7 @@ ENTRIES: dict[str, Callable[..., Any]] = {
     "tiled_chain": lambda operand, accumulator: _tiled_chain(_KINDS[operand], _KINDS[accumulator]),
     "rounded_step": _rounded_step,
     "rounded_mul_add": _rounded_mul_add,
+    "reduction_bound": _reduction_bound,
     "differences": lambda kind: _differences(_KINDS[kind]),
     "max_ulp": lambda kind: _max_ulp(_KINDS[kind]),
     "mismatches": lambda kind: _mismatches(_KINDS[kind]),

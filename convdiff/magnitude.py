@@ -59,22 +59,66 @@ def product_magnitude(
         product, as rounded.
     """
     terms = av.shape[0]
-    if float32_exact and 0 < terms <= MAX_TERMS:
-        a32, b32 = _absolute_float32(av), _absolute_float32(bv)
-        with np.errstate(over="ignore", invalid="ignore"):
-            sum32 = contract(a32, b32)
-        if np.isfinite(sum32).all():
-            scale = sum32.astype(np.float64)
-            factor = 1.0 + 2.0 * (terms + 2) * _U32
-            upper = scale * factor
-            upper += terms * 2.0**-148
-            return scale, upper
+    sum32 = _float32_sum(av, bv) if float32_exact else None
+    if sum32 is not None and np.isfinite(sum32).all():
+        factor, tiny = _inflation(terms)
+        scale = sum32.astype(np.float64)
+        upper = scale * factor
+        upper += tiny
+        return scale, upper
     mag = contract(np.abs(av), np.abs(bv))
     return mag, mag
 
 
+def product_bound(
+    av: np.ndarray, bv: np.ndarray, float32_exact: bool, gamma: float, floor: float, eta: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The terms' magnitude and ``gamma * upper + floor + eta`` (the bound of a reduction of
+    exactly known operands, :meth:`convdiff.numerics.Bounded.dot`) in one compiled pass over
+    the float32 sums, split between the cores: the same float64 operations, in the same order,
+    as :func:`product_magnitude` and the NumPy formulas after it, without their six passes
+    over float64 arrays of the output's size. None where the magnitude is not summed in
+    float32 (operands that are not float32 numbers, too many terms), without numba, or where
+    a float32 sum is not finite: the caller then takes those formulas."""
+    from convdiff import accel, native
+
+    terms = av.shape[0]
+    sum32 = _float32_sum(av, bv) if float32_exact and accel.enabled() else None
+    if sum32 is None:
+        return None
+    factor, tiny = _inflation(terms)
+    constants = (factor, tiny, gamma, floor, eta)
+    flat = np.ravel(sum32)  # C order; a copy only where the product's layout is not
+    scale, err = np.empty(sum32.shape), np.empty(sum32.shape)
+    calls = [
+        (flat[lo:hi], scale.reshape(-1)[lo:hi], err.reshape(-1)[lo:hi], constants)
+        for lo, hi in accel.split(flat.size, _PARALLEL_ELEMENTS)
+    ]
+    if sum(accel.in_parallel(native.reduction_bound, calls)):
+        return None
+    return scale, err
+
+
+# Elements below which product_bound's pass is not split between the cores
+_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _float32_sum(av: np.ndarray, bv: np.ndarray) -> np.ndarray | None:
+    """``sum_k |a_k| |b_k|`` in float32 (the operands hold float32 numbers), or None where the
+    terms are too many for the inflation (``K u`` kept far below 1/2)."""
+    if not 0 < av.shape[0] <= MAX_TERMS:
+        return None
+    a32, b32 = _absolute_float32(av), _absolute_float32(bv)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return contract(a32, b32)
+
+
+def _inflation(terms: int) -> tuple[float, float]:
+    """``f = 1 + 2 (K + 2) u`` and ``K 2**-148`` for ``K`` terms (see the module's text)."""
+    return 1.0 + 2.0 * (terms + 2) * _U32, terms * 2.0**-148
+
+
 def _absolute_float32(x: np.ndarray) -> np.ndarray:
-    """``|x|`` as float32 (exact: ``x`` holds float32 numbers), in one new array."""
-    out = x.astype(np.float32)
-    np.abs(out, out=out)
-    return out
+    """``|x|`` as float32 (exact: ``x`` holds float32 numbers), in one new array: one pass
+    that reads float64 and writes float32 (``astype`` and then ``abs`` in place made two)."""
+    return np.abs(x, dtype=np.float32, casting="same_kind")

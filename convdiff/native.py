@@ -94,6 +94,16 @@ def rounded_step(
     args.run(_entry("rounded_step" if op is not None else "rounded_mul_add", ()))
 
 
+def reduction_bound(
+    sum32: Array, scale: Array, err: Array, constants: tuple[float, float, float, float, float]
+) -> int:
+    """:func:`convdiff._compiled_bounds.reduction_bound` (``constants``: factor, tiny, gamma,
+    floor, eta_sum); the count of sums that are not finite."""
+    args = _Args().arrays(sum32, scale, err).reals(*constants)
+    ints, _ = args.run(_entry("reduction_bound", ()), results=(1, 0))
+    return int(ints[0])
+
+
 def differences(
     ref: Array,
     cand: Array,

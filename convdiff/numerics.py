@@ -34,7 +34,7 @@ import numpy as np
 from convdiff.eigenmath import MODELS
 from convdiff.floats import round_to, underflow_unit, unit_roundoff
 from convdiff.fused import Operand, rounded_step
-from convdiff.magnitude import product_magnitude
+from convdiff.magnitude import product_bound, product_magnitude
 from convdiff.orders import (
     ACCUMULATOR_DTYPES,
     Order,
@@ -429,6 +429,9 @@ class Bounded:
         k = math.prod(a.shape[:n])
         av = terms_first(a.value, n)
         ae = _terms_err(a, n)
+        # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
+        # evaluation's own error, plus k underflows.
+        gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
         with np.errstate(all="ignore"):
             if b is None:
                 value = av.sum(axis=0)
@@ -448,13 +451,17 @@ class Bounded:
                     else contract(ae, np.abs(bv) if be is None else np.abs(bv) + be),
                 )
                 narrow = a.float32_exact and b.float32_exact
+                if _is_zero(prop) and self.final_units == 0:
+                    # exactly known operands (isolated mode): the magnitude and the bound
+                    # below in one compiled pass, where the magnitude is summed in float32
+                    fused = product_bound(av, bv, narrow, gamma, k * self.acc_eta, self.eta_sum)
+                    if fused is not None:
+                        scale, err = fused
+                        return Tracked(np.asarray(value), err, scale)
                 # the terms' magnitude as reported, and a rigorous upper bound on it
                 mag, upper = product_magnitude(av, bv, narrow)
             if not _is_zero(prop):
                 mag, upper = mag + prop, upper + prop
-            # Each side: gamma_k(u) * sum |terms| (any order, FMA or not), plus the float64
-            # evaluation's own error, plus k underflows.
-            gamma = sum(_gamma(k, u) for u in self.acc_units) + _gamma(k, 2.0**-53)
             err = self._reduction_error(np.asarray(value), prop, gamma * upper, k)
         return Tracked(np.asarray(value), np.asarray(err), np.asarray(mag))
 

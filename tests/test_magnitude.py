@@ -118,3 +118,70 @@ def test_reduction_error_is_the_formula_bit_for_bit(accumulators, special, rng):
             want = want + nx.final_units * (np.abs(value) + want) + nx.eta_sum
             got = nx._reduction_error(value, p, spread.copy(), 300)
         np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))
+
+
+def _bounded_dot(a, b, nx: Bounded, compiled: bool, monkeypatch):
+    """``nx.dot`` of two tracked operands, through the compiled magnitude and bound or through
+    product_magnitude and the NumPy formulas."""
+    from convdiff import magnitude, numerics
+
+    with monkeypatch.context() as patch:
+        if not compiled:
+            patch.setattr(numerics, "product_bound", lambda *args: None)
+        else:
+            seen = []
+            bound = magnitude.product_bound
+            patch.setattr(numerics, "product_bound", lambda *a: seen.append(bound(*a)) or seen[-1])
+        # float32 arrays: Bounded.track marks them exactly known float32 numbers
+        out = nx.dot(nx.track(a.astype(np.float32)), nx.track(b.astype(np.float32)), "hwc")
+    if compiled:
+        assert seen and seen[0] is not None, "the compiled pass did not run"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["normal", "subnormal", "mixed", "relu"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_compiled_magnitude_and_bound_are_the_numpy_formulas_bits(
+    kind, dtype, parallel, rng, monkeypatch
+):
+    """Bounded.dot of exactly known float32 numbers: the terms' magnitude and the bound from
+    the compiled pass (magnitude.product_bound) equal, bit for bit, those of product_magnitude
+    and the NumPy formulas, in every scale, for every dtype's units, split between threads."""
+    from convdiff import accel, magnitude
+
+    if not accel.enabled():
+        pytest.skip("no compiled kernels (numba not installed, or CONVDIFF_NUMBA=0)")
+    if parallel:
+        monkeypatch.setattr(magnitude, "_PARALLEL_ELEMENTS", 7)
+        monkeypatch.setattr(accel, "_threads", lambda: 3)
+    x, w = _operands(rng, 3 * 3 * 4, 6 * 5 * 2, kind)
+    a = x.reshape(3, 3, 4, 6, 5, 2, 1)  # taps, channels, then the outputs' positions
+    b = w.reshape(3, 3, 4, 1)[..., None, None, None, :] * np.ones((1, 1, 1, 1, 1, 1, 3))
+    nx = Bounded(dtype)  # each dtype's unit roundoff and underflow in the bound
+    want = _bounded_dot(a, b, nx, False, monkeypatch)
+    got = _bounded_dot(a, b, nx, True, monkeypatch)
+    for name in ("value", "err", "magnitude"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert getattr(got, name).shape == (6, 5, 2, 3)
+
+
+def test_the_compiled_bound_leaves_a_float32_overflow_and_other_cases_to_numpy(monkeypatch):
+    """product_bound declines where the NumPy formulas must decide: a float32 sum that
+    overflows, operands that are not float32 numbers, a reduction with no terms."""
+    from convdiff import accel
+    from convdiff.magnitude import product_bound
+
+    if not accel.enabled():
+        pytest.skip("no compiled kernels (numba not installed, or CONVDIFF_NUMBA=0)")
+    big = np.full((4, 3), 2.0**100), np.full((4, 1), 2.0**60)
+    assert product_bound(*big, True, 0.1, 0.0, 0.0) is None
+    small = np.ones((4, 3)), np.ones((4, 1))
+    assert product_bound(*small, False, 0.1, 0.0, 0.0) is None
+    assert product_bound(np.ones((0, 3)), np.ones((0, 1)), True, 0.1, 0.0, 0.0) is None
+    scale, err = product_bound(*small, True, 0.5, 2.0**-30, 2.0**-40)
+    factor = 1.0 + 2.0 * (4 + 2) * 2.0**-24
+    np.testing.assert_array_equal(scale, np.full(3, 4.0))
+    np.testing.assert_array_equal(
+        err, np.full(3, 0.5 * (4.0 * factor + 4 * 2.0**-148) + 2.0**-30 + 2.0**-40)
+    )
