@@ -116,8 +116,11 @@ def _layer_cases():
     ]
 
 
+@pytest.mark.parametrize("mode", ["isolated", "propagated"])
 @pytest.mark.parametrize("order", ["sequential", "pairwise", "float64", "exact"])
-def test_one_layer_estimate_bounds_what_numpy_allocates(order):
+def test_one_layer_estimate_bounds_what_numpy_allocates(order, mode):
+    """Both modes: in propagated mode the bounded pass starts from Keras's inputs and carries
+    their distance from the NumPy side's as an error, patched and multiplied as the values."""
     import keras
 
     from convdiff.evaluate import run_kernel
@@ -130,15 +133,21 @@ def test_one_layer_estimate_bounds_what_numpy_allocates(order):
         x = rng.standard_normal(shape).astype(np.float32)
         kernel = find_kernel(type(layer), vars(keras.layers))
         spec = layer_spec(layer)
-        measured = _peak(lambda: run_kernel(kernel, spec, [x], _order(order)))  # noqa: B023
+        keras_x = [x + np.float32(1e-3) * rng.standard_normal(shape).astype(np.float32)]
+        reference = keras_x if mode == "propagated" else None
+
+        def compared() -> None:
+            run_kernel(kernel, spec, [x], _order(order), reference_inputs=reference)  # noqa: B023
+
+        measured = _peak(compared)
         node = build_graph(model).nodes[0]
         sizes = memory._tensor_sizes(model, build_graph(model), [x])
         ins = [sizes[k] for k in node.inputs]
         outs = [sizes[k] for k in node.outputs]
         estimated = memory._working(layer, ins, outs, order)
         name = type(layer).__name__
-        assert estimated >= measured, (name, order, estimated, measured)
-        assert estimated <= 6 * measured, (name, order, estimated, measured)
+        assert estimated >= measured, (name, order, mode, estimated, measured)
+        assert estimated <= 6 * measured, (name, order, mode, estimated, measured)
 
 
 # --------------------------------------------------------------------------- whole models
