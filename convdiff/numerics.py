@@ -298,11 +298,12 @@ class Rounded:
     def abs(self, x):
         return np.abs(x)
 
+    # (copy=False: the result is a new array, in the dtype already unless an operand was wider)
     def maximum(self, x, y):
-        return np.maximum(x, y).astype(self.dtype)
+        return np.maximum(x, y).astype(self.dtype, copy=False)
 
     def minimum(self, x, y):
-        return np.minimum(x, y).astype(self.dtype)
+        return np.minimum(x, y).astype(self.dtype, copy=False)
 
     def max(self, x, axis, keepdims=False):
         return np.max(x, axis=axis, keepdims=keepdims)
@@ -313,7 +314,7 @@ class Rounded:
     def where(self, x, threshold: float, below, above, strict: bool = True):
         """``above`` where ``x > threshold`` (``>=`` if not strict), else ``below``."""
         cond = (x > threshold) if strict else (x >= threshold)
-        return np.where(cond, above, below).astype(self.dtype)
+        return np.where(cond, above, below).astype(self.dtype, copy=False)
 
     # Library functions, evaluated in float64 and rounded once ----------------------------
     def apply(self, name: str, x):

@@ -1145,4 +1145,6 @@ def reduce_terms(a: np.ndarray, b: np.ndarray | None, order: Order, dtype: np.dt
     else:  # correctly rounded to the output dtype, whatever the accumulator
         target = max(1, EXACT_BLOCK_TERMS // a.shape[0])
         out = _map_blocks(a, b, shape, np.dtype(dtype), _exact_block(dtype), target)
-    return round_to(np.asarray(out).reshape(shape), dtype)
+    out = np.asarray(out).reshape(shape)
+    # a result in the dtype already is the new array it is (no copy: one pass less per layer)
+    return out if out.dtype == dtype else round_to(out, dtype)
