@@ -19,7 +19,7 @@ order and takes, over all layers, the largest sum of:
   prod(pool_size)`` for an average pooling; none for a max pooling, which reduces its
   windows in place; the input for a Dense) and ``in``/``out`` its input and output elements:
 
-  - the Bounded pass's float64 copies: ``8 * (3 P + 12 (in + out))`` bytes (patch values,
+  - the Bounded pass's float64 copies: ``8 * (3 P + 11 (in + out))`` bytes (patch values,
     their error bounds and their magnitudes; the tracked inputs and the elementwise steps
     after the reduction), plus ``32`` bytes per weight (the weights, their bounds and
     magnitudes in float64). A layer whose two outputs agree to the bit computes the float64
@@ -35,11 +35,12 @@ order and takes, over all layers, the largest sum of:
 
 The constants were measured with ``tracemalloc`` on the NumPy side of Conv1D/2D,
 DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, pooling, BatchNormalization,
-LayerNormalization, Softmax and ReLU, in both modes (peak 1.9 to 2.8 times ``8 P`` for patch
-layers in isolated mode, 3.3 to 4.2 times in propagated mode, where the inputs' errors are
-patched too; at most 22 times ``8 in`` for elementwise ones: LayerNormalization, propagated)
-and rounded up; tests/test_memory.py keeps the estimate between 1 and 6 times a layer's
-measured peak in either mode and 1 and 3 times a small ResNet's run. It is an
+LayerNormalization, Softmax and ReLU, in both modes (propagated mode patches and multiplies
+the inputs' errors too), and rounded up: the estimate comes to 1.05 to 5.5 times each layer's
+measured peak (closest: LayerNormalization in propagated mode, whose peak is some 22 times
+``8 in``; farthest: BatchNormalization in isolated mode). tests/test_memory.py keeps it
+between 1 and 6 times a layer's measured peak in either mode and 1 and 3 times a small
+ResNet's run. It is an
 upper bound on the arrays convdiff allocates, not on TensorFlow's own runtime (already loaded
 when the estimate is checked, so already outside ``MemAvailable``).
 
@@ -68,7 +69,7 @@ _MEMINFO = Path("/proc/meminfo")
 
 # Bytes per element, from the measurements in the module docstring (rounded up).
 BOUNDED_PATCH = 8 * 3
-BOUNDED_ELEMENTWISE = 8 * 12
+BOUNDED_ELEMENTWISE = 8 * 11
 BOUNDED_WEIGHT = 8 * 4
 # Orders that hold float64 products of a block of outputs, and bytes per product; the block
 # holds orders.EXACT_BLOCK_TERMS terms.
