@@ -881,7 +881,9 @@ def _merges(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return all(s == n * t for (_, s), (n, t) in itertools.pairwise(kept))
 
 
-def _gemm_axes(rest_a: tuple[int, ...], rest_b: tuple[int, ...]):
+def _gemm_axes(
+    rest_a: tuple[int, ...], rest_b: tuple[int, ...]
+) -> tuple[list[int], list[int]] | None:
     """The output axes ``a`` and ``b`` vary on, where they are disjoint (one GEMM), else None."""
     if len(rest_a) != len(rest_b):
         return None
