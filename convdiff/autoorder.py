@@ -444,10 +444,9 @@ def verify(
     differ from the NumPy kernel's reduction in the trees found (none: reproduced bit for bit).
     One reduction is checked at a sample of positions that holds every tree's positions and
     every padding pattern; a separable convolution is checked whole."""
-    rng = np.random.default_rng(seed)
     first = backends[0]
     dtype = first.dtype
-    x = rng.standard_normal(first.input_shape, dtype=dtype)
+    x, rng = _random_input(first.input_shape, dtype, seed)
     bare = _bare_spec(spec)
     raw = first.raw(x, {k: v.astype(dtype) for k, v in _kernels(bare).items()})
     order = Order(
@@ -475,9 +474,8 @@ def verify_stage(
     the raw op's output is this stage's reduction exactly. A check of both stages together
     cannot tell which stage, position or column differs; this one can, and so lets the
     reveal find a tail of output columns or a position that takes another kernel."""
-    rng = np.random.default_rng(seed)
     dtype = backend.dtype
-    x = rng.standard_normal(backend.input_shape, dtype=dtype)
+    x, rng = _random_input(backend.input_shape, dtype, seed)
     bare = _bare_spec(spec)
     kernels = {**{k: v.astype(dtype) for k, v in _kernels(bare).items()}, **backend.passing}
     raw = backend.raw(x, kernels)
@@ -488,6 +486,34 @@ def verify_stage(
     except _Operands as found:
         return _check_rows(backend, tree, (found.a, found.b, 1), raw, rng)
     raise NotATree(f"the kernel made no reduction {stage}")  # not reached: two stages
+
+
+# The last random input the checks drew: (shape, dtype, seed), the input (read-only) and the
+# generator's state after the draw. One slot, replaced whole (a reader sees an old entry or a
+# new one, never half of one).
+_LAST_INPUT: list[tuple[tuple, np.ndarray, dict] | None] = [None]
+
+
+def _random_input(shape, dtype: Any, seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """A standard-normal input of ``shape`` drawn from ``seed``, and the generator as the draw
+    left it (the check samples its rows from it).
+
+    The last input drawn is kept, read-only, and handed out again with that generator state:
+    the same numbers and the same rows as a new draw. Layers in a row often take inputs of
+    one shape (a ResNet stage's convolutions, a guessed tree checked again), and at a batch
+    of 8 drawing a layer's input costs about as much as the raw op's call on it. One input is
+    held at a time, never more than one layer's input."""
+    key = (tuple(shape), np.dtype(dtype).str, seed)
+    rng = np.random.default_rng(seed)
+    last = _LAST_INPUT[0]
+    if last is not None and last[0] == key:
+        rng.bit_generator.state = last[2]
+        return last[1], rng
+    _LAST_INPUT[0] = None  # the old input is freed before the new one is drawn
+    x = rng.standard_normal(shape, dtype=dtype)
+    x.setflags(write=False)
+    _LAST_INPUT[0] = (key, x, rng.bit_generator.state)
+    return x, rng
 
 
 def _check_rows(

@@ -232,6 +232,36 @@ def test_a_layer_problem_is_counted_once_per_process():
     assert counted.text.startswith("2 reductions not probed by auto")
 
 
+def test_the_checks_random_input_is_drawn_once_per_shape_with_the_same_numbers_and_rows():
+    """verify and verify_stage draw a standard-normal input from their seed, then sample rows
+    from the same generator. The last input drawn is handed out again: the same numbers, the
+    generator where a new draw leaves it, read-only, and one input held at a time."""
+
+    def fresh(shape, dtype, seed):
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal(shape, dtype=dtype), rng
+
+    for shape, dtype, seed in [
+        ((2, 6, 6, 3), np.float32, 0),
+        ((2, 6, 6, 3), np.float32, 0),
+        ((2, 6, 6, 3), np.float64, 0),
+        ((2, 6, 6, 3), np.float64, 5),
+        ((1, 4, 3), np.float64, 5),
+        ((1, 4, 3), np.float64, 5),
+    ]:
+        held = autoorder._LAST_INPUT[0]
+        x, rng = autoorder._random_input(shape, dtype, seed)
+        want, want_rng = fresh(shape, dtype, seed)
+        assert x.dtype == want.dtype and x.shape == want.shape
+        np.testing.assert_array_equal(x, want)
+        assert not x.flags.writeable
+        # the rows sampled next are a fresh draw's
+        np.testing.assert_array_equal(rng.integers(0, 1 << 30, 8), want_rng.integers(0, 1 << 30, 8))
+        reused = held is not None and held[0] == (shape, np.dtype(dtype).str, seed)
+        assert (x is held[1]) if reused else (held is None or x is not held[1])
+    assert autoorder._LAST_INPUT[0][1] is x  # one input held, the last one
+
+
 def test_order_all_tries_auto_first():
     assert orders_to_try()[0].name == "auto"
     model = _model()

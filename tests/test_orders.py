@@ -689,6 +689,38 @@ def test_plain_sums_in_many_blocks(name, fma, rng, monkeypatch):
     _assert_same(got, want)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "strides", "dilation", "pads"),
+    [
+        ((3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
+        ((3, 2), (2, 1), (1, 2), ((0, 2), (1, 0))),
+        ((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))),  # no padding: a view of the input
+        ((3, 3), (2, 2), (1, 1), ((0, 0), (0, 0))),
+    ],
+)
+def test_windows_read_each_tap_where_the_correlation_reads_it(kernel, strides, dilation, pads):
+    """Tap (i, j) of output (p, q) is padded input (p*s + i*d, q*s + j*d), zero in the
+    padding. Without padding the windows view the input itself (np.pad would only copy it);
+    with padding they view a padded copy, never the input."""
+    from convdiff.kernels.geometry import windows
+
+    x = np.arange(2 * 7 * 6 * 3, dtype=np.float32).reshape(2, 7, 6, 3) + 1
+    got = windows(x, kernel, strides, dilation, pads)
+    (top, bottom), (left, right) = pads
+    padded = np.zeros((2, 7 + top + bottom, 6 + left + right, 3), np.float32)
+    padded[:, top : top + 7, left : left + 6] = x
+    rows = (padded.shape[1] - dilation[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    cols = (padded.shape[2] - dilation[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    assert got.shape == (*kernel, 3, 2, rows, cols)
+    for i, j, p, q in np.ndindex(*kernel, rows, cols):
+        tap = padded[:, p * strides[0] + i * dilation[0], q * strides[1] + j * dilation[1]]
+        np.testing.assert_array_equal(got[i, j, :, :, p, q], tap.T)
+    assert np.shares_memory(got, x) == (not any(lo or hi for lo, hi in pads))
+    # a strided input is laid out as the padded copy would be (C order) before its windows
+    strided = np.asfortranarray(x)
+    np.testing.assert_array_equal(windows(strided, kernel, strides, dilation, pads), got)
+
+
 def test_terms_first_merges_patches_with_each_outputs_terms_side_by_side():
     """A convolution's patches (a strided view of the input) become terms x outputs holding
     the values plain reshape gives, copied once with each output's terms adjacent in memory

@@ -86,7 +86,10 @@ def windows(x: np.ndarray, kernel: tuple[int, ...], strides, dilation, pads) -> 
     input: a correlation, as Keras computes (no kernel flip).
     """
     rank = len(kernel)
-    x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    # Without padding (a 1x1 or 'valid' window) np.pad would only copy: the windows are a
+    # view of x itself, laid out as that copy would be (C order).
+    padded = any(lo or hi for lo, hi in pads)
+    x = np.pad(x, [(0, 0), *pads, (0, 0)]) if padded else np.ascontiguousarray(x)
     extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
     if any(e > n for e, n in zip(extents, x.shape[1:-1], strict=True)):
         raise Unsupported("the kernel is larger than the padded input")
