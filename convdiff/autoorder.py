@@ -491,7 +491,7 @@ def verify_stage(
 # The last random input the checks drew: (shape, dtype, seed), the input (read-only) and the
 # generator's state after the draw. One slot, replaced whole (a reader sees an old entry or a
 # new one, never half of one).
-_LAST_INPUT: list[tuple[tuple, np.ndarray, dict] | None] = [None]
+_LAST_INPUT: list[tuple[tuple, np.ndarray, Any] | None] = [None]
 
 
 def _random_input(shape, dtype: Any, seed: int) -> tuple[np.ndarray, np.random.Generator]:

@@ -73,20 +73,62 @@ PROBE_SECONDS_PER_GB = 60.0
 _PROBE_CODE = "import sys; from convdiff.modelfile import _probe_main; _probe_main(sys.argv[1])"
 
 
+class _Drain:
+    """Reads a child's standard output and error to their end in a thread of its own, so that
+    the child never waits for this process to read: its answer (some 175 KB for ResNet50)
+    fills a pipe's 64 KiB buffer, and a child blocked on a full pipe while this process
+    imports TensorFlow would count that import against its own time limit."""
+
+    def __init__(self, process: Any) -> None:
+        import threading
+
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.first_line = threading.Event()  # set once stdout holds a line, or at its end
+        self._thread = threading.Thread(
+            target=self._read, args=(process,), name="convdiff-model-probe", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, process: Any) -> None:
+        import selectors
+
+        with selectors.DefaultSelector() as selector:
+            for stream, buffer in ((process.stdout, self.stdout), (process.stderr, self.stderr)):
+                selector.register(stream, selectors.EVENT_READ, buffer)
+            while selector.get_map():
+                for key, _ in selector.select():
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        if key.data is self.stdout:
+                            self.first_line.set()
+                        continue
+                    key.data.extend(chunk)
+                    if key.data is self.stdout and b"\n" in chunk:
+                        self.first_line.set()
+
+    def join(self) -> None:
+        """Wait for the end of both streams (the child has exited or been killed)."""
+        self._thread.join()
+
+
 @dataclass
 class Probe:
     """:func:`_inspect_model_file` running in a child process, killed if it runs too long.
 
     The child sends two JSON lines: first the facts about the model that must be known before
     TensorFlow is imported (:func:`early_facts`), as soon as the configuration is read, then
-    the checked configuration (or the error) once the whole file was read.
+    the checked configuration (or the error) once the whole file was read. Its output is read
+    as it comes (:class:`_Drain`), so its time limit counts its own work only, however long
+    this process takes before it asks for the answer.
     """
 
     path: Path
     process: Any = None
     started: float = 0.0
     fallback: bool = False
-    received: bytes = b""
+    output: _Drain | None = None
 
     @classmethod
     def start(cls, path: str | os.PathLike) -> Probe:
@@ -116,25 +158,20 @@ class Probe:
             )
         except OSError:  # no child can be started (process limit, memory): read it here
             return cls(path, fallback=True)
-        return cls(path, process, time.monotonic())
+        return cls(path, process, time.monotonic(), output=_Drain(process))
 
     def early(self) -> dict[str, Any] | None:
         """The child's first answer (:func:`early_facts`), waiting for it; None when the child
         ends or runs out of time without sending it (:meth:`result` then says why)."""
-        import select
-
-        if self.fallback or self.process is None:
+        if self.fallback or self.process is None or self.output is None:
             return None
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self.received:
-            remaining = self._limit() - (time.monotonic() - self.started)
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                return None
-            chunk = os.read(fd, 65536)  # raw reads: result()'s communicate() reads on from here
-            if not chunk:
-                return None
-            self.received += chunk
-        answer = json.loads(self.received.partition(b"\n")[0])
+        remaining = self._limit() - (time.monotonic() - self.started)
+        if not self.output.first_line.wait(max(0.0, remaining)):
+            return None
+        line, newline, _ = bytes(self.output.stdout).partition(b"\n")
+        if not newline:  # the child ended without a line
+            return None
+        answer = json.loads(line)
         return answer.get("early") if isinstance(answer, dict) else None
 
     def _limit(self) -> float:
@@ -144,28 +181,34 @@ class Probe:
         """The configuration the child read (waiting for it), or its one-line error."""
         import subprocess
 
-        if self.fallback or self.process is None:
+        if self.fallback or self.process is None or self.output is None:
             return _inspect_model_file(self.path)
         limit = self._limit()
         remaining = max(0.0, limit - (time.monotonic() - self.started))
         try:
-            stdout, stderr = self.process.communicate(timeout=remaining)
-            stdout = self.received + stdout
+            self.process.wait(timeout=remaining)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
+            self.close()
             raise ModelLoadError(
                 f"{str(self.path)!r} could not be read within {limit:.0f} s (HDF5 loops on "
                 "some damaged files); the file is corrupt"
             ) from None
-        return _probe_answer(self.path, self.process.returncode, stdout, stderr)
+        self.close()  # the child has exited: its output is read to the end
+        return _probe_answer(
+            self.path, self.process.returncode, bytes(self.output.stdout), bytes(self.output.stderr)
+        )
 
     def close(self) -> None:
         """Stop the child if its answer is no longer wanted (an error elsewhere)."""
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.kill()
-        if self.process is not None:
-            self.process.communicate()
+        self.process.wait()
+        if self.output is not None:
+            self.output.join()
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()
 
 
 # Probes started by start_early, by absolute path, until Probe.start takes them

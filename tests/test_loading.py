@@ -318,6 +318,41 @@ def test_hdf5_that_makes_libhdf5_loop_is_stopped(files, tmp_path, monkeypatch):
         load_model(path)
 
 
+def test_a_late_caller_gets_a_good_files_answer_however_long_it_took(tmp_path, monkeypatch):
+    """The child's answer is read as it comes: a real model's configuration (ResNet50's:
+    some 175 KB) fills a pipe's 64 KiB buffer, and a child left waiting on it while this
+    process imports TensorFlow would have that import counted against its time limit and a
+    good file reported corrupt. Here the child ends on its own, and a caller that asks for the
+    answer long after the limit (a slow import) still gets it."""
+    import keras
+
+    layers = [keras.layers.Dense(2, name=f"dense_with_a_long_name_{i:03d}") for i in range(150)]
+    path = tmp_path / "deep.keras"
+    keras.Sequential([keras.Input((2,), name="x"), *layers]).save(path)
+    monkeypatch.setattr(modelfile, "PROBE_TIMEOUT_S", 30.0)
+    probe = modelfile.Probe.start(path)
+    try:
+        assert probe.process.wait(timeout=30) == 0  # not held up by an unread pipe
+        assert len(probe.output.stdout) > 1 << 16  # more than a pipe holds
+        probe.started -= 100.0  # asked for 100 s later, past the time limit
+        assert probe.early() == {"needs_onednn": []}
+        assert len(probe.result()["config"]["layers"]) == 151
+    finally:
+        probe.close()
+
+
+def test_a_child_past_its_time_limit_is_stopped(files, monkeypatch):
+    """A child still reading when the limit runs out (libhdf5 looping) is killed, its first
+    answer is None, and the file is reported as one that could not be read in time."""
+    monkeypatch.setattr(modelfile, "_PROBE_CODE", "import time; time.sleep(60)")
+    monkeypatch.setattr(modelfile, "PROBE_TIMEOUT_S", 1.0)
+    probe = modelfile.Probe.start(files / "single.h5")
+    assert probe.early() is None
+    with pytest.raises(ModelLoadError, match="could not be read within 1 s"):
+        probe.result()
+    assert probe.process.poll() is not None  # killed, and waited for
+
+
 def test_crash_while_reading_is_a_clean_error(files, monkeypatch):
     crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
     monkeypatch.setattr(modelfile, "_PROBE_CODE", crash)
